@@ -1,0 +1,39 @@
+"""Checks around transformers' ``from_pretrained``: it only warns where fastbert refuses."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+# Top-level modules of fastbert.BertModel: an unexpected checkpoint key under one of these is a
+# weight the model would silently drop. Keys of task heads (``cls.*``, ``classifier.*``) are not
+# the encoder's and are skipped, as transformers skips them.
+_ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
+_CONFIG_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+def check_model_type(path, kwargs: dict) -> None:
+    config_dict, _ = PretrainedConfig.get_config_dict(path, **{k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs})
+    model_type = config_dict.get("model_type")
+    if model_type != "bert":
+        raise ValueError(f"{path} holds a {model_type!r} model; fastbert.BertModel loads BERT checkpoints "
+                         "(model_type 'bert') only")
+
+
+def check_loading_info(model, info: dict, path) -> None:
+    """Raise, naming the keys, when the checkpoint lacks weights of the model or holds encoder
+    weights the model does not have. ``strict=False`` restores transformers' warnings."""
+    missing = sorted(info.get("missing_keys", ()))
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k.startswith(_ENCODER_PREFIXES))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    problems = []
+    if missing:
+        hint = (" (a checkpoint without a pooler loads with add_pooling_layer=False)"
+                if all(k.startswith("pooler.") for k in missing) else "")
+        problems.append(f"missing from the checkpoint: {', '.join(missing)}{hint}")
+    if unexpected:
+        problems.append(f"not weights of fastbert.BertModel: {', '.join(unexpected)}")
+    if mismatched:
+        problems.append(f"of another shape than the model's: {', '.join(mismatched)}")
+    if problems:
+        raise ValueError(f"{path}: checkpoint keys do not match the model: " + "; ".join(problems)
+                         + ". Pass strict=False to load anyway (transformers' behaviour).")

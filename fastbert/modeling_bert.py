@@ -1,0 +1,309 @@
+"""fastbert's BertModel: transformers' module tree and state-dict keys, computed on packed tokens.
+
+The classes and attribute names follow transformers' ``modeling_bert.py`` so that checkpoints,
+PEFT adapters and ``load_state_dict`` work unchanged; the fused ops in ``fastbert.ops`` do the work.
+Padding is removed once after the input and restored once at the output: no matmul or attention
+ever runs on a padded position.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, PretrainedConfig
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+from transformers.models.bert.modeling_bert import BertPreTrainedModel
+from transformers.utils import logging
+
+from . import ops
+from .validation import check_config, check_inputs
+
+logger = logging.get_logger(__name__)
+
+
+def _linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``module(x)`` split as (matmul, bias) so that the bias joins the next fused op.
+
+    A wrapped Linear (a LoRA adapter, say) is called as it is, with no bias left over.
+    """
+    if type(module) is nn.Linear:
+        return nn.functional.linear(x, module.weight), module.bias
+    return module(x), None
+
+
+def _dropout_p(module: nn.Dropout) -> float:
+    return module.p if module.training else 0.0
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, then LayerNorm, over packed tokens."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # transformers' non-persistent buffers, kept so that code reading them works and checkpoints
+        # that still store position_ids load as they do in transformers.
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
+                             persistent=False)
+        self.register_buffer("token_type_ids", torch.zeros(self.position_ids.size(), dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, input_ids, position_ids, token_type_ids, inputs_embeds=None) -> torch.Tensor:
+        if inputs_embeds is None and type(self.word_embeddings) is not nn.Embedding:
+            inputs_embeds = self.word_embeddings(input_ids)  # a wrapped or resized table
+        return ops.embeddings(
+            input_ids, position_ids, token_type_ids,
+            self.word_embeddings.weight if inputs_embeds is None else None,
+            self.position_embeddings.weight, self.token_type_embeddings.weight,
+            self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+            _dropout_p(self.dropout), inputs_embeds=inputs_embeds,
+        )
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of "
+                             f"num_attention_heads {config.num_attention_heads}")
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.all_head_size = config.hidden_size
+        self.scaling = self.attention_head_size**-0.5
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(config.hidden_size, self.all_head_size)
+        self.value = nn.Linear(config.hidden_size, self.all_head_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self._qkv_cache: tuple | None = None  # (key, weight, bias): not a buffer, so keys stay HF's
+
+    def _fused_qkv_parameters(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``[3 * hidden, hidden]`` weight and ``[3 * hidden]`` bias of one QKV GEMM, or None when
+        query / key / value are not plain Linear modules (wrapped by an adapter, say)."""
+        linears = (self.query, self.key, self.value)
+        if any(type(m) is not nn.Linear or m.bias is None for m in linears):
+            return None
+        tensors = [m.weight for m in linears] + [m.bias for m in linears]
+        if torch.compiler.is_compiling() or any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+            # Training: concatenate every call so that autograd reaches the three weights.
+            return torch.cat(tensors[:3]), torch.cat(tensors[3:])
+        # Inference: concatenate once, again only after a weight changed. An in-place update
+        # (optimizer step, load_state_dict) bumps the version counter; .to() or a new .data changes
+        # the storage.
+        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        if self._qkv_cache is None or self._qkv_cache[0] != key:
+            with torch.no_grad():
+                self._qkv_cache = (key, torch.cat(tensors[:3]), torch.cat(tensors[3:]))
+        return self._qkv_cache[1], self._qkv_cache[2]
+
+    def qkv_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[tokens, hidden]`` -> ``[tokens, 3 * hidden]`` (queries | keys | values)."""
+        fused = self._fused_qkv_parameters()
+        if fused is None:
+            return torch.cat([self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)], dim=-1)
+        return nn.functional.linear(hidden_states, *fused)
+
+    def forward(self, hidden_states, packing: ops.Packing, output_attentions: bool = False):
+        qkv = self.qkv_projection(hidden_states)
+        args = (qkv, packing.cu_seqlens, packing.max_seqlen, self.num_attention_heads, self.scaling,
+                _dropout_p(self.dropout))
+        if output_attentions:
+            return ops.varlen_attention_with_probs(*args)
+        return ops.varlen_attention(*args), None
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config, input_size: int | None = None):
+        super().__init__()
+        self.dense = nn.Linear(input_size or config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        x, bias = _linear_without_bias(self.dense, hidden_states)
+        return ops.bias_residual_layer_norm(x, bias, input_tensor, self.LayerNorm.weight, self.LayerNorm.bias,
+                                            self.LayerNorm.eps, _dropout_p(self.dropout))
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states, packing, output_attentions=False):
+        context, probs = self.self(hidden_states, packing, output_attentions)
+        return self.output(context, hidden_states), probs
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ops.activation_kind(config.hidden_act)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x, bias = _linear_without_bias(self.dense, hidden_states)
+        return ops.bias_activation(x, bias, self.activation)
+
+
+class BertOutput(BertSelfOutput):
+    """The FFN's second matmul, then bias + residual + LayerNorm (as in BertSelfOutput)."""
+
+    def __init__(self, config):
+        super().__init__(config, input_size=config.intermediate_size)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states, packing, output_attentions=False):
+        attention_output, probs = self.attention(hidden_states, packing, output_attentions)
+        return self.output(self.intermediate(attention_output), attention_output), probs
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states, packing, output_attentions=False, output_hidden_states=False):
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        for layer in self.layer:
+            hidden_states, probs = layer(hidden_states, packing, output_attentions)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            if output_attentions:
+                all_attentions.append(probs)
+        return hidden_states, all_hidden_states, all_attentions
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+def _attentions_to_input_layout(probs: torch.Tensor, packing: ops.Packing, seq_idx, offset) -> torch.Tensor:
+    """``[batch, heads, max_seqlen, max_seqlen]`` over packed positions -> ``[batch, heads, seqlen,
+    seqlen]`` over the input's columns (a sequence with holes or left padding is spread back out)."""
+    batch, heads, seqlen = packing.batch, probs.shape[1], packing.seqlen
+    column = (packing.indices % seqlen) if packing.indices is not None else offset
+    rows = probs.new_zeros(batch, heads, seqlen, probs.shape[-1])
+    rows[seq_idx, :, column, :] = probs[seq_idx, :, offset, :]
+    out = probs.new_zeros(batch, heads, seqlen, seqlen)
+    out[seq_idx, :, :, column] = rows[seq_idx, :, :, offset]
+    return out
+
+
+class BertModel(BertPreTrainedModel):
+    """Drop-in for ``transformers.BertModel`` (encoder use): same constructor, weights, forward
+    arguments and outputs. Padded positions of ``last_hidden_state`` are zeros."""
+
+    _no_split_modules = ["BertEmbeddings", "BertLayer"]
+    _can_record_outputs = {}
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        check_config(config)
+        super().__init__(config)
+        self.config = config
+        self.gradient_checkpointing = False
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, BertEmbeddings):  # transformers' version knows only its own class
+            with torch.no_grad():
+                module.position_ids.copy_(torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+                module.token_type_ids.zero_()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
+        """transformers' ``from_pretrained``, stricter: a checkpoint of another model type is refused,
+        and (with ``strict``, the default) weights missing from it or unknown to the model raise an
+        error that names them instead of a warning."""
+        from .loading import check_loading_info, check_model_type
+
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            check_model_type(pretrained_model_name_or_path, kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        if strict:
+            check_loading_info(model, info, pretrained_model_name_or_path)
+        return (model, info) if want_info else model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache=None,
+        **kwargs,
+    ):
+        for name, value in (("encoder_hidden_states", encoder_hidden_states),
+                            ("encoder_attention_mask", encoder_attention_mask),
+                            ("past_key_values", past_key_values), ("cache", cache)):
+            if value is not None:
+                raise NotImplementedError(f"fastbert.BertModel is an encoder: {name} (decoder use) is not supported")
+        if use_cache:
+            raise NotImplementedError("fastbert.BertModel is an encoder: use_cache (decoder use) is not supported")
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
+
+        inputs = check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        packing = inputs.packing
+        hidden_states = self.embeddings(inputs.input_ids, inputs.position_ids, inputs.token_type_ids,
+                                        inputs.inputs_embeds)
+        hidden_states, all_hidden, all_probs = self.encoder(hidden_states, packing, output_attentions,
+                                                            output_hidden_states)
+
+        sequence_output = ops.pad(hidden_states, packing)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        if all_hidden is not None:
+            all_hidden = tuple(ops.pad(h, packing) for h in all_hidden)
+        if all_probs is not None:
+            seq_idx, offset = ops.padding.sequence_positions(packing.cu_seqlens, packing.num_tokens)
+            all_probs = tuple(_attentions_to_input_layout(p, packing, seq_idx, offset) for p in all_probs)
+        output = BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=all_hidden,
+            attentions=all_probs,
+        )
+        return output if return_dict else output.to_tuple()

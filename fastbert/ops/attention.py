@@ -1,0 +1,101 @@
+"""Self-attention over packed variable-length sequences, reading Q, K and V from one fused tensor.
+
+``qkv`` is the output of the fused QKV projection, ``[tokens, 3 * hidden]``: columns
+``[0, hidden)`` are the queries, then the keys, then the values; head ``h`` owns columns
+``[h * head_dim, (h + 1) * head_dim)`` of each. Sequence ``b`` is the tokens
+``cu_seqlens[b]:cu_seqlens[b + 1]``; it attends to itself only. The output, ``[tokens, hidden]``,
+is laid out like the queries, ready for the output projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+from .padding import sequence_positions
+
+
+def _check(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int) -> tuple[int, int]:
+    if qkv.dim() != 2 or qkv.shape[1] % (3 * num_heads):
+        raise ValueError(f"qkv must be [tokens, 3 * hidden] with hidden divisible by {num_heads} heads, "
+                         f"got {tuple(qkv.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of batch + 1 offsets, got "
+                         f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    hidden = qkv.shape[1] // 3
+    return hidden, hidden // num_heads
+
+
+def _padded_qkv(qkv, cu_seqlens, max_seqlen, num_heads):
+    """Scatter packed Q, K, V into ``[batch, heads, max_seqlen, head_dim]`` each, plus the key mask."""
+    tokens = qkv.shape[0]
+    hidden, head_dim = qkv.shape[1] // 3, qkv.shape[1] // 3 // num_heads
+    batch = cu_seqlens.numel() - 1
+    seq_idx, offset = sequence_positions(cu_seqlens, tokens)
+    padded = qkv.new_zeros(batch, max_seqlen, 3, num_heads, head_dim)
+    padded = padded.index_put((seq_idx, offset), qkv.view(tokens, 3, num_heads, head_dim))
+    q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)
+    seqlens = cu_seqlens.diff()
+    key_mask = torch.arange(max_seqlen, device=qkv.device) < seqlens[:, None]
+    # An empty sequence would have every key masked (NaN rows); let it attend to its zero
+    # padding instead. It has no tokens, so nothing of it is ever read back.
+    key_mask |= (seqlens == 0)[:, None]
+    return q, k, v, key_mask[:, None, None, :], seq_idx, offset
+
+
+def varlen_attention_reference(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    num_heads: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """PyTorch reference: the batch padded to ``max_seqlen``, one masked SDPA call."""
+    hidden, head_dim = _check(qkv, cu_seqlens, num_heads)
+    if qkv.shape[0] == 0:
+        return qkv.new_zeros(0, hidden)
+    q, k, v, key_mask, seq_idx, offset = _padded_qkv(qkv, cu_seqlens, max_seqlen, num_heads)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2)[seq_idx, offset].reshape(-1, hidden)
+
+
+def varlen_attention_with_probs(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    num_heads: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention that also returns its probabilities, ``[batch, heads, max_seqlen, max_seqlen]``
+    (zero at padded keys and padded queries); softmax in fp32. Used for ``output_attentions``."""
+    hidden, head_dim = _check(qkv, cu_seqlens, num_heads)
+    batch = cu_seqlens.numel() - 1
+    if qkv.shape[0] == 0:
+        return qkv.new_zeros(0, hidden), qkv.new_zeros(batch, num_heads, max_seqlen, max_seqlen)
+    q, k, v, key_mask, seq_idx, offset = _padded_qkv(qkv, cu_seqlens, max_seqlen, num_heads)
+    scale = head_dim**-0.5 if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    probs = scores.masked_fill(~key_mask, float("-inf")).softmax(dim=-1)
+    query_mask = torch.zeros(batch, max_seqlen, dtype=torch.bool, device=qkv.device)
+    query_mask[seq_idx, offset] = True
+    probs = (probs * query_mask[:, None, :, None]).to(qkv.dtype)
+    out = torch.matmul(F.dropout(probs, dropout_p, training=dropout_p > 0), v)
+    return out.transpose(1, 2)[seq_idx, offset].reshape(-1, hidden), probs
+
+
+def varlen_attention(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    num_heads: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """``[tokens, 3 * hidden]`` fused QKV -> ``[tokens, hidden]`` attention output.
+
+    ``max_seqlen`` must bound every sequence length (the kernels size their grids with it).
+    """
+    return varlen_attention_reference(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p)

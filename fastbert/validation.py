@@ -1,0 +1,118 @@
+"""Checks at the model's boundary: a bad config or input raises an exception that names the problem,
+before any kernel could crash, assert on the device, or quietly compute garbage."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import ops
+
+
+def check_config(config) -> None:
+    """Refuse what fastbert.BertModel does not implement, naming the feature."""
+    model_type = getattr(config, "model_type", None)
+    if model_type != "bert":
+        raise ValueError(f"fastbert.BertModel runs BERT models (model_type 'bert'); this config is {model_type!r}")
+    if getattr(config, "is_decoder", False):
+        raise NotImplementedError("fastbert.BertModel is an encoder: is_decoder=True (decoder use) is not supported")
+    if getattr(config, "add_cross_attention", False):
+        raise NotImplementedError("fastbert.BertModel is an encoder: add_cross_attention=True is not supported")
+    position_type = getattr(config, "position_embedding_type", "absolute")
+    if position_type != "absolute":
+        raise NotImplementedError(
+            f"position_embedding_type={position_type!r} is not supported; fastbert implements 'absolute'"
+        )
+    ops.activation_kind(config.hidden_act)
+
+
+class ModelInputs(NamedTuple):
+    """A batch after validation, packed: every tensor has one row per kept token."""
+
+    input_ids: torch.Tensor | None  # [tokens]
+    inputs_embeds: torch.Tensor | None  # [tokens, hidden]
+    position_ids: torch.Tensor  # [tokens]
+    token_type_ids: torch.Tensor  # [tokens]
+    packing: ops.Packing
+
+
+def _check_integer(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer ids, got dtype {t.dtype}")
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, int], allow_broadcast_batch=False) -> None:
+    ok = tuple(t.shape) == shape or (allow_broadcast_batch and tuple(t.shape) == (1, shape[1]))
+    if not ok:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, but the input is {shape} (batch, seqlen)")
+
+
+def _raise_out_of_range(name: str, packed: torch.Tensor, bad: torch.Tensor, limit: int, packing, what: str):
+    token = int(torch.nonzero(bad)[0])
+    flat = int(packing.indices[token]) if packing.indices is not None else token
+    row, column = divmod(flat, packing.seqlen)
+    raise ValueError(f"{name}[{row}, {column}] = {int(packed[token])} is out of range: {what} [0, {limit})")
+
+
+def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds) -> ModelInputs:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        _check_integer("input_ids", input_ids)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seqlen], got shape {tuple(input_ids.shape)}")
+        shape, device = tuple(input_ids.shape), input_ids.device
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(f"inputs_embeds must be [batch, seqlen, {config.hidden_size}], "
+                             f"got shape {tuple(inputs_embeds.shape)}")
+        if not inputs_embeds.is_floating_point():
+            raise TypeError(f"inputs_embeds must be a floating-point tensor, got dtype {inputs_embeds.dtype}")
+        shape, device = tuple(inputs_embeds.shape[:2]), inputs_embeds.device
+    batch, seqlen = shape
+    if seqlen == 0 and batch > 0:
+        raise ValueError(f"the input has shape {shape}: every sequence is empty (seqlen 0)")
+
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be a 0/1 [batch, seqlen] mask, got shape "
+                             f"{tuple(attention_mask.shape)}")
+        _check_shape("attention_mask", attention_mask, shape)
+        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 and 1 (1 = a real token, 0 = padding)")
+    if token_type_ids is not None:
+        _check_integer("token_type_ids", token_type_ids)
+        _check_shape("token_type_ids", token_type_ids, shape, allow_broadcast_batch=True)
+        token_type_ids = token_type_ids.expand(shape)
+    if position_ids is not None:
+        _check_integer("position_ids", position_ids)
+        _check_shape("position_ids", position_ids, shape, allow_broadcast_batch=True)
+        position_ids = position_ids.expand(shape)
+    elif seqlen > config.max_position_embeddings:
+        raise ValueError(f"sequence length {seqlen} exceeds max_position_embeddings "
+                         f"{config.max_position_embeddings} of this model")
+
+    packing = ops.unpad_input(attention_mask, batch, seqlen, device)
+    tokens = packing.num_tokens
+    if position_ids is None:
+        positions = torch.arange(seqlen, device=device).expand(shape)
+    else:
+        positions = position_ids
+    packed_positions = ops.pack(positions, packing)
+    packed_types = (ops.pack(token_type_ids, packing) if token_type_ids is not None
+                    else torch.zeros(tokens, dtype=torch.long, device=device))
+    packed_ids = ops.pack(input_ids, packing) if input_ids is not None else None
+    packed_embeds = ops.pack(inputs_embeds, packing) if inputs_embeds is not None else None
+
+    # One host sync for all range checks; the detailed search runs only when something is wrong.
+    checks = [("position_ids", packed_positions, config.max_position_embeddings, "max_position_embeddings is"),
+              ("token_type_ids", packed_types, config.type_vocab_size, "type_vocab_size is")]
+    if packed_ids is not None:
+        checks.insert(0, ("input_ids", packed_ids, config.vocab_size, "the vocabulary is"))
+    bad = [(values < 0) | (values >= limit) for _, values, limit, _ in checks]
+    if tokens and any(torch.stack([b.any() for b in bad]).tolist()):
+        for (name, values, limit, what), b in zip(checks, bad):
+            if bool(b.any()):
+                _raise_out_of_range(name, values, b, limit, packing, what)
+    return ModelInputs(packed_ids, packed_embeds, packed_positions, packed_types, packing)

@@ -1,0 +1,5 @@
+"""setuptools entry point; the metadata lives in pyproject.toml."""
+
+from setuptools import setup
+
+setup()
