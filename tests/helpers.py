@@ -1,0 +1,39 @@
+"""Shared checks: tolerances from ../shared/DESIGN.md, NaN-poisoned buffers, random inputs."""
+
+from __future__ import annotations
+
+import torch
+
+# DESIGN.md's budgets (max abs diff).
+FP32_OP = 1e-5  # fp32 single op vs its PyTorch reference
+FP32_INTERPRETER = 1e-4  # fp32 model or kernel under the Triton interpreter
+FP32_MODEL_RANDOM = 2e-5  # fp32 model vs transformers, random configs
+FP32_MODEL_CHECKPOINT = 1e-5  # fp32 model vs transformers, the MiniLM checkpoint
+LOW_PRECISION_SLACK = 1e-3  # fp16 / bf16: <= 2x PyTorch's own error + this
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "") -> None:
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten output?)"
+    err = max_abs_diff(actual, expected)
+    assert err <= atol, f"{what}: max |diff| {err:.3g} > {atol:.3g}"
+
+
+def assert_low_precision_within_budget(actual, reference_fp32, torch_same_dtype, what: str = "") -> None:
+    """fp16/bf16 budget: error against the fp32 reference <= 2x PyTorch's own error at that dtype
+    (``torch_same_dtype``: the reference computed in the low precision) + 1e-3."""
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = max_abs_diff(actual, reference_fp32)
+    base = max_abs_diff(torch_same_dtype, reference_fp32)
+    assert err <= 2 * base + LOW_PRECISION_SLACK, f"{what}: error {err:.3g} > 2 x {base:.3g} + {LOW_PRECISION_SLACK}"
+
+
+def nan_like(shape, dtype, device="cpu") -> torch.Tensor:
+    """An output buffer poisoned with NaN, so that elements a kernel never writes fail the check."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
