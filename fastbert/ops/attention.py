@@ -99,3 +99,8 @@ def varlen_attention(
     ``max_seqlen`` must bound every sequence length (the kernels size their grids with it).
     """
     return varlen_attention_reference(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p)
+
+
+def active_backend(device: torch.device | str) -> str:
+    """What ``varlen_attention`` runs on tensors of ``device`` under the current backend setting."""
+    return "torch"

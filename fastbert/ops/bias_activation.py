@@ -38,3 +38,8 @@ def bias_activation(x: torch.Tensor, bias: torch.Tensor | None, activation: str)
     if bias is not None and bias.shape != x.shape[-1:]:
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not match x of shape {tuple(x.shape)}")
     return bias_activation_reference(x, bias, activation)
+
+
+def active_backend(device: torch.device | str) -> str:
+    """What ``bias_activation`` runs on tensors of ``device`` under the current backend setting."""
+    return "torch"

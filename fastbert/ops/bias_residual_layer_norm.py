@@ -38,3 +38,8 @@ def bias_residual_layer_norm(
         raise ValueError(f"x {tuple(x.shape)}, residual {tuple(residual.shape)} and LayerNorm weight "
                          f"{tuple(weight.shape)} do not match")
     return bias_residual_layer_norm_reference(x, bias, residual, weight, ln_bias, eps, dropout_p)
+
+
+def active_backend(device: torch.device | str) -> str:
+    """What ``bias_residual_layer_norm`` runs on tensors of ``device`` under the current backend setting."""
+    return "torch"

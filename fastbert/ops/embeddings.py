@@ -54,3 +54,8 @@ def embeddings(
     args = (input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
             ln_weight, ln_bias, eps, dropout_p, inputs_embeds)
     return embeddings_reference(*args)
+
+
+def active_backend(device: torch.device | str) -> str:
+    """What ``embeddings`` runs on tensors of ``device`` under the current backend setting."""
+    return "torch"
