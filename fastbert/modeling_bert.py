@@ -197,15 +197,19 @@ class BertPooler(nn.Module):
         return self.activation(self.dense(hidden_states[:, 0]))
 
 
-def _attentions_to_input_layout(probs: torch.Tensor, packing: ops.Packing, seq_idx, offset) -> torch.Tensor:
-    """``[batch, heads, max_seqlen, max_seqlen]`` over packed positions -> ``[batch, heads, seqlen,
-    seqlen]`` over the input's columns (a sequence with holes or left padding is spread back out)."""
-    batch, heads, seqlen = packing.batch, probs.shape[1], packing.seqlen
-    column = (packing.indices % seqlen) if packing.indices is not None else offset
-    rows = probs.new_zeros(batch, heads, seqlen, probs.shape[-1])
-    rows[seq_idx, :, column, :] = probs[seq_idx, :, offset, :]
-    out = probs.new_zeros(batch, heads, seqlen, seqlen)
-    out[seq_idx, :, :, column] = rows[seq_idx, :, :, offset]
+def _attentions_to_input_layout(probs: torch.Tensor, packing: ops.Packing) -> torch.Tensor:
+    """``[sequences, heads, max_seqlen, max_seqlen]`` over packed positions -> ``[batch, heads, seqlen,
+    seqlen]`` over the input's columns (holes, left padding and packed rows are spread back out)."""
+    tokens = packing.num_tokens
+    seq_idx, offset = ops.padding.sequence_positions(packing.cu_seqlens, tokens)
+    token_at = torch.full(probs.shape[:1] + probs.shape[2:3], -1, dtype=torch.long, device=probs.device)
+    token_at[seq_idx, offset] = torch.arange(tokens, device=probs.device)
+    flat = packing.indices if packing.indices is not None else torch.arange(tokens, device=probs.device)
+    row, column = flat // packing.seqlen, flat % packing.seqlen
+    seq, i, j = torch.nonzero((token_at[:, :, None] >= 0) & (token_at[:, None, :] >= 0), as_tuple=True)
+    query, key = token_at[seq, i], token_at[seq, j]
+    out = probs.new_zeros(packing.batch, probs.shape[1], packing.seqlen, packing.seqlen)
+    out[row[query], :, column[query], column[key]] = probs[seq, :, i, j]
     return out
 
 
@@ -286,7 +290,8 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
 
-        inputs = check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        inputs = check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                              kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         packing = inputs.packing
         hidden_states = self.embeddings(inputs.input_ids, inputs.position_ids, inputs.token_type_ids,
                                         inputs.inputs_embeds)
@@ -298,8 +303,7 @@ class BertModel(BertPreTrainedModel):
         if all_hidden is not None:
             all_hidden = tuple(ops.pad(h, packing) for h in all_hidden)
         if all_probs is not None:
-            seq_idx, offset = ops.padding.sequence_positions(packing.cu_seqlens, packing.num_tokens)
-            all_probs = tuple(_attentions_to_input_layout(p, packing, seq_idx, offset) for p in all_probs)
+            all_probs = tuple(_attentions_to_input_layout(p, packing) for p in all_probs)
         output = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,

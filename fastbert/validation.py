@@ -55,7 +55,41 @@ def _raise_out_of_range(name: str, packed: torch.Tensor, bad: torch.Tensor, limi
     raise ValueError(f"{name}[{row}, {column}] = {int(packed[token])} is out of range: {what} [0, {limit})")
 
 
-def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds) -> ModelInputs:
+def _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_length_q, device):
+    """Packing of a ``[1, total]`` row that holds several sequences, the form of transformers'
+    ``DataCollatorWithFlattening``: sequences given by ``cu_seq_lens_q`` or, as flash-attention
+    models read it, by ``position_ids`` restarting at 0. None for an ordinary batch."""
+    batch, total = shape
+    restarts = None
+    if cu_seq_lens_q is None:
+        if batch != 1 or position_ids is None or attention_mask is not None:
+            return None
+        restarts = torch.nonzero(position_ids[0, 1:] == 0).flatten() + 1
+        if restarts.numel() == 0:
+            return None
+        cu_seq_lens_q = torch.cat([restarts.new_zeros(1), restarts, restarts.new_full((1,), total)])
+    if batch != 1:
+        raise ValueError(f"cu_seq_lens_q describes packed sequences in one row; input_ids must be [1, total], "
+                         f"got {shape}")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("packed sequences (cu_seq_lens_q) take no padding: attention_mask must be all ones")
+    if cu_seq_lens_q.dim() != 1 or cu_seq_lens_q.is_floating_point() or cu_seq_lens_q.numel() < 2:
+        raise ValueError(f"cu_seq_lens_q must be a 1-D integer tensor of offsets [0, ..., total], got "
+                         f"{cu_seq_lens_q.dtype} of shape {tuple(cu_seq_lens_q.shape)}")
+    cu_seqlens = cu_seq_lens_q.to(device=device, dtype=torch.int32)
+    seqlens = cu_seqlens.diff()
+    first, last, smallest, longest = torch.stack(
+        [cu_seqlens[0], cu_seqlens[-1], seqlens.min(), seqlens.max()]).tolist()
+    if first != 0 or last != total or smallest < 0:
+        raise ValueError(f"cu_seq_lens_q must rise from 0 to the number of tokens {total}; it goes from {first} "
+                         f"to {last}" + (" and decreases" if smallest < 0 else ""))
+    if max_length_q is not None and int(max_length_q) < longest:
+        raise ValueError(f"max_length_q={int(max_length_q)} is shorter than the longest packed sequence ({longest})")
+    return ops.Packing(None, cu_seqlens, longest, batch, total)
+
+
+def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                 cu_seq_lens_q=None, max_length_q=None) -> ModelInputs:
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     if input_ids is not None:
@@ -89,16 +123,18 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
         _check_integer("position_ids", position_ids)
         _check_shape("position_ids", position_ids, shape, allow_broadcast_batch=True)
         position_ids = position_ids.expand(shape)
-    elif seqlen > config.max_position_embeddings:
+    elif seqlen > config.max_position_embeddings and cu_seq_lens_q is None:
         raise ValueError(f"sequence length {seqlen} exceeds max_position_embeddings "
                          f"{config.max_position_embeddings} of this model")
 
-    packing = ops.unpad_input(attention_mask, batch, seqlen, device)
+    packing = _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_length_q, device)
+    if packing is None:
+        packing = ops.unpad_input(attention_mask, batch, seqlen, device)
+    elif position_ids is None:  # packed sequences without positions: each counts from 0
+        seq_idx, offset = ops.padding.sequence_positions(packing.cu_seqlens, seqlen)
+        position_ids = offset[None]
     tokens = packing.num_tokens
-    if position_ids is None:
-        positions = torch.arange(seqlen, device=device).expand(shape)
-    else:
-        positions = position_ids
+    positions = position_ids if position_ids is not None else torch.arange(seqlen, device=device).expand(shape)
     packed_positions = ops.pack(positions, packing)
     packed_types = (ops.pack(token_type_ids, packing) if token_type_ids is not None
                     else torch.zeros(tokens, dtype=torch.long, device=device))

@@ -14,8 +14,15 @@ import torch.nn.functional as F
 
 
 class Packing(NamedTuple):
+    """Where the packed tokens come from and which sequences they form.
+
+    ``batch`` x ``seqlen`` is the input's layout (what :func:`pad` restores); ``cu_seqlens`` splits
+    the packed tokens into the sequences that attend to themselves. Usually one sequence per row;
+    an input already packed by the caller (one row of several sequences) has more.
+    """
+
     indices: torch.Tensor | None  # [tokens] flat positions in [batch * seqlen]; None: every token kept
-    cu_seqlens: torch.Tensor  # [batch + 1] int32 offsets of each sequence in the packed tokens
+    cu_seqlens: torch.Tensor  # [sequences + 1] int32 offsets of each sequence in the packed tokens
     max_seqlen: int  # the longest sequence (a host int: kernels size their grids with it)
     batch: int
     seqlen: int
