@@ -23,7 +23,8 @@ def check_loading_info(model, info: dict, path) -> None:
     """Raise, naming the keys, when the checkpoint lacks weights of the model or holds encoder
     weights the model does not have. ``strict=False`` restores transformers' warnings."""
     missing = sorted(info.get("missing_keys", ()))
-    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k.startswith(_ENCODER_PREFIXES))
+    prefixes = _ENCODER_PREFIXES if model.pooler is not None else _ENCODER_PREFIXES[:2]
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k.startswith(prefixes))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
     problems = []
     if missing:

@@ -254,9 +254,15 @@ class BertModel(BertPreTrainedModel):
         if not isinstance(config, PretrainedConfig):
             check_model_type(pretrained_model_name_or_path, kwargs)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        verbosity = logging.get_verbosity()
+        if strict:  # the check below names every key; transformers' report would only repeat it
+            logging.set_verbosity_error()
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        finally:
+            logging.set_verbosity(verbosity)
         if strict:
             check_loading_info(model, info, pretrained_model_name_or_path)
         return (model, info) if want_info else model
@@ -309,5 +315,8 @@ class BertModel(BertPreTrainedModel):
             pooler_output=pooled_output,
             hidden_states=all_hidden,
             attentions=all_probs,
+            # transformers fills cross_attentions with () whenever attentions are requested, so its
+            # tuple output has that element too; keep the same tuple length and order.
+            cross_attentions=() if all_probs is not None else None,
         )
         return output if return_dict else output.to_tuple()

@@ -1,0 +1,64 @@
+"""``make demo``: the main job on the embedded model, checked and timed against transformers.
+
+Runs ``fastbert embed`` on a text file, then encodes the same lines with stock
+sentence-transformers (transformers' BertModel) and prints the largest difference and the
+sentences per second of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def _throughput(encode, lines, repeats: int) -> float:
+    encode(lines)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        encode(lines)
+    return repeats * len(lines) / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("input", nargs="?", default="benchmarks/data/sentences.txt")
+    parser.add_argument("-o", "--output", default="build/demo/embeddings.npy")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from sentence_transformers import SentenceTransformer
+
+    from .cli import main as fastbert_main
+    from .embed import SentenceEmbedder, default_model_dir, read_lines
+
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    command = ["embed", args.input, "-o", args.output, "--quiet"]
+    print("$ fastbert " + " ".join(command), flush=True)
+    fastbert_main(command)
+    ours = np.load(args.output)
+
+    lines = read_lines(args.input)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    stock = SentenceTransformer(str(default_model_dir()), device=device)
+    theirs = stock.encode(lines, convert_to_numpy=True)
+    diff = float(np.abs(ours - theirs).max())
+    print(f"{len(lines)} sentences from {args.input}, model all-MiniLM-L6-v2 (embedded), device {device}")
+    print(f"largest |difference| from transformers (stock sentence-transformers): {diff:.2e}")
+
+    embedder = SentenceEmbedder(device=device)
+    fast = _throughput(embedder.encode, lines, args.repeats)
+    slow = _throughput(lambda x: stock.encode(x, show_progress_bar=False), lines, args.repeats)
+    print(f"sentences/s: fastbert {fast:.1f}, transformers {slow:.1f} ({fast / slow:.2f}x), "
+          f"batch size 32, {torch.get_num_threads()} CPU threads" if device == "cpu" else
+          f"sentences/s: fastbert {fast:.1f}, transformers {slow:.1f} ({fast / slow:.2f}x), batch size 32")
+    return 0 if diff <= 1e-4 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

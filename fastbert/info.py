@@ -1,0 +1,50 @@
+"""``fastbert info``: versions, device, the backend each op runs on, the CUDA extension."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def report() -> list[tuple[str, str]]:
+    from . import __version__
+    from .ops import attention, backend, bias_activation, bias_residual_layer_norm, embeddings
+
+    rows = [("fastbert", __version__), ("python", platform.python_version())]
+    rows += [(name, _version(name)) for name in ("torch", "triton", "transformers", "tokenizers",
+                                                  "sentence-transformers")]
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        rows.append(("device", f"cuda: {props.name} (sm_{props.major}{props.minor}), torch CUDA {torch.version.cuda}"))
+    else:
+        rows.append(("device", f"cpu (no CUDA device; torch CUDA build: {torch.version.cuda or 'none'})"))
+    rows.append(("FASTBERT_BACKEND", backend.backend_setting()))
+    try:
+        from ._extension import extension_status
+    except ImportError:
+        status = "not part of this build"
+    else:
+        status = extension_status()
+    rows.append(("CUDA extension fastbert._C", status))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for op in (embeddings, attention, bias_activation, bias_residual_layer_norm):
+        name = op.__name__.rsplit(".", 1)[-1]
+        rows.append((f"op {name}", ", ".join(f"{d}: {op.active_backend(d)}" for d in devices)))
+    return rows
+
+
+def run(args=None) -> int:
+    rows = report()
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0

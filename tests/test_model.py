@@ -1,0 +1,261 @@
+"""fastbert.BertModel against transformers.BertModel with the same weights (PyTorch backend, CPU)."""
+
+import pytest
+import torch
+import transformers
+
+import fastbert
+from tests.helpers import (FP32_MODEL_CHECKPOINT, FP32_MODEL_RANDOM, assert_close,
+                           assert_low_precision_within_budget, max_abs_diff)
+from tests.model_utils import SHAPES, make_config, make_mask, model_pair, random_inputs
+
+
+def _compare(fast, hf, ids, mask, types=None, atol=FP32_MODEL_RANDOM, **kwargs):
+    with torch.no_grad():
+        ours = fast(ids, attention_mask=mask, token_type_ids=types, **kwargs)
+        theirs = hf(ids, attention_mask=mask, token_type_ids=types, **kwargs)
+    keep = mask.bool()
+    assert_close(ours.last_hidden_state[keep], theirs.last_hidden_state[keep], atol, "last_hidden_state")
+    assert (ours.last_hidden_state[~keep] == 0).all(), "padded positions must be zeros"
+    first_real = keep[:, 0]  # a row whose first position is padding pools a zero vector
+    assert_close(ours.pooler_output[first_real], theirs.pooler_output[first_real], atol, "pooler_output")
+    return ours, theirs
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("mask_kind", ["none", "right", "left", "holes"])
+def test_random_configs_match_transformers(shape, mask_kind):
+    layers = 1 if shape in ("base", "large") else 2
+    fast, hf = model_pair(make_config(shape, layers=layers))
+    ids, types = random_inputs(fast.config, 3, 13)
+    _compare(fast, hf, ids, make_mask(mask_kind, 3, 13), types)
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"])
+def test_every_activation(hidden_act):
+    fast, hf = model_pair(make_config("h144", hidden_act=hidden_act))
+    ids, types = random_inputs(fast.config, 2, 11)
+    _compare(fast, hf, ids, make_mask("right", 2, 11), types)
+
+
+def test_unsupported_activation_is_refused_at_build():
+    with pytest.raises(NotImplementedError, match="hidden_act='silu'"):
+        fastbert.BertModel(make_config(hidden_act="silu"))
+
+
+def test_fully_masked_row_is_finite_and_changes_no_other_row():
+    fast, hf = model_pair(make_config())
+    ids, types = random_inputs(fast.config, 4, 9)
+    mask = make_mask("fully_masked_row", 4, 9)
+    ours, _ = _compare(fast, hf, ids, mask, types)
+    assert torch.isfinite(ours.last_hidden_state).all() and torch.isfinite(ours.pooler_output).all()
+    assert (ours.last_hidden_state[-1] == 0).all()
+    with torch.no_grad():
+        without = fast(ids[:-1], attention_mask=mask[:-1], token_type_ids=types[:-1])
+    assert_close(ours.last_hidden_state[:-1], without.last_hidden_state, 1e-6, "other rows")
+
+
+def test_batch_equals_single_inputs():
+    fast, _ = model_pair(make_config())
+    ids, types = random_inputs(fast.config, 4, 12)
+    mask = make_mask("right", 4, 12)
+    with torch.no_grad():
+        batched = fast(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        for row in range(4):
+            n = int(mask[row].sum())
+            single = fast(ids[row:row + 1, :n], token_type_ids=types[row:row + 1, :n]).last_hidden_state
+            assert_close(batched[row, :n], single[0], 1e-5, f"row {row}")
+
+
+def test_inputs_embeds_and_position_ids():
+    fast, hf = model_pair(make_config())
+    ids, types = random_inputs(fast.config, 2, 10)
+    mask = make_mask("holes", 2, 10)
+    embeds = torch.randn(2, 10, fast.config.hidden_size)
+    positions = torch.randint(0, fast.config.max_position_embeddings, (2, 10))
+    with torch.no_grad():
+        ours = fast(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, position_ids=positions)
+        theirs = hf(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, position_ids=positions)
+    keep = mask.bool()
+    assert_close(ours.last_hidden_state[keep], theirs.last_hidden_state[keep], FP32_MODEL_RANDOM)
+    _compare(fast, hf, ids, mask, types, position_ids=positions[:1])  # [1, seqlen] broadcasts
+
+
+def test_hidden_states_and_attentions():
+    fast, hf = model_pair(make_config(layers=2))
+    ids, types = random_inputs(fast.config, 3, 10)
+    mask = make_mask("holes", 3, 10)
+    ours, theirs = _compare(fast, hf, ids, mask, types, output_hidden_states=True, output_attentions=True)
+    keep = mask.bool()
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
+    for a, b in zip(ours.hidden_states, theirs.hidden_states):
+        assert_close(a[keep], b[keep], FP32_MODEL_RANDOM, "hidden_states")
+    assert len(ours.attentions) == len(theirs.attentions) == 2
+    key_mask = keep[:, None, None, :]
+    for a, b in zip(ours.attentions, theirs.attentions):
+        assert a.shape == b.shape
+        rows = a.transpose(1, 2)[keep]  # real queries: [tokens, heads, seqlen]
+        assert_close(rows, b.transpose(1, 2)[keep], 1e-6, "attention probabilities")
+        assert (a.masked_select(~key_mask.expand_as(a)) == 0).all()
+
+
+def test_return_dict_false_gives_transformers_tuple_order():
+    fast, hf = model_pair(make_config())
+    ids, _ = random_inputs(fast.config, 2, 8)
+    with torch.no_grad():
+        ours = fast(ids, return_dict=False, output_hidden_states=True, output_attentions=True)
+        theirs = hf(ids, return_dict=False, output_hidden_states=True, output_attentions=True)
+    assert isinstance(ours, tuple) and len(ours) == len(theirs)
+    assert_close(ours[0], theirs[0], FP32_MODEL_RANDOM)
+    assert_close(ours[1], theirs[1], FP32_MODEL_RANDOM)
+    for a, b in zip(ours[2:], theirs[2:]):  # hidden states, attentions, (cross-attentions)
+        assert type(a) is type(b) and len(a) == len(b)
+        assert [t.shape for t in a] == [t.shape for t in b]
+    with torch.no_grad():
+        assert len(fast(ids, return_dict=False)) == len(hf(ids, return_dict=False)) == 2
+
+
+def test_no_pooling_layer():
+    fast, hf = model_pair(make_config(), add_pooling_layer=False)
+    ids, _ = random_inputs(fast.config, 2, 8)
+    with torch.no_grad():
+        out = fast(ids)
+    assert out.pooler_output is None
+    assert set(fast.state_dict()) == set(hf.state_dict())
+
+
+def test_state_dict_keys_equal_transformers():
+    fast, hf = model_pair(make_config())
+    assert list(fast.state_dict()) == list(hf.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_budget(dtype):
+    fast32, hf32 = model_pair(make_config("h144"))
+    fast = fastbert.BertModel(fast32.config).to(dtype).eval()
+    fast.load_state_dict(fast32.state_dict())
+    hf = hf32.to(dtype)
+    ids, types = random_inputs(fast.config, 3, 12)
+    mask = make_mask("right", 3, 12)
+    keep = mask.bool()
+    with torch.no_grad():
+        reference = fast32(ids, attention_mask=mask, token_type_ids=types).last_hidden_state[keep]
+        ours = fast(ids, attention_mask=mask, token_type_ids=types).last_hidden_state[keep]
+        theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state[keep]
+    assert ours.dtype == dtype
+    assert_low_precision_within_budget(ours, reference, theirs, f"{dtype} model")
+
+
+def test_large_activations_in_half_precision_stay_finite():
+    """LayerNorm statistics and softmax in fp32: inputs of magnitude 1e3 must not overflow fp16."""
+    fast32, _ = model_pair(make_config("h96"))
+    fast = fastbert.BertModel(fast32.config).half().eval()
+    fast.load_state_dict(fast32.state_dict())
+    embeds = 300 * torch.randn(2, 9, 96)
+    with torch.no_grad():
+        out = fast(inputs_embeds=embeds.half()).last_hidden_state
+        ref = fast32(inputs_embeds=embeds).last_hidden_state
+    assert torch.isfinite(out).all()
+    assert max_abs_diff(out.float(), ref) < 0.1
+
+
+def test_gradients_equal_transformers_in_train_mode():
+    fast, hf = model_pair(make_config(layers=2))
+    fast.train(), hf.train()  # dropout probabilities are 0 in these configs
+    ids, types = random_inputs(fast.config, 3, 10)
+    mask = make_mask("left", 3, 10)
+    keep = mask.bool()[..., None]
+    weight = torch.randn(3, 10, fast.config.hidden_size)
+    for model in (fast, hf):
+        out = model(ids, attention_mask=mask, token_type_ids=types)
+        ((out.last_hidden_state * weight * keep).sum() + out.pooler_output[keep[:, 0, 0]].sum()).backward()
+    grads_hf = dict(hf.named_parameters())
+    # Some gradients are zero in exact arithmetic (a key bias shifts every score of a query by the
+    # same amount), so rounding noise is measured against the largest gradient of the model.
+    largest = max(q.grad.abs().max().item() for q in grads_hf.values())
+    for name, p in fast.named_parameters():
+        q = grads_hf[name]
+        assert p.grad is not None, name
+        assert max_abs_diff(p.grad, q.grad) <= 1e-4 * q.grad.abs().max().item() + 1e-6 * largest, name
+
+
+def test_dropout_is_applied_in_train_mode():
+    config = make_config()
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.1
+    fast = fastbert.BertModel(config).train()
+    ids, _ = random_inputs(config, 2, 8)
+    a, b = fast(ids).last_hidden_state, fast(ids).last_hidden_state
+    assert not torch.equal(a, b)
+    fast.eval()
+    with torch.no_grad():
+        assert torch.equal(fast(ids).last_hidden_state, fast(ids).last_hidden_state)
+
+
+def test_qkv_cache_follows_weight_updates():
+    fast, hf = model_pair(make_config())
+    ids, _ = random_inputs(fast.config, 2, 8)
+    mask = torch.ones_like(ids)
+    _compare(fast, hf, ids, mask)  # fills the cache
+    with torch.no_grad():
+        for model in (fast, hf):
+            model.encoder.layer[0].attention.self.key.weight.mul_(1.5)  # in place: version counter
+            model.encoder.layer[1].attention.self.value.bias.add_(0.3)
+    _compare(fast, hf, ids, mask)
+    new_weight = torch.randn_like(fast.encoder.layer[0].attention.self.query.weight) * 0.1
+    fast.encoder.layer[0].attention.self.query.weight.data = new_weight.clone()  # a new storage
+    hf.encoder.layer[0].attention.self.query.weight.data = new_weight.clone()
+    _compare(fast, hf, ids, mask)
+
+
+def test_lora_wrapped_query_value_equal_transformers():
+    peft = pytest.importorskip("peft")
+    fast, hf = model_pair(make_config())
+    lora = dict(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
+    torch.manual_seed(5)
+    hf_lora = peft.get_peft_model(hf, peft.LoraConfig(**lora))
+    torch.manual_seed(5)
+    fast_lora = peft.get_peft_model(fast, peft.LoraConfig(**lora))
+    fast_lora.load_state_dict(hf_lora.state_dict())
+    assert type(fast_lora.base_model.model.encoder.layer[0].attention.self.query) is not torch.nn.Linear
+    ids, _ = random_inputs(fast.config, 2, 9)
+    mask = make_mask("right", 2, 9)
+    keep = mask.bool()
+    with torch.no_grad():
+        ours = fast_lora(input_ids=ids, attention_mask=mask).last_hidden_state
+        theirs = hf_lora(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_close(ours[keep], theirs[keep], FP32_MODEL_RANDOM, "LoRA")
+    with torch.no_grad(), hf_lora.disable_adapter():
+        no_adapter = hf_lora(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert max_abs_diff(no_adapter[keep], theirs[keep]) > 1e-3, "the adapter must change the output"
+
+
+def test_packed_input_equals_separate_sequences():
+    """transformers' DataCollatorWithFlattening form: one row, position_ids restarting at 0."""
+    fast, hf = model_pair(make_config())
+    lengths = [5, 1, 7, 3]
+    seqs = [torch.randint(0, fast.config.vocab_size, (n,)) for n in lengths]
+    collated = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": s.tolist()} for s in seqs])
+    flat, positions = collated["input_ids"], collated["position_ids"]
+    with torch.no_grad():
+        by_positions = fast(flat, position_ids=positions).last_hidden_state
+        by_offsets = fast(flat, position_ids=positions, cu_seq_lens_q=collated["cu_seq_lens_q"],
+                          max_length_q=collated["max_length_q"]).last_hidden_state
+        start = 0
+        for s in seqs:
+            expected = hf(s[None]).last_hidden_state[0]
+            assert_close(by_positions[0, start:start + len(s)], expected, FP32_MODEL_RANDOM, "packed")
+            assert_close(by_offsets[0, start:start + len(s)], expected, FP32_MODEL_RANDOM, "packed")
+            start += len(s)
+    with pytest.raises(ValueError, match="max_length_q=2 is shorter"):
+        fast(flat, position_ids=positions, cu_seq_lens_q=collated["cu_seq_lens_q"], max_length_q=2)
+    with pytest.raises(ValueError, match="must rise from 0"):
+        fast(flat, cu_seq_lens_q=torch.tensor([0, 5, 4, 16]))
+
+
+def test_empty_batch_gives_empty_outputs():
+    fast, _ = model_pair(make_config())
+    with torch.no_grad():
+        out = fast(torch.zeros(0, 7, dtype=torch.long))
+    assert out.last_hidden_state.shape == (0, 7, fast.config.hidden_size)
+    assert out.pooler_output.shape == (0, fast.config.hidden_size)
