@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import platform
 
@@ -17,7 +18,7 @@ def _version(package: str) -> str:
 
 def report() -> list[tuple[str, str]]:
     from . import __version__
-    from .ops import attention, backend, bias_activation, bias_residual_layer_norm, embeddings
+    from .ops import backend
 
     rows = [("fastbert", __version__), ("python", platform.python_version())]
     rows += [(name, _version(name)) for name in ("torch", "triton", "transformers", "tokenizers",
@@ -36,8 +37,8 @@ def report() -> list[tuple[str, str]]:
         status = extension_status()
     rows.append(("CUDA extension fastbert._C", status))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for op in (embeddings, attention, bias_activation, bias_residual_layer_norm):
-        name = op.__name__.rsplit(".", 1)[-1]
+    for name in ("embeddings", "attention", "bias_activation", "bias_residual_layer_norm"):
+        op = importlib.import_module(f"fastbert.ops.{name}")  # the module: ops re-exports same-named functions
         rows.append((f"op {name}", ", ".join(f"{d}: {op.active_backend(d)}" for d in devices)))
     return rows
 

@@ -291,6 +291,7 @@ class BertModel(BertPreTrainedModel):
                 raise NotImplementedError(f"fastbert.BertModel is an encoder: {name} (decoder use) is not supported")
         if use_cache:
             raise NotImplementedError("fastbert.BertModel is an encoder: use_cache (decoder use) is not supported")
+        ops.backend_setting()  # an unknown FASTBERT_BACKEND fails here, before any work
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states

@@ -1,0 +1,90 @@
+"""Bad input: a Python exception that names the problem, never a crash or a silently wrong answer."""
+
+import pytest
+import torch
+
+from fastbert.ops import backend
+from tests.model_utils import make_config, model_pair
+
+
+@pytest.fixture(scope="module")
+def model():
+    return model_pair(make_config(vocab=100, max_positions=16))[0]
+
+
+def ids(*shape, high=100):
+    return torch.randint(0, high, shape)
+
+
+@pytest.mark.parametrize("value, where", [(100, "input_ids\\[1, 3\\] = 100"), (-1, "input_ids\\[1, 3\\] = -1")])
+def test_id_outside_vocabulary(model, value, where):
+    x = ids(2, 5)
+    x[1, 3] = value
+    with pytest.raises(ValueError, match=where + r" is out of range: the vocabulary is \[0, 100\)"):
+        model(x)
+
+
+def test_out_of_range_id_under_padding_is_ignored(model):
+    """Padding is never computed on, so its ids are not looked up (transformers would crash)."""
+    x = ids(2, 5)
+    x[1, 4] = 10_000
+    mask = torch.ones_like(x)
+    mask[1, 4] = 0
+    assert torch.isfinite(model(x, attention_mask=mask).last_hidden_state).all()
+
+
+def test_sequence_longer_than_max_positions(model):
+    with pytest.raises(ValueError, match="sequence length 17 exceeds max_position_embeddings 16"):
+        model(ids(1, 17))
+
+
+def test_position_id_out_of_range(model):
+    with pytest.raises(ValueError, match=r"position_ids\[0, 2\] = 16 is out of range"):
+        model(ids(1, 4), position_ids=torch.tensor([[0, 1, 16, 3]]))
+
+
+def test_token_type_out_of_range(model):
+    with pytest.raises(ValueError, match=r"token_type_ids\[0, 1\] = 2 is out of range: type_vocab_size is \[0, 2\)"):
+        model(ids(1, 4), token_type_ids=torch.tensor([[0, 2, 0, 1]]))
+
+
+def test_mask_shape_mismatch(model):
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 4\), but the input is \(2, 5\)"):
+        model(ids(2, 5), attention_mask=torch.ones(2, 4))
+
+
+def test_mask_values_must_be_zero_or_one(model):
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        model(ids(1, 3), attention_mask=torch.tensor([[1, 2, 0]]))
+
+
+def test_float_ids(model):
+    with pytest.raises(TypeError, match="input_ids must hold integer ids, got dtype torch.float32"):
+        model(torch.ones(1, 3))
+
+
+def test_neither_ids_nor_embeddings(model):
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model()
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(ids(1, 3), inputs_embeds=torch.randn(1, 3, 144))
+
+
+def test_wrong_rank_and_embedding_width(model):
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, seqlen\], got shape \(5,\)"):
+        model(ids(5))
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \[batch, seqlen, 144\]"):
+        model(inputs_embeds=torch.randn(1, 3, 10))
+
+
+def test_empty_sequences(model):
+    with pytest.raises(ValueError, match="every sequence is empty"):
+        model(ids(2, 0))
+
+
+def test_unknown_backend(model, monkeypatch):
+    monkeypatch.setenv("FASTBERT_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="FASTBERT_BACKEND='cuda-please' is not one of auto, torch, triton"):
+        model(ids(1, 3))
+    monkeypatch.setenv("FASTBERT_BACKEND", "torch")
+    assert backend.backend_setting() == "torch"

@@ -1,0 +1,112 @@
+"""from_pretrained / save_pretrained in both directions, and what loading refuses."""
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import fastbert
+from tests.helpers import FP32_MODEL_RANDOM, assert_close
+from tests.model_utils import make_config, model_pair, random_inputs
+
+
+def _same_outputs(a, b, config):
+    ids, types = random_inputs(config, 2, 9)
+    with torch.no_grad():
+        assert_close(a(ids, token_type_ids=types).last_hidden_state,
+                     b(ids, token_type_ids=types).last_hidden_state, FP32_MODEL_RANDOM)
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_transformers_checkpoint_loads_into_fastbert(tmp_path, safe_serialization):
+    _, hf = model_pair(make_config())
+    hf.save_pretrained(tmp_path, safe_serialization=safe_serialization)
+    if not safe_serialization:  # transformers 5 may always write safetensors; then make the .bin ourselves
+        for f in tmp_path.glob("*.safetensors"):
+            torch.save(load_file(f), tmp_path / "pytorch_model.bin")
+            f.unlink()
+    fast = fastbert.BertModel.from_pretrained(tmp_path).eval()
+    assert isinstance(fast, fastbert.BertModel)
+    _same_outputs(fast, hf, hf.config)
+
+
+def test_fastbert_checkpoint_loads_into_transformers(tmp_path):
+    fast, hf = model_pair(make_config())
+    fast.save_pretrained(tmp_path)
+    back = transformers.BertModel.from_pretrained(tmp_path).eval()
+    assert type(back) is transformers.BertModel
+    _same_outputs(fast, back, fast.config)
+    assert transformers.AutoConfig.from_pretrained(tmp_path).architectures == ["BertModel"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_from_pretrained_dtype(tmp_path, dtype):
+    _, hf = model_pair(make_config())
+    hf.save_pretrained(tmp_path)
+    fast = fastbert.BertModel.from_pretrained(tmp_path, dtype=dtype)
+    assert all(p.dtype == dtype for p in fast.parameters())
+
+
+def _edit_checkpoint(path, edit):
+    file = next(path.glob("*.safetensors"))
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_missing_keys_are_named(tmp_path):
+    _, hf = model_pair(make_config())
+    hf.save_pretrained(tmp_path)
+    _edit_checkpoint(tmp_path, lambda t: t.pop("encoder.layer.1.output.dense.bias"))
+    with pytest.raises(ValueError, match=r"missing from the checkpoint: encoder\.layer\.1\.output\.dense\.bias"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+    fastbert.BertModel.from_pretrained(tmp_path, strict=False)  # transformers' lenient behaviour
+
+
+def test_unexpected_encoder_keys_are_named(tmp_path):
+    _, hf = model_pair(make_config())
+    hf.save_pretrained(tmp_path)
+    _edit_checkpoint(tmp_path, lambda t: t.update({"encoder.layer.2.output.dense.bias": torch.zeros(144)}))
+    with pytest.raises(ValueError, match=r"not weights of fastbert\.BertModel: encoder\.layer\.2\.output\.dense\.bias"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_task_head_checkpoint_loads_the_encoder(tmp_path):
+    """A BertForMaskedLM checkpoint (bert.* + cls.*) loads as transformers loads it: heads skipped."""
+    config = make_config()
+    head = transformers.BertForMaskedLM(config).eval()
+    head.save_pretrained(tmp_path)
+    fast = fastbert.BertModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    _same_outputs(fast, head.bert, config)
+
+
+def test_other_model_type_is_refused(tmp_path):
+    config = transformers.RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=37, vocab_size=100)
+    transformers.RobertaModel(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'roberta' model"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        fastbert.BertModel(config)
+
+
+@pytest.mark.parametrize("feature", ["is_decoder", "add_cross_attention", "relative_key"])
+def test_decoder_and_relative_positions_are_refused(feature):
+    config = make_config()
+    if feature == "relative_key":
+        config.position_embedding_type = "relative_key"
+    else:
+        config.is_decoder = True
+        setattr(config, feature, True)
+    with pytest.raises(NotImplementedError, match=feature if feature != "add_cross_attention" else "is_decoder"):
+        fastbert.BertModel(config)
+
+
+@pytest.mark.parametrize("argument", ["encoder_hidden_states", "encoder_attention_mask", "past_key_values"])
+def test_decoder_arguments_are_refused(argument):
+    fast, _ = model_pair(make_config())
+    ids, _ = random_inputs(fast.config, 1, 4)
+    with pytest.raises(NotImplementedError, match=argument):
+        fast(ids, **{argument: torch.zeros(1, 4, 144)})
+    with pytest.raises(NotImplementedError, match="use_cache"):
+        fast(ids, use_cache=True)
