@@ -134,8 +134,10 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states, packing, output_attentions=False):
+    def forward(self, hidden_states, packing, output_attentions=False, rows=None):
         context, probs = self.self(hidden_states, packing, output_attentions)
+        if rows is not None:  # only these rows go on (every row was needed as a key and value)
+            context, hidden_states = context[rows], hidden_states[rows]
         return self.output(context, hidden_states), probs
 
 
@@ -164,8 +166,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, packing, output_attentions=False):
-        attention_output, probs = self.attention(hidden_states, packing, output_attentions)
+    def forward(self, hidden_states, packing, output_attentions=False, rows=None):
+        attention_output, probs = self.attention(hidden_states, packing, output_attentions, rows)
         return self.output(self.intermediate(attention_output), attention_output), probs
 
 
@@ -175,11 +177,15 @@ class BertEncoder(nn.Module):
         self.config = config
         self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, hidden_states, packing, output_attentions=False, output_hidden_states=False):
+    def forward(self, hidden_states, packing, output_attentions=False, output_hidden_states=False,
+                last_layer_rows=None):
+        """``last_layer_rows``: packed indices of the only rows the caller reads; the last layer then
+        computes just those after attention (which needs every row as a key and value)."""
         all_hidden_states = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
-        for layer in self.layer:
-            hidden_states, probs = layer(hidden_states, packing, output_attentions)
+        for i, layer in enumerate(self.layer):
+            rows = last_layer_rows if i == len(self.layer) - 1 else None
+            hidden_states, probs = layer(hidden_states, packing, output_attentions, rows)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             if output_attentions:
@@ -219,6 +225,9 @@ class BertModel(BertPreTrainedModel):
 
     _no_split_modules = ["BertEmbeddings", "BertLayer"]
     _can_record_outputs = {}
+    # The default of forward's first_token_only; fastbert.optimize sets it inside heads that read
+    # only the pooled [CLS] output (sequence classification, multiple choice, next sentence).
+    first_token_only = False
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         check_config(config)
@@ -282,8 +291,14 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache=None,
+        first_token_only: bool | None = None,
         **kwargs,
     ):
+        """transformers' BertModel.forward. Also takes packed input (``input_ids`` [1, total] with
+        ``position_ids`` restarting at 0 per sequence, optionally ``cu_seq_lens_q`` / ``max_length_q``:
+        what ``DataCollatorWithFlattening`` produces) and ``first_token_only``: the last layer then
+        computes only the first token of each row (of each sequence, for packed input), and
+        ``last_hidden_state`` is ``[batch, 1, hidden]`` (``[1, sequences, hidden]``)."""
         for name, value in (("encoder_hidden_states", encoder_hidden_states),
                             ("encoder_attention_mask", encoder_attention_mask),
                             ("past_key_values", past_key_values), ("cache", cache)):
@@ -297,16 +312,29 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
 
+        first_token_only = self.first_token_only if first_token_only is None else first_token_only
+        if output_attentions and torch.compiler.is_compiling():
+            raise NotImplementedError("output_attentions=True is not supported under torch.compile")
+
         inputs = check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                               kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         packing = inputs.packing
+        first_rows, first_is_real = packing.first_tokens() if first_token_only else (None, None)
+        # With hidden states or attentions requested the last layer must compute every row anyway.
+        last_layer_rows = None if output_hidden_states or output_attentions else first_rows
         hidden_states = self.embeddings(inputs.input_ids, inputs.position_ids, inputs.token_type_ids,
                                         inputs.inputs_embeds)
         hidden_states, all_hidden, all_probs = self.encoder(hidden_states, packing, output_attentions,
-                                                            output_hidden_states)
+                                                            output_hidden_states, last_layer_rows)
 
-        sequence_output = ops.pad(hidden_states, packing)
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        if first_token_only:
+            first = hidden_states if last_layer_rows is not None else hidden_states[first_rows]
+            first = torch.where(first_is_real[:, None], first, 0)  # a padded first position: zeros
+            sequence_output = first.view(packing.batch, -1, first.shape[-1])
+            pooled_output = self.pooler(first[:, None]) if self.pooler is not None else None
+        else:
+            sequence_output = ops.pad(hidden_states, packing)
+            pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         if all_hidden is not None:
             all_hidden = tuple(ops.pad(h, packing) for h in all_hidden)
         if all_probs is not None:

@@ -39,6 +39,10 @@ def _fresh_buffers(hf_model) -> nn.Module:
     return holder
 
 
+# Heads that read only the pooled [CLS] output: their encoder's last layer computes only [CLS] rows.
+_POOLED_HEADS = ("BertForSequenceClassification", "BertForMultipleChoice", "BertForNextSentencePrediction")
+
+
 def _is_transformers_bert(module) -> bool:
     return isinstance(module, transformers.BertModel) and not isinstance(module, BertModel)
 
@@ -59,6 +63,7 @@ def optimize(model: nn.Module) -> nn.Module:
         for name, child in list(parent._modules.items()):
             if _is_transformers_bert(child):
                 parent._modules[name] = to_fastbert(child)
+                parent._modules[name].first_token_only = type(parent).__name__ in _POOLED_HEADS
                 swapped.append(f"{parent_name}.{name}" if parent_name else name)
     if not swapped:
         if any(isinstance(m, BertModel) for m in model.modules()):

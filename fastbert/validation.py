@@ -60,9 +60,9 @@ def _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_le
     ``DataCollatorWithFlattening``: sequences given by ``cu_seq_lens_q`` or, as flash-attention
     models read it, by ``position_ids`` restarting at 0. None for an ordinary batch."""
     batch, total = shape
-    restarts = None
+    compiling = torch.compiler.is_compiling()
     if cu_seq_lens_q is None:
-        if batch != 1 or position_ids is None or attention_mask is not None:
+        if batch != 1 or position_ids is None or attention_mask is not None or compiling:
             return None
         restarts = torch.nonzero(position_ids[0, 1:] == 0).flatten() + 1
         if restarts.numel() == 0:
@@ -71,12 +71,16 @@ def _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_le
     if batch != 1:
         raise ValueError(f"cu_seq_lens_q describes packed sequences in one row; input_ids must be [1, total], "
                          f"got {shape}")
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("packed sequences (cu_seq_lens_q) take no padding: attention_mask must be all ones")
     if cu_seq_lens_q.dim() != 1 or cu_seq_lens_q.is_floating_point() or cu_seq_lens_q.numel() < 2:
         raise ValueError(f"cu_seq_lens_q must be a 1-D integer tensor of offsets [0, ..., total], got "
                          f"{cu_seq_lens_q.dtype} of shape {tuple(cu_seq_lens_q.shape)}")
     cu_seqlens = cu_seq_lens_q.to(device=device, dtype=torch.int32)
+    if compiling:  # no host sync while tracing: max_length_q is the static bound, trusted
+        if max_length_q is None:
+            raise ValueError("under torch.compile, packed input needs max_length_q (a static bound)")
+        return ops.Packing(None, cu_seqlens, int(max_length_q), batch, total)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("packed sequences (cu_seq_lens_q) take no padding: attention_mask must be all ones")
     seqlens = cu_seqlens.diff()
     first, last, smallest, longest = torch.stack(
         [cu_seqlens[0], cu_seqlens[-1], seqlens.min(), seqlens.max()]).tolist()
@@ -113,7 +117,8 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
             raise ValueError(f"attention_mask must be a 0/1 [batch, seqlen] mask, got shape "
                              f"{tuple(attention_mask.shape)}")
         _check_shape("attention_mask", attention_mask, shape)
-        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        if (attention_mask.dtype != torch.bool and not torch.compiler.is_compiling()
+                and bool(((attention_mask != 0) & (attention_mask != 1)).any())):
             raise ValueError("attention_mask must hold only 0 and 1 (1 = a real token, 0 = padding)")
     if token_type_ids is not None:
         _check_integer("token_type_ids", token_type_ids)
@@ -128,7 +133,9 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
                          f"{config.max_position_embeddings} of this model")
 
     packing = _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_length_q, device)
-    if packing is None:
+    if packing is None and attention_mask is not None and torch.compiler.is_compiling():
+        packing = ops.static_unpad_input(attention_mask, batch, seqlen)
+    elif packing is None:
         packing = ops.unpad_input(attention_mask, batch, seqlen, device)
     elif position_ids is None:  # packed sequences without positions: each counts from 0
         seq_idx, offset = ops.padding.sequence_positions(packing.cu_seqlens, seqlen)
@@ -140,6 +147,14 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
                     else torch.zeros(tokens, dtype=torch.long, device=device))
     packed_ids = ops.pack(input_ids, packing) if input_ids is not None else None
     packed_embeds = ops.pack(inputs_embeds, packing) if inputs_embeds is not None else None
+    if torch.compiler.is_compiling():
+        # Range checks need a host sync; under torch.compile they are left to eager calls. Padding
+        # carried by the static form is looked up as id 0, so its ids never matter.
+        if packing.valid is not None:
+            packed_ids, packed_positions, packed_types = (
+                None if t is None else torch.where(packing.valid, t, 0)
+                for t in (packed_ids, packed_positions, packed_types))
+        return ModelInputs(packed_ids, packed_embeds, packed_positions, packed_types, packing)
 
     # One host sync for all range checks; the detailed search runs only when something is wrong.
     checks = [("position_ids", packed_positions, config.max_position_embeddings, "max_position_embeddings is"),

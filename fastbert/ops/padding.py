@@ -23,13 +23,26 @@ class Packing(NamedTuple):
 
     indices: torch.Tensor | None  # [tokens] flat positions in [batch * seqlen]; None: every token kept
     cu_seqlens: torch.Tensor  # [sequences + 1] int32 offsets of each sequence in the packed tokens
-    max_seqlen: int  # the longest sequence (a host int: kernels size their grids with it)
+    max_seqlen: int  # bounds every sequence length (a host int: kernels size their grids with it)
     batch: int
     seqlen: int
+    valid: torch.Tensor | None = None  # [tokens] bool: False for padding carried along (static form)
 
     @property
     def num_tokens(self) -> int:
         return self.batch * self.seqlen if self.indices is None else self.indices.numel()
+
+    def first_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed index of the token at column 0 of each input row (of each sequence, for input
+        packed by the caller), and whether that token is real (a row whose first position is
+        padding has none: it pools a zero vector)."""
+        if self.indices is None:
+            starts = self.cu_seqlens[:-1].long()  # one per row, or one per sequence of a packed row
+            return starts.clamp(max=max(self.num_tokens - 1, 0)), self.cu_seqlens.diff() > 0
+        starts = self.cu_seqlens[: self.batch].long()
+        seqlens = self.cu_seqlens[1: self.batch + 1].long() - starts
+        starts = starts.clamp(max=max(self.num_tokens - 1, 0))
+        return starts, (seqlens > 0) & (self.indices[starts] % self.seqlen == 0)
 
 
 def unpad_input(attention_mask: torch.Tensor | None, batch: int, seqlen: int, device) -> Packing:
@@ -45,6 +58,22 @@ def unpad_input(attention_mask: torch.Tensor | None, batch: int, seqlen: int, de
     return Packing(indices, cu_seqlens, max_seqlen, batch, seqlen)
 
 
+def static_unpad_input(attention_mask: torch.Tensor, batch: int, seqlen: int) -> Packing:
+    """The static-size form of :func:`unpad_input`, for ``torch.compile`` and CUDA graphs: no host
+    sync and no data-dependent shape. All ``batch * seqlen`` positions are carried: the real tokens
+    first, in the same order as ``unpad_input``, then the padding, cut into sequences of at most
+    ``seqlen`` tokens that attend only among themselves (so ``seqlen`` bounds every sequence). The
+    padding rows are computed on, never read: ``valid`` marks them and :func:`pad` writes zeros."""
+    keep = attention_mask.bool().flatten()
+    indices = torch.sort((~keep).to(torch.int8), stable=True).indices  # real tokens first, in order
+    seqlens = attention_mask.bool().sum(dim=1, dtype=torch.int32)
+    real = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    steps = torch.arange(1, batch + 1, dtype=torch.int32, device=keep.device) * seqlen
+    padding = torch.clamp(real[-1] + steps, max=batch * seqlen)
+    valid = torch.arange(batch * seqlen, device=keep.device) < real[-1]
+    return Packing(indices, torch.cat([real, padding]), seqlen, batch, seqlen, valid)
+
+
 def pack(x: torch.Tensor, packing: Packing) -> torch.Tensor:
     """``[batch, seqlen, ...]`` -> ``[tokens, ...]``."""
     flat = x.reshape(packing.batch * packing.seqlen, *x.shape[2:])
@@ -53,6 +82,8 @@ def pack(x: torch.Tensor, packing: Packing) -> torch.Tensor:
 
 def pad(packed: torch.Tensor, packing: Packing) -> torch.Tensor:
     """``[tokens, ...]`` -> ``[batch, seqlen, ...]`` with zeros at padded positions."""
+    if packing.valid is not None:
+        packed = torch.where(packing.valid.view(-1, *[1] * (packed.dim() - 1)), packed, 0)
     if packing.indices is None:
         return packed.reshape(packing.batch, packing.seqlen, *packed.shape[1:])
     out = packed.new_zeros(packing.batch * packing.seqlen, *packed.shape[1:])
