@@ -1,7 +1,24 @@
 """Embeddings over packed tokens: word[id] + token_type[type] + position[pos], then LayerNorm.
 
 The PyTorch reference adds in the order transformers' BertEmbeddings does, so fp32 results match it
-to the last bits. Fast backends (the CUDA extension, a Triton kernel) plug in here.
+to the last bits. Two fast backends compute the same thing in one pass over memory, sum and
+statistics in fp32:
+
+- ``cuda-extension``: ``torch.ops.fastbert.embedding_layer_norm`` from the C++/CUDA extension
+  ``fastbert._C`` (csrc/; it also has a CPU kernel, used by tests), when it is built;
+- ``triton``: ``torch.ops.fastbert.embedding_layer_norm_triton`` (kernels/embeddings.py), a
+  ``torch.library.triton_op``.
+
+Choice (``FASTBERT_BACKEND``, see backend.py): ``torch`` -> the reference; ``triton`` -> the Triton
+kernel (CPU tensors only under ``TRITON_INTERPRET=1``); ``auto`` -> the extension on CUDA tensors if
+it is built for this GPU, else the Triton kernel on CUDA tensors, else the reference. Calls that
+record autograd history, use dropout, pass ``inputs_embeds``, or mix dtypes/devices the kernels do not
+take, run the reference.
+
+Indices outside their tables raise ``IndexError`` naming the value and the limit; the kernels never
+read outside the tables whatever they are given (such rows come out NaN). On CUDA the check costs
+one 4-byte device-to-host copy after the kernel (a sync), skipped while a CUDA graph is captured or
+``torch.compile`` traces, where bad indices give NaN rows instead of an exception.
 """
 
 from __future__ import annotations
@@ -9,7 +26,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _extension
 from . import backend
+
+OP = "fastbert::embedding_layer_norm"
+TRITON_OP = "fastbert::embedding_layer_norm_triton"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TABLES = (("input_ids", "word embedding table"), ("position_ids", "position embedding table"),
+           ("token_type_ids", "token type embedding table"))
 
 
 def embeddings_reference(
@@ -33,6 +57,143 @@ def embeddings_reference(
     return F.dropout(x, dropout_p, training=dropout_p > 0)
 
 
+# ------------------------------------------------------------------------------------------------
+# The Triton op. Defined when triton is importable; TRITON_INTERPRET must be set before this module is
+# imported for the kernel to run on CPU tensors (triton.jit reads it when the kernel is defined).
+
+if backend.triton_available():
+    from fastbert.kernels import embeddings as _kernels
+
+    @torch.library.triton_op(TRITON_OP, mutates_args=())
+    def _embedding_layer_norm_triton(
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        word_weight: torch.Tensor,
+        position_weight: torch.Tensor,
+        token_type_weight: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [tokens, hidden], error_flag [1] int32)``: inputs as for the C++ op, contiguous;
+        ``error_flag`` is 1 when some index was out of range (those rows of ``out`` are NaN)."""
+        out = word_weight.new_empty((input_ids.shape[0], word_weight.shape[1]))
+        error_flag = torch.zeros(1, dtype=torch.int32, device=word_weight.device)
+        _kernels.embeddings_fwd(input_ids, position_ids, token_type_ids, word_weight, position_weight,
+                                token_type_weight, ln_weight, ln_bias, eps, out, error_flag,
+                                launch=torch.library.wrap_triton)
+        return out, error_flag
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks shared by the fast paths.
+
+def _may_raise_from_device(device: torch.device) -> bool:
+    """Whether a device-to-host read is allowed here: not while tracing, not inside CUDA-graph capture."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def raise_out_of_range(input_ids, position_ids, token_type_ids, word_weight, position_weight,
+                       token_type_weight) -> None:
+    """Raise IndexError for the first index outside its table (host-side search: the error path).
+    A None index tensor or table is skipped."""
+    for (name, what), values, table in zip(_TABLES, (input_ids, position_ids, token_type_ids),
+                                           (word_weight, position_weight, token_type_weight)):
+        if values is None or table is None:
+            continue
+        limit = table.shape[0]
+        values = values.detach().cpu()
+        bad = (values < 0) | (values >= limit)
+        if bool(bad.any()):
+            where = tuple(bad.nonzero()[0].tolist())
+            raise IndexError(f"{OP}: {name}[{', '.join(map(str, where))}] = {int(values[where])} is out of "
+                             f"range [0, {limit}) (the {what} has {limit} rows)")
+
+
+def check_indices(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight) -> None:
+    """IndexError for an index outside its table, before the reference runs (on CUDA an out-of-range
+    F.embedding is a device-side assert that takes the CUDA context down). Host-side on CPU tensors; one
+    small reduction and a sync on CUDA tensors; skipped where no sync is allowed. ``input_ids`` may be
+    None (``inputs_embeds`` given); non-integer indices are left for the reference to refuse."""
+    pairs = [(t, table) for t, table in ((input_ids, word_weight), (position_ids, position_weight),
+                                         (token_type_ids, token_type_weight))
+             if t is not None and table is not None
+             and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)]
+    if not pairs or not _may_raise_from_device(pairs[0][0].device):
+        return
+    bad = torch.stack([((t < 0) | (t >= table.shape[0])).any() for t, table in pairs])
+    if bool(bad.any()):
+        raise_out_of_range(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight)
+
+
+def _reference_checked(*args) -> torch.Tensor:
+    check_indices(*args[:6])
+    return embeddings_reference(*args)
+
+
+def _check_shapes(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
+                  ln_weight, ln_bias) -> None:
+    """The shape rules of the C++ op, for the Triton path (ValueError naming the tensor)."""
+    if input_ids.dim() != 1:
+        raise ValueError(f"{OP}: input_ids must be a 1-D tensor of packed tokens, got shape {tuple(input_ids.shape)}")
+    if position_ids.shape != input_ids.shape or token_type_ids.shape != input_ids.shape:
+        raise ValueError(f"{OP}: input_ids, position_ids and token_type_ids must have one entry per token, got "
+                         f"shapes {tuple(input_ids.shape)}, {tuple(position_ids.shape)}, {tuple(token_type_ids.shape)}")
+    if word_weight.dim() != 2:
+        raise ValueError(f"{OP}: word_weight must be [vocab, hidden], got shape {tuple(word_weight.shape)}")
+    hidden = word_weight.shape[1]
+    for name, t, dim in (("position_weight", position_weight, 2), ("token_type_weight", token_type_weight, 2),
+                         ("ln_weight", ln_weight, 1), ("ln_bias", ln_bias, 1)):
+        if t.dim() != dim or t.shape[-1] != hidden:
+            raise ValueError(f"{OP}: {name} has shape {tuple(t.shape)} but the hidden size "
+                             f"(word_weight.shape[1]) is {hidden}")
+
+
+def _kernels_take(indices, floats) -> bool:
+    """Whether the fast kernels take these tensors (else the reference runs and raises or promotes as
+    PyTorch does): one float dtype they support, integer indices, one device."""
+    dtype, device = floats[0].dtype, floats[0].device
+    if dtype not in _KERNEL_DTYPES or any(t.dtype != dtype for t in floats):
+        return False
+    if any(t.is_floating_point() or t.is_complex() or t.dtype == torch.bool for t in indices):
+        return False
+    return all(t.device == device for t in (*indices, *floats))
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend choice.
+
+@torch.compiler.assume_constant_result
+def _extension_usable_on(device_type: str, device_index: int) -> bool:
+    """``_extension.usable_on``, a constant for torch.compile (it asks the CUDA runtime, once per GPU)."""
+    return _extension.usable_on(torch.device(device_type, device_index) if device_index >= 0 else device_type)
+
+
+def _choose(device: torch.device) -> str:
+    name = backend.backend_setting()
+    if name == "torch":
+        return "torch"
+    if name == "triton":
+        return "triton"
+    if device.type == "cuda":
+        if _extension_usable_on("cuda", -1 if device.index is None else device.index):
+            return "cuda-extension"
+        if backend.triton_available():
+            return "triton"
+    return "torch"
+
+
+def active_backend(device: torch.device | str) -> str:
+    """What ``embeddings`` runs on tensors of ``device`` under the current backend setting (for an
+    inference call: autograd, dropout and ``inputs_embeds`` always take the reference): ``"cuda-extension"``,
+    ``"triton"`` or ``"torch"``. Under ``FASTBERT_BACKEND=triton`` it says ``"triton"`` even on CPU
+    without ``TRITON_INTERPRET=1``, where ``embeddings`` raises and says so."""
+    return _choose(torch.device(device))
+
+
 def embeddings(
     input_ids: torch.Tensor | None,
     position_ids: torch.Tensor,
@@ -48,14 +209,30 @@ def embeddings(
 ) -> torch.Tensor:
     """``[tokens]`` ids, positions and token types -> ``[tokens, hidden]`` normalized embeddings.
 
-    Ids must already be validated (the model does it once per batch, on the host where it can);
+    The model validates ids once per batch (on the host where it can); this op is safe on its own too:
+    an index outside its table raises IndexError naming it (see the module docstring).
     ``inputs_embeds`` (``[tokens, hidden]``) replaces the word lookup.
     """
     args = (input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
             ln_weight, ln_bias, eps, dropout_p, inputs_embeds)
-    return embeddings_reference(*args)
+    if dropout_p > 0 or inputs_embeds is not None or input_ids is None:
+        return _reference_checked(*args)
+    indices = (input_ids, position_ids, token_type_ids)
+    floats = (word_weight, position_weight, token_type_weight, ln_weight, ln_bias)
+    if backend.needs_autograd(*floats) or not _kernels_take(indices, floats):
+        return _reference_checked(*args)
+    choice = _choose(word_weight.device)
+    if choice == "torch":
+        return _reference_checked(*args)
+    indices = tuple(t.long() for t in indices)
+    if choice == "cuda-extension":
+        return torch.ops.fastbert.embedding_layer_norm(*indices, *floats, float(eps))
 
-
-def active_backend(device: torch.device | str) -> str:
-    """What ``embeddings`` runs on tensors of ``device`` under the current backend setting."""
-    return "torch"
+    backend.use_triton(*floats)  # raises when the Triton path cannot run here (CPU without the interpreter)
+    _check_shapes(*indices, *floats)
+    indices = tuple(t.contiguous() for t in indices)
+    floats = tuple(t.contiguous() for t in floats)
+    out, error_flag = torch.ops.fastbert.embedding_layer_norm_triton(*indices, *floats, float(eps))
+    if _may_raise_from_device(out.device) and bool(error_flag.item()):
+        raise_out_of_range(*indices, *floats[:3])
+    return out
