@@ -1,0 +1,372 @@
+"""Embeddings + LayerNorm over packed tokens: every implementation against ``embeddings_reference``.
+
+- the C++ CPU kernel of the extension (``torch.ops.fastbert.embedding_layer_norm`` on CPU tensors);
+- the Triton kernel under ``TRITON_INTERPRET=1``, in a child pytest process (the variable must be set
+  before the kernel is defined, and must not leak into this process);
+- the CUDA kernel and the Triton kernel on a GPU (skipped without one);
+- the backend choice of ``fastbert.ops.embeddings`` and its index checks.
+
+Budgets from DESIGN.md: fp32 op 1e-5 (1e-4 under the interpreter); fp16/bf16: error against the fp32
+reference <= 2x PyTorch's own error at that dtype + 1e-3.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbert import _extension
+from fastbert.ops import backend
+from tests.helpers import (FP32_INTERPRETER, FP32_OP, assert_close, assert_low_precision_within_budget,
+                           nan_like)
+
+E = importlib.import_module("fastbert.ops.embeddings")  # the module (fastbert.ops.embeddings is the function)
+
+ROOT = Path(__file__).resolve().parents[2]
+HIDDEN = [312, 384, 768, 1024, 97, 4096]
+TOKENS = [1, 7, 33]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+VOCAB, MAX_POSITIONS, TYPE_VOCAB = 1000, 512, 2
+EPS = 1e-12
+
+needs_cpu_op = pytest.mark.skipif(not _extension.is_built(),
+                                  reason=f"fastbert._C is not built here ({_extension.extension_status()})")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+needs_cuda_extension = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _extension.usable_on("cuda")),
+    reason="needs a CUDA GPU and fastbert._C built with a kernel for it")
+
+
+def make_inputs(tokens, hidden, dtype=torch.float32, device="cpu", scale=1.0, vocab=VOCAB):
+    """Fresh random ids/positions/types and tables; LayerNorm weight and bias random (never 0 or 1)."""
+    ids = torch.randint(0, vocab, (tokens,), device=device)
+    positions = torch.randint(0, MAX_POSITIONS, (tokens,), device=device)
+    types = torch.randint(0, TYPE_VOCAB, (tokens,), device=device)
+    word = torch.randn(vocab, hidden, device=device) * scale
+    position = torch.randn(MAX_POSITIONS, hidden, device=device) * scale
+    token_type = torch.randn(TYPE_VOCAB, hidden, device=device) * scale
+    ln_weight = 1 + 0.5 * torch.randn(hidden, device=device)
+    ln_bias = 0.5 * torch.randn(hidden, device=device)
+    floats = tuple(t.to(dtype) for t in (word, position, token_type, ln_weight, ln_bias))
+    return (ids, positions, types) + floats
+
+
+def references(inputs):
+    """(fp32 reference from the same low-precision values, PyTorch's reference at the inputs' dtype)."""
+    indices, floats = inputs[:3], inputs[3:]
+    fp32 = E.embeddings_reference(*indices, *(t.float() for t in floats), EPS)
+    same = E.embeddings_reference(*indices, *floats, EPS)
+    return fp32, same
+
+
+def check_against_reference(out, inputs, what, fp32_atol=FP32_OP):
+    fp32, same = references(inputs)
+    assert out.shape == fp32.shape and out.dtype == inputs[3].dtype, (out.shape, out.dtype)
+    if out.dtype == torch.float32:
+        assert_close(out, fp32, fp32_atol, what)
+    else:
+        assert_low_precision_within_budget(out.float(), fp32, same.float(), what)
+
+
+def poisoned_call(fn, shape, dtype, device):
+    """Call ``fn`` right after freeing a NaN-filled buffer of the output's size, so that an allocator
+    that hands the same block back (CUDA's caching allocator does; the CPU one often does for small
+    blocks) gives the op a poisoned output: any element it does not write stays NaN."""
+    poison = nan_like(shape, dtype, device)
+    del poison
+    return fn()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The C++ CPU kernel.
+
+@needs_cpu_op
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_op_matches_reference(dtype, hidden, tokens):
+    inputs = make_inputs(tokens, hidden, dtype)
+    out = poisoned_call(lambda: torch.ops.fastbert.embedding_layer_norm(*inputs, EPS), (tokens, hidden), dtype, "cpu")
+    check_against_reference(out, inputs, f"C++ CPU {dtype} hidden={hidden} tokens={tokens}")
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_op_large_activations_low_precision(dtype):
+    """Sums in the thousands: fp16 squares would overflow; the statistics are fp32."""
+    inputs = make_inputs(9, 768, dtype, scale=600.0)
+    out = torch.ops.fastbert.embedding_layer_norm(*inputs, EPS)
+    check_against_reference(out, inputs, f"C++ CPU {dtype} large activations")
+
+
+@needs_cpu_op
+def test_cpu_op_no_tokens_and_non_contiguous_inputs():
+    inputs = make_inputs(0, 64)
+    out = torch.ops.fastbert.embedding_layer_norm(*inputs, EPS)
+    assert out.shape == (0, 64)
+    # Strided ids (every other element) and a transposed-back table view.
+    inputs = list(make_inputs(12, 64))
+    inputs[0] = torch.randint(0, VOCAB, (24,))[::2]
+    inputs[3] = inputs[3].t().contiguous().t()
+    out = torch.ops.fastbert.embedding_layer_norm(*inputs, EPS)
+    check_against_reference(out, inputs, "strided inputs")
+
+
+OUT_OF_RANGE = [("input_ids", 0, -1, VOCAB), ("input_ids", 0, VOCAB, VOCAB),
+                ("position_ids", 1, -3, MAX_POSITIONS), ("position_ids", 1, MAX_POSITIONS, MAX_POSITIONS),
+                ("token_type_ids", 2, -1, TYPE_VOCAB), ("token_type_ids", 2, TYPE_VOCAB, TYPE_VOCAB)]
+
+
+def with_bad_index(inputs, which, value, at=4):
+    inputs = list(inputs)
+    bad = inputs[which].clone()
+    bad[at] = value
+    inputs[which] = bad
+    return inputs
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("name,which,value,limit", OUT_OF_RANGE)
+def test_cpu_op_out_of_range_raises_naming_value_and_limit(name, which, value, limit):
+    inputs = with_bad_index(make_inputs(7, 97), which, value)
+    with pytest.raises(IndexError, match=rf"{name}\[4\] = {value} is out of range \[0, {limit}\)"):
+        torch.ops.fastbert.embedding_layer_norm(*inputs, EPS)
+
+
+@needs_cpu_op
+def test_cpu_op_rejects_bad_arguments():
+    inputs = make_inputs(5, 32)
+    with pytest.raises(TypeError, match="ln_weight is Half but word_weight is Float"):
+        torch.ops.fastbert.embedding_layer_norm(*inputs[:6], inputs[6].half(), inputs[7], EPS)
+    with pytest.raises(TypeError, match="int64"):
+        torch.ops.fastbert.embedding_layer_norm(inputs[0].int(), *inputs[1:], EPS)
+    with pytest.raises(ValueError, match="one entry per token"):
+        torch.ops.fastbert.embedding_layer_norm(inputs[0][:3], *inputs[1:], EPS)
+    with pytest.raises(ValueError, match="hidden size"):
+        torch.ops.fastbert.embedding_layer_norm(*inputs[:6], inputs[6][:16], inputs[7], EPS)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        torch.ops.fastbert.embedding_layer_norm(*inputs[:3], *(t.double() for t in inputs[3:]), EPS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fastbert.ops.embeddings: backend choice and index checks (CPU).
+
+def test_auto_on_cpu_runs_the_reference_bit_for_bit():
+    inputs = make_inputs(7, 97)
+    with backend.use_backend("auto"):
+        assert E.active_backend("cpu") == "torch"
+        out = E.embeddings(*inputs, EPS)
+    assert torch.equal(out, E.embeddings_reference(*inputs, EPS))
+
+
+def test_active_backend_follows_the_setting(monkeypatch):
+    with backend.use_backend("torch"):
+        assert E.active_backend("cpu") == E.active_backend("cuda") == "torch"
+    with backend.use_backend("triton"):
+        assert E.active_backend("cuda") == "triton"
+    with backend.use_backend("auto"):
+        monkeypatch.setattr(E, "_extension_usable_on", lambda device_type, index: True)
+        assert E.active_backend("cuda") == "cuda-extension"
+        assert E.active_backend("cpu") == "torch"
+        monkeypatch.setattr(E, "_extension_usable_on", lambda device_type, index: False)
+        assert E.active_backend("cuda") == ("triton" if backend.triton_available() else "torch")
+
+
+def test_triton_setting_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with backend.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        E.embeddings(*make_inputs(3, 64), EPS)
+
+
+def test_reference_cases_dropout_inputs_embeds_autograd():
+    inputs = make_inputs(6, 64)
+    ids, rest = inputs[0], inputs[1:]
+    # inputs_embeds replaces the word lookup (the model passes word_weight=None then).
+    embeds = torch.randn(6, 64)
+    out = E.embeddings(None, inputs[1], inputs[2], None, *inputs[4:], EPS, inputs_embeds=embeds)
+    assert torch.equal(out, E.embeddings_reference(None, inputs[1], inputs[2], None, *inputs[4:], EPS,
+                                                   inputs_embeds=embeds))
+    # Autograd: gradients flow (the kernels have no backward; the reference runs).
+    weight = inputs[3].clone().requires_grad_()
+    E.embeddings(ids, *rest[:2], weight, *rest[3:], EPS).sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+    # Dropout: training-mode reference, so output differs from the dropout-free result.
+    torch.manual_seed(0)
+    dropped = E.embeddings(*inputs, EPS, dropout_p=0.5)
+    assert (dropped == 0).any()
+
+
+@pytest.mark.parametrize("name,which,value,limit", OUT_OF_RANGE)
+def test_embeddings_out_of_range_on_cpu_names_value_and_limit(name, which, value, limit):
+    inputs = with_bad_index(make_inputs(7, 64), which, value, at=5)
+    with pytest.raises(IndexError, match=rf"{name}\[5\] = {value} is out of range \[0, {limit}\)"):
+        E.embeddings(*inputs, EPS)
+
+
+def test_compiled_embeddings_on_cpu_has_no_graph_break():
+    inputs = make_inputs(5, 64)
+    compiled = torch.compile(E.embeddings, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(*inputs, EPS), E.embeddings_reference(*inputs, EPS), FP32_OP, "compiled")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Triton kernel under the interpreter: the cases below run only in a child pytest process started
+# with TRITON_INTERPRET=1 (test_triton_interpreter_in_subprocess).
+
+IN_CHILD = os.environ.get("FASTBERT_INTERPRETER_CHILD") == "1"
+
+
+@pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
+@pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
+def test_triton_interpreter_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTBERT_INTERPRETER_CHILD="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__,
+         "-k", "interpreter_case"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    tail = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, tail
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) == 33 and "skipped" not in summary, tail
+
+
+if IN_CHILD:  # collected only in the child, so the parent's report does not list them as skipped
+    @pytest.mark.parametrize("tokens", [1, 7, 33])
+    @pytest.mark.parametrize("hidden", [97, 312, 768, 1024])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_triton_op_matches_reference(dtype, hidden, tokens):
+        assert backend.triton_interpreter()
+        inputs = make_inputs(tokens, hidden, dtype)
+        with backend.use_backend("triton"):
+            assert E.active_backend("cpu") == "triton"
+            out = E.embeddings(*inputs, EPS)
+        check_against_reference(out, inputs, f"triton interpreter {dtype} hidden={hidden} tokens={tokens}",
+                                fp32_atol=FP32_INTERPRETER)
+
+    @pytest.mark.parametrize("hidden", [97, 768, 8200])  # 8200: wider than one block, the LOOP variant
+    def test_interpreter_case_launch_helper_writes_every_element(hidden):
+        from fastbert.kernels import embeddings as kernels
+
+        inputs = make_inputs(5, hidden, vocab=50)
+        out = nan_like((5, hidden), torch.float32)
+        flag = torch.zeros(1, dtype=torch.int32)
+        kernels.embeddings_fwd(*inputs, EPS, out, flag)
+        assert flag.item() == 0
+        check_against_reference(out, inputs, f"launch helper hidden={hidden}", fp32_atol=FP32_INTERPRETER)
+
+    @pytest.mark.parametrize("name,which,value,limit", OUT_OF_RANGE)
+    def test_interpreter_case_out_of_range(name, which, value, limit):
+        from fastbert.kernels import embeddings as kernels
+
+        inputs = with_bad_index(make_inputs(7, 97), which, value, at=3)
+        with backend.use_backend("triton"), pytest.raises(IndexError, match=rf"{name}\[3\] = {value} .*\[0, {limit}\)"):
+            E.embeddings(*inputs, EPS)
+        # The kernel itself: never reads outside the tables, flags the row and writes it as NaN.
+        out = nan_like((7, 97), torch.float32)
+        flag = torch.zeros(1, dtype=torch.int32)
+        kernels.embeddings_fwd(*inputs, EPS, out, flag)
+        assert flag.item() == 1
+        assert torch.isnan(out[3]).all() and torch.isfinite(out[torch.arange(7) != 3]).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU).
+
+@needs_cuda_extension
+@pytest.mark.parametrize("tokens", TOKENS + [1000])
+@pytest.mark.parametrize("hidden", HIDDEN + [1023, 8, 20000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_extension_matches_reference(dtype, hidden, tokens):
+    inputs = make_inputs(tokens, hidden, dtype, device="cuda")
+    out = poisoned_call(lambda: torch.ops.fastbert.embedding_layer_norm(*inputs, EPS), (tokens, hidden), dtype,
+                        "cuda")
+    check_against_reference(out, inputs, f"CUDA {dtype} hidden={hidden} tokens={tokens}")
+
+
+@needs_cuda_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_extension_misaligned_tables_take_the_scalar_path(dtype):
+    inputs = list(make_inputs(9, 768, dtype, device="cuda"))
+    inputs[3] = torch.randn(VOCAB * 768 + 1, device="cuda").to(dtype)[1:].view(VOCAB, 768)  # 2- or 4-byte offset
+    check_against_reference(torch.ops.fastbert.embedding_layer_norm(*inputs, EPS), inputs, f"misaligned {dtype}")
+
+
+@needs_cuda_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_extension_large_activations(dtype):
+    inputs = make_inputs(64, 1024, dtype, device="cuda", scale=600.0)
+    check_against_reference(torch.ops.fastbert.embedding_layer_norm(*inputs, EPS), inputs, f"large {dtype}")
+
+
+@needs_cuda_extension
+@pytest.mark.parametrize("name,which,value,limit", OUT_OF_RANGE)
+def test_cuda_extension_out_of_range_raises_and_context_survives(name, which, value, limit):
+    inputs = with_bad_index(make_inputs(33, 768, device="cuda"), which, value, at=4)
+    with pytest.raises(IndexError, match=rf"{name}\[4\] = {value} is out of range \[0, {limit}\)"):
+        torch.ops.fastbert.embedding_layer_norm(*inputs, EPS)
+    with backend.use_backend("auto"), pytest.raises(IndexError, match=rf"{name}\[4\]"):
+        E.embeddings(*inputs, EPS)
+    torch.cuda.synchronize()  # no sticky error: the context is usable
+    good = make_inputs(33, 768, device="cuda")
+    check_against_reference(torch.ops.fastbert.embedding_layer_norm(*good, EPS), good, "after the error")
+
+
+@needs_cuda_extension
+def test_cuda_extension_in_a_cuda_graph():
+    inputs = make_inputs(40, 768, torch.float16, device="cuda")
+    static_ids = inputs[0].clone()
+    torch.ops.fastbert.embedding_layer_norm(static_ids, *inputs[1:], EPS)  # warm up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.fastbert.embedding_layer_norm(static_ids, *inputs[1:], EPS)
+    static_ids.copy_(torch.randint(0, VOCAB, (40,), device="cuda"))
+    graph.replay()
+    check_against_reference(out.clone(), [static_ids, *inputs[1:]], "graph replay")
+    # Inside a graph there is no exception (no sync allowed): the bad row is NaN, the others are right.
+    static_ids[7] = VOCAB + 5
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isnan(out[7]).all() and torch.isfinite(out[torch.arange(40, device="cuda") != 7]).all()
+
+
+@needs_cuda_extension
+def test_cuda_auto_backend_uses_the_extension_and_compiles():
+    inputs = make_inputs(33, 768, torch.float16, device="cuda")
+    with backend.use_backend("auto"):
+        assert E.active_backend("cuda") == "cuda-extension"
+        check_against_reference(E.embeddings(*inputs, EPS), inputs, "auto on CUDA")
+        compiled = torch.compile(E.embeddings, fullgraph=True)
+        check_against_reference(compiled(*inputs, EPS), inputs, "compiled auto on CUDA")
+
+
+@needs_cuda
+@pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("hidden", [97, 312, 768, 4096, 9000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_triton_matches_reference(dtype, hidden):
+    inputs = make_inputs(33, hidden, dtype, device="cuda")
+    with backend.use_backend("triton"):
+        out = poisoned_call(lambda: E.embeddings(*inputs, EPS), (33, hidden), dtype, "cuda")
+    check_against_reference(out, inputs, f"Triton CUDA {dtype} hidden={hidden}")
+
+
+@needs_cuda
+@pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("name,which,value,limit", OUT_OF_RANGE)
+def test_cuda_triton_and_reference_out_of_range_raise_and_context_survives(name, which, value, limit):
+    inputs = with_bad_index(make_inputs(33, 768, device="cuda"), which, value, at=4)
+    for setting in ("triton", "torch"):
+        with backend.use_backend(setting), pytest.raises(IndexError, match=rf"{name}\[4\] = {value} .*\[0, {limit}\)"):
+            E.embeddings(*inputs, EPS)
+    torch.cuda.synchronize()
+    good = make_inputs(33, 768, device="cuda")
+    with backend.use_backend("triton"):
+        check_against_reference(E.embeddings(*good, EPS), good, "after the error")

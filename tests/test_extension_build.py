@@ -1,0 +1,305 @@
+"""The C++/CUDA extension fastbert._C: built wherever it can be (`make test` builds it, so a missing
+extension next to nvcc and a CUDA torch is a failure, not a skip), compiled for the GPUs we ship for,
+its op registered with a fake implementation that torch.compile / FakeTensorMode use, coexisting with
+the Python-defined ops of the same namespace, and setup.py's FASTBERT_BUILD_CUDA modes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbert import _extension
+
+ROOT = Path(__file__).resolve().parents[1]
+OP = "fastbert::embedding_layer_norm"
+
+
+def _load_setup_py():
+    spec = importlib.util.spec_from_file_location("fastbert_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() itself only runs as __main__
+    return module
+
+
+SETUP = _load_setup_py()
+
+
+def _cuda_build_possible() -> tuple[bool, str]:
+    """Whether setup.py should have built the CUDA extension here, and why (not)."""
+    if os.environ.get("FASTBERT_BUILD_CUDA") == "0":
+        return False, "FASTBERT_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    cuda_home, how = SETUP.find_cuda_home()
+    if cuda_home is None:
+        return False, f"no CUDA toolkit ({how})"
+    toolkit = SETUP.nvcc_version(cuda_home)
+    if toolkit is None or toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return False, f"nvcc {toolkit} at {cuda_home} does not match torch's CUDA {torch.version.cuda}"
+    return True, f"nvcc {toolkit} at {cuda_home} ({how}), torch CUDA {torch.version.cuda}"
+
+
+CUDA_BUILD, CUDA_BUILD_WHY = _cuda_build_possible()
+needs_extension = pytest.mark.skipif(
+    not _extension.is_built() and not CUDA_BUILD,
+    reason=f"fastbert._C is not built and cannot be here: {CUDA_BUILD_WHY}",
+)
+needs_cuda_build = pytest.mark.skipif(not CUDA_BUILD, reason=f"no CUDA build possible here: {CUDA_BUILD_WHY}")
+
+
+def _expected_archs() -> set[str]:
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", SETUP.DEFAULT_ARCHS)
+    return {"sm_" + a.split("+")[0].replace(".", "") for a in re.split(r"[;\s]+", archs.strip()) if a}
+
+
+def _sample_inputs(dtype=torch.float32, hidden=97, tokens=7, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (tokens,), generator=g)
+    pos = torch.randint(0, 40, (tokens,), generator=g)
+    types = torch.randint(0, 2, (tokens,), generator=g)
+    tables = [torch.randn(rows, hidden, generator=g) for rows in (50, 40, 2)]
+    ln = [torch.randn(hidden, generator=g), torch.randn(hidden, generator=g)]
+    return tuple(t.to(device) for t in (ids, pos, types)) + tuple(t.to(device, dtype) for t in (*tables, *ln)) + (1e-12,)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Built and loadable.
+
+@needs_extension
+def test_extension_is_built_and_imports():
+    assert _extension.is_built(), (
+        f"fastbert._C did not import ({_extension.extension_status()}); with {CUDA_BUILD_WHY} setup.py should "
+        "have built it: run `pip install --no-build-isolation -e . -v` and read the 'fastbert setup.py' lines")
+    import fastbert._C as C
+
+    assert C.torch_version == torch.__version__.split("+")[0], "built against another torch: rebuild"
+    assert "built" in _extension.extension_status()
+
+
+@needs_cuda_build
+def test_extension_has_cuda_kernels():
+    assert _extension.has_cuda_kernels(), (
+        f"fastbert._C was built without its CUDA kernel although {CUDA_BUILD_WHY}: {_extension.extension_status()}")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CUDA")
+    status = _extension.extension_status()
+    assert "built with CUDA" in status and "WARNING" not in status, status
+
+
+def _cuobjdump() -> str | None:
+    candidates = []
+    cuda_home, _ = SETUP.find_cuda_home()
+    if cuda_home:
+        candidates.append(Path(cuda_home) / "bin" / "cuobjdump")
+    spec = importlib.util.find_spec("triton")
+    if spec and spec.origin:
+        candidates.append(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    found = shutil.which("cuobjdump")
+    if found:
+        candidates.append(Path(found))
+    return next((str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+
+
+@needs_cuda_build
+def test_cubins_cover_target_architectures():
+    import fastbert._C as C
+
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (neither in the CUDA toolkit nor bundled with triton)")
+    listing = subprocess.run([tool, "--list-elf", C.__file__], capture_output=True, text=True, check=True).stdout
+    compiled = set(re.findall(r"\.(sm_\d+a?)\.cubin", listing))
+    missing = _expected_archs() - compiled
+    assert not missing, f"no cubin for {sorted(missing)} in {C.__file__}; cuobjdump lists:\n{listing}"
+    assert set(_extension.built_cuda_archs()) >= _expected_archs()
+    # No register spills: the row is meant to stay in registers.
+    usage = subprocess.run([tool, "--dump-resource-usage", C.__file__], capture_output=True, text=True,
+                           check=True).stdout
+    spills = [line for line in usage.splitlines() if re.search(r"\b(LOCAL|STACK):[1-9]", line)]
+    assert not spills, "register spills:\n" + "\n".join(spills)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registration and the fake implementation.
+
+@needs_extension
+def test_op_registered_with_cpu_kernel():
+    assert _extension.is_built()
+    assert hasattr(torch.ops.fastbert, "embedding_layer_norm")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU")
+    schema = str(torch.ops.fastbert.embedding_layer_norm.default._schema)
+    assert schema.startswith("fastbert::embedding_layer_norm(Tensor input_ids, Tensor position_ids"), schema
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CUDA") == _extension.has_cuda_kernels()
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [97, 384])
+def test_opcheck_cpu(dtype, hidden):
+    assert _extension.is_built()
+    torch.library.opcheck(torch.ops.fastbert.embedding_layer_norm.default, _sample_inputs(dtype, hidden))
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fake_cuda_tensors_give_shape_dtype_device(dtype):
+    """What torch.compile and CUDA-graph capture see: works without a GPU, from fake CUDA tensors."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    assert _extension.is_built()
+    with FakeTensorMode():
+        args = _sample_inputs(dtype, hidden=768, tokens=11, device="cuda")
+        out = torch.ops.fastbert.embedding_layer_norm(*args)
+    assert isinstance(out, FakeTensor)
+    assert out.shape == (11, 768) and out.dtype == dtype and out.device.type == "cuda"
+
+
+@needs_extension
+def test_torch_compile_fullgraph_takes_the_op():
+    assert _extension.is_built()
+
+    def f(*args):
+        return torch.ops.fastbert.embedding_layer_norm(*args) * 2
+
+    args = _sample_inputs(torch.float32, hidden=64, tokens=5)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    torch.testing.assert_close(compiled(*args), f(*args))
+
+
+def test_status_string_is_informative():
+    status = _extension.extension_status()
+    if _extension.is_built():
+        assert status.startswith("built"), status
+    else:
+        assert status.startswith(("not built", "not loadable")), status
+
+
+# ---------------------------------------------------------------------------------------------------
+# The namespace: Python-defined ops (triton_op / custom_op, even a Library("fastbert", "DEF")) and the
+# extension in either order. Each case in a fresh interpreter: registrations cannot be undone.
+
+_PROBE = r"""
+import importlib.util, sys, torch
+def python_ops():
+    @torch.library.custom_op("fastbert::_probe_custom", mutates_args=())
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+    @torch.library.triton_op("fastbert::_probe_triton", mutates_args=())
+    def g(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+def python_def_library():
+    global LIB
+    LIB = torch.library.Library("fastbert", "DEF")
+    LIB.define("_probe_def(Tensor x) -> Tensor")
+def python_same_name():
+    global LIB2
+    LIB2 = torch.library.Library("fastbert", "FRAGMENT")
+    LIB2.define("embedding_layer_norm(Tensor x) -> Tensor")
+def extension():
+    # The .so alone (importing the fastbert package would cost seconds of transformers imports).
+    spec = importlib.util.spec_from_file_location("fastbert._C", EXTENSION_PATH)
+    try:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    except ImportError as error:
+        print("IMPORT ERROR:", error)
+        raise SystemExit(3)
+    assert hasattr(torch.ops.fastbert, "embedding_layer_norm")
+EXTENSION_PATH = sys.argv[1]
+steps = {"ops": python_ops, "def": python_def_library, "same-name": python_same_name, "ext": extension}
+for step in sys.argv[2:]:
+    steps[step]()
+print("OK")
+"""
+# Every process gets a fresh interpreter (registrations cannot be undone); the sequences cover Python
+# DEF and FRAGMENT (custom_op, triton_op) libraries before the extension, and after it.
+_SEQUENCES = {"python-first": ("def", "ops", "ext"), "extension-first": ("ext", "def", "ops"),
+              "same-name": ("same-name", "ext")}
+_SETUP_RUNS = {  # setup.py --name: metadata only, no compile
+    "build-0": {"FASTBERT_BUILD_CUDA": "0"},
+    "build-1-no-toolkit": {"FASTBERT_BUILD_CUDA": "1", "CUDA_HOME": "/nonexistent/fastbert-no-cuda-here"},
+    "unset-no-toolkit": {"FASTBERT_BUILD_CUDA": None, "CUDA_HOME": "/nonexistent/fastbert-no-cuda-here"},
+}
+
+
+@pytest.fixture(scope="module")
+def subprocess_results():
+    """All the subprocess checks of this file, started at once (each spends seconds importing torch)."""
+    commands = {}
+    if _extension.is_built():
+        path = _extension.load().__file__
+        for name, steps in _SEQUENCES.items():
+            commands[name] = ([sys.executable, "-c", _PROBE, path, *steps], None)
+    for name, updates in _SETUP_RUNS.items():
+        env = dict(os.environ)
+        for key, value in updates.items():  # None: unset
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        commands[name] = ([sys.executable, "setup.py", "--name"], env)
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                    env=env) for name, (cmd, env) in commands.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
+
+
+@needs_extension
+@pytest.mark.parametrize("sequence", ["python-first", "extension-first"])
+def test_namespace_shared_with_python_ops(subprocess_results, sequence):
+    assert _extension.is_built()
+    result = subprocess_results[sequence]
+    assert result.returncode == 0 and "OK" in result.stdout, f"{result.stdout}\n{result.stderr[-3000:]}"
+
+
+@needs_extension
+def test_registration_clash_is_an_import_error(subprocess_results):
+    """A Python op already named fastbert::embedding_layer_norm: an ImportError naming it, no abort."""
+    assert _extension.is_built()
+    result = subprocess_results["same-name"]
+    assert result.returncode == 3, f"expected a clean ImportError, got exit {result.returncode}:\n" \
+                                   f"{result.stdout}\n{result.stderr[-3000:]}"
+    assert "could not register torch.ops.fastbert::embedding_layer_norm" in result.stdout, result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# setup.py: the toolkit it finds and the FASTBERT_BUILD_CUDA modes (metadata only: no compile).
+
+def test_setup_finds_the_toolkit_nvcc_uses(monkeypatch):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on PATH")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    root, how = SETUP.find_cuda_home()
+    assert root is not None, how
+    assert os.path.isfile(os.path.join(root, "bin", "nvcc")), root
+    assert SETUP.cuda_root_from_nvcc(nvcc) == root
+
+
+def test_setup_build_cuda_0_skips_the_extension(subprocess_results):
+    result = subprocess_results["build-0"]
+    assert result.returncode == 0, result.stderr
+    assert "FASTBERT_BUILD_CUDA=0: not building" in result.stderr
+
+
+def test_setup_build_cuda_1_fails_loudly_without_a_toolkit(subprocess_results):
+    result = subprocess_results["build-1-no-toolkit"]
+    assert result.returncode != 0
+    assert "FASTBERT_BUILD_CUDA=1, but" in result.stderr, result.stderr
+
+
+def test_setup_unset_falls_back_without_a_toolkit(subprocess_results):
+    result = subprocess_results["unset-no-toolkit"]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("fastbert")
+    assert "CPU kernel only" in result.stderr or "not building" in result.stderr, result.stderr
