@@ -1,0 +1,129 @@
+"""End-to-end model suite on a GPU: fastbert against transformers eager, transformers SDPA and
+torch.compile of the transformers model (default; max-autotune on the headline cases), fp16 and bf16,
+BERT-base and BERT-large with random weights from their configs.
+
+Peers get each batch padded to its longest sequence, as their users run them; fastbert gets the same
+padded batch through the same API (it unpads inside). For every case: median time, tokens/s (real
+tokens), TFLOP/s of the useful work, its fraction of the matmul peak measured in this run, and (at
+the end of the session, in results.json) the ratio to every peer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from benchmarks.conftest import cuda_or_skip, timed
+
+import fastbert
+from fastbert.cuda_graphs import CUDAGraphRunner
+from fastbert.optimize import to_fastbert
+
+MODELS = {
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DENSE = {"1x128": (1, 128), "8x128": (8, 128), "32x128": (32, 128), "32x512": (32, 512)}
+SETS = ["varlen16x512", "sentences32"]
+HEADLINE = {("bert-base", "bf16", "32x128"), ("bert-base", "bf16", "32x512"), ("bert-base", "bf16", "varlen16x512")}
+QUICK = os.environ.get("FASTBERT_BENCH_QUICK") == "1"  # bert-base bf16 only, for a short GPU call
+
+
+def lengths_of(shape: str) -> list[int]:
+    if shape in DENSE:
+        batch, seqlen = DENSE[shape]
+        return [seqlen] * batch
+    gen = torch.Generator().manual_seed(0)
+    if shape == "varlen16x512":  # batch 16, at most 512 tokens, mean 0.6 x 512
+        return torch.normal(0.6 * 512, 0.25 * 512, (16,), generator=gen).round().clamp(16, 512).int().tolist()
+    real = json.loads((Path(__file__).parent / "data" / "sentence_lengths.json").read_text())["lengths"]
+    pick = torch.randint(0, len(real), (32,), generator=gen).tolist()
+    return [real[i] for i in pick]
+
+
+def batch_of(lengths: list[int], vocab: int, device="cuda"):
+    gen = torch.Generator().manual_seed(1)
+    longest = max(lengths)
+    ids = torch.randint(1000, vocab, (len(lengths), longest), generator=gen)
+    mask = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).long()
+    return ids.masked_fill(mask == 0, 0).to(device), mask.to(device)
+
+
+def matmul_flops(config, lengths: list[int]) -> float:
+    """FLOPs of the useful work: every real token through every matmul, attention over real keys."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens = sum(lengths)
+    dense = 2 * tokens * (4 * h * h + 2 * h * i)
+    attention = sum(4 * n * n * h for n in lengths)
+    return layers * (dense + attention)
+
+
+@functools.cache
+def models(name: str, dtype_name: str):
+    """The transformers models (eager, SDPA) and fastbert, all sharing one set of random weights."""
+    config = transformers.BertConfig(vocab_size=30522, max_position_embeddings=512, **MODELS[name])
+    torch.manual_seed(0)
+    sdpa = transformers.BertModel(config, attn_implementation="sdpa").to("cuda", DTYPES[dtype_name]).eval()
+    eager = transformers.BertModel(config, attn_implementation="eager").to("cuda", DTYPES[dtype_name]).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    return {"sdpa": sdpa, "eager": eager, "fastbert": to_fastbert(sdpa)}
+
+
+@functools.cache
+def compiled(name: str, dtype_name: str, mode: str | None):
+    return torch.compile(models(name, dtype_name)["sdpa"], mode=mode)
+
+
+@functools.cache
+def graph_runner(name: str, dtype_name: str):
+    return CUDAGraphRunner(models(name, dtype_name)["fastbert"], buckets=(128, 512, 1024, 4096, 16384),
+                           max_sequences=64, max_seqlen=512)
+
+
+IMPLS = ["fastbert", "fastbert+cudagraphs", "transformers-eager", "transformers-sdpa", "torch.compile",
+         "torch.compile-max-autotune"]
+
+
+def cases():
+    for name in MODELS:
+        for dtype_name in DTYPES:
+            if QUICK and (name, dtype_name) != ("bert-base", "bf16"):
+                continue
+            for shape in [*DENSE, *SETS]:
+                for impl in IMPLS:
+                    if impl == "torch.compile-max-autotune" and (name, dtype_name, shape) not in HEADLINE:
+                        continue
+                    yield pytest.param(name, dtype_name, shape, impl, id=f"{name}-{dtype_name}-{shape}-{impl}")
+
+
+@pytest.mark.parametrize("name, dtype_name, shape, impl", list(cases()))
+@torch.inference_mode()
+def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, impl):
+    cuda_or_skip()
+    lengths = lengths_of(shape)
+    group = models(name, dtype_name)
+    ids, mask = batch_of(lengths, group["sdpa"].config.vocab_size)
+    fn = {
+        "fastbert": lambda: group["fastbert"](ids, attention_mask=mask),
+        "fastbert+cudagraphs": lambda: graph_runner(name, dtype_name)(ids, mask),
+        "transformers-eager": lambda: group["eager"](ids, attention_mask=mask),
+        "transformers-sdpa": lambda: group["sdpa"](ids, attention_mask=mask),
+        "torch.compile": lambda: compiled(name, dtype_name, None)(ids, attention_mask=mask),
+        "torch.compile-max-autotune": lambda: compiled(name, dtype_name, "max-autotune")(ids, attention_mask=mask),
+    }[impl]
+    benchmark.group = f"{name} {dtype_name} {shape}"
+    seconds = timed(benchmark, fn, rounds=10 if "large" in name else 20, warmup=3)
+    flops = matmul_flops(group["sdpa"].config, lengths)
+    tflops = flops / seconds / 1e12
+    row = dict(case=f"{name} {dtype_name} {shape}", impl=impl, seconds=seconds, tokens=sum(lengths),
+               padded_tokens=len(lengths) * max(lengths), tokens_per_s=sum(lengths) / seconds, tflops=tflops,
+               roofline_fraction=tflops / matmul_peak_tflops if matmul_peak_tflops else None)
+    benchmark.extra_info.update(row)
+    record(**row)

@@ -1,0 +1,148 @@
+"""Shared machinery of the benchmark suite (`pytest benchmarks/ --benchmark-only`).
+
+Every timed case records its median into one table; at the end of the session the table, with the
+ratios between implementations measured side by side and the device's matmul peak measured in the
+same run, is written to ``$FASTBERT_BENCH_JSON`` (default: ``$OUT/results.json`` when ``OUT`` is
+set, else ``build/bench/results.json``). ``benchmarks/report.py`` turns it into RESULTS.md's table
+and a plot.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_RESULTS: list[dict] = []
+_CONTEXT: dict = {}
+
+
+def cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("GPU benchmark: no CUDA device on this machine")
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(benchmark, fn, rounds: int = 20, warmup: int = 3) -> float:
+    """Median seconds of ``fn()`` (synchronized with the GPU when there is one)."""
+
+    def call():
+        out = fn()
+        sync()
+        return out
+
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    return benchmark.stats.stats.median
+
+
+@pytest.fixture(scope="session")
+def matmul_peak_tflops() -> float | None:
+    """The device's bf16 matmul peak, measured by a large GEMM in this run (the roofline)."""
+    if not torch.cuda.is_available():
+        return None
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(10):
+        start.record()
+        for _ in range(10):
+            a @ b
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / 10)
+    peak = 2 * n**3 / best / 1e12
+    _CONTEXT["matmul_peak_tflops_bf16"] = peak
+    return peak
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth_gbs() -> float | None:
+    """Device-to-device copy bandwidth measured in this run (read + write bytes per second)."""
+    if not torch.cuda.is_available():
+        return None
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        y.copy_(x)
+    end.record()
+    end.synchronize()
+    gbs = 2 * x.numel() * 20 / (start.elapsed_time(end) / 1e3) / 1e9
+    _CONTEXT["copy_bandwidth_gbs"] = gbs
+    return gbs
+
+
+@pytest.fixture
+def record():
+    """``record(case=..., impl=..., seconds=..., **extra)``: one row of the results table."""
+
+    def add(**row):
+        _RESULTS.append(row)
+
+    return add
+
+
+def _environment() -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    for module in ("triton", "transformers"):
+        try:
+            env[module] = __import__(module).__version__
+        except ImportError:
+            env[module] = "not installed"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["device"] = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = "unknown"
+    else:
+        env["device"] = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return env
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Each fastbert row gets its speedup over every peer measured on the same case."""
+    by_case: dict[str, dict[str, float]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], {})[row["impl"]] = row["seconds"]
+    for row in rows:
+        if row["impl"].startswith("fastbert"):
+            peers = by_case[row["case"]]
+            row["speedup"] = {impl: seconds / row["seconds"] for impl, seconds in peers.items()
+                              if not impl.startswith("fastbert")}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _RESULTS:
+        return
+    _add_ratios(_RESULTS)
+    default = Path(os.environ["OUT"]) / "results.json" if os.environ.get("OUT") else Path("build/bench/results.json")
+    path = Path(os.environ.get("FASTBERT_BENCH_JSON", default))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": {**_environment(), **_CONTEXT}, "results": _RESULTS}
+    path.write_text(json.dumps(payload, indent=1))

@@ -1,0 +1,84 @@
+"""results.json (from `pytest benchmarks/ --benchmark-only`) -> a markdown table and a PNG plot.
+
+    python benchmarks/report.py build/bench/results.json --markdown benchmarks/RESULTS.md --plot benchmarks/results.png
+
+The markdown holds the environment (device, driver, versions, date, command) and one row per case:
+fastbert's median time, tokens/s, TFLOP/s and fraction of the measured matmul peak, and its speedup
+over each peer measured in the same run. The plot shows the speedups per case and peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+COMMAND = "benchmarks/run_gpu.sh bench  (pytest benchmarks/ --benchmark-only)"
+
+
+def _fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def markdown(payload: dict, command: str = COMMAND) -> str:
+    env, rows = payload["environment"], payload["results"]
+    lines = ["| | |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in env.items()]
+    lines += [f"| command | `{command}` |", ""]
+    peers = sorted({impl for row in rows if "speedup" in row for impl in row["speedup"]})
+    header = ["case", "fastbert impl", "median ms", "tokens/s", "TFLOP/s", "of matmul peak"] + [f"vs {p}" for p in peers]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        if "speedup" not in row:
+            continue
+        cells = [row["case"], row["impl"], _fmt(row["seconds"] * 1e3, ".3f"), _fmt(row.get("tokens_per_s"), ".0f"),
+                 _fmt(row.get("tflops"), ".1f"), _fmt(row.get("roofline_fraction") and 100 * row["roofline_fraction"], ".0f")
+                 + ("%" if row.get("roofline_fraction") else "")]
+        cells += [_fmt(row["speedup"].get(p), ".2f") + ("x" if p in row["speedup"] else "") for p in peers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in payload["results"] if r["impl"] == "fastbert" and "speedup" in r]
+    peers = sorted({p for r in rows for p in r["speedup"]})
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(rows) * max(1, len(peers)) / 2), 5))
+    width = 0.8 / max(1, len(peers))
+    for k, peer in enumerate(peers):
+        xs = [i + k * width for i in range(len(rows))]
+        ax.bar(xs, [r["speedup"].get(peer, 0) for r in rows], width, label=f"vs {peer}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([r["case"] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("fastbert speedup (x)")
+    ax.set_title(f"fastbert speedup per case, {payload['environment'].get('device', '')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--markdown", type=Path, help="write the table here (stdout if omitted)")
+    parser.add_argument("--plot", type=Path, help="write a PNG plot here")
+    parser.add_argument("--command", default=COMMAND)
+    args = parser.parse_args(argv)
+    payload = json.loads(args.results.read_text())
+    table = markdown(payload, args.command)
+    if args.markdown:
+        args.markdown.write_text(table)
+    else:
+        print(table)
+    if args.plot:
+        plot(payload, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
