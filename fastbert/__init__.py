@@ -5,6 +5,7 @@
 """
 
 from .modeling_bert import BertModel
+from .optimize import optimize
 
 __version__ = "0.1.0"
-__all__ = ["BertModel", "__version__"]
+__all__ = ["BertModel", "optimize", "__version__"]
