@@ -6,8 +6,10 @@
 - ``torch``: always the PyTorch reference;
 - ``triton``: always the Triton kernels, also on CPU tensors when ``TRITON_INTERPRET=1``.
 
-The fused kernels have no backward of their own yet, so a call that must record autograd history
-(gradients enabled and an input that requires them) takes the reference, whatever the setting.
+A call that must record autograd history (gradients enabled and an input that requires them) takes
+the reference, whatever the setting, unless the op says it is differentiable: the Triton ops for
+attention, bias + activation and bias + residual + LayerNorm register a backward (it recomputes the
+PyTorch reference), so they keep their Triton forward under autograd; the embeddings do not.
 """
 
 from __future__ import annotations
@@ -61,10 +63,13 @@ def needs_autograd(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def use_triton(*tensors: torch.Tensor | None) -> bool:
-    """Whether an op called on ``tensors`` runs its Triton kernel (True) or its reference (False)."""
+def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> bool:
+    """Whether an op called on ``tensors`` runs its Triton kernel (True) or its reference (False).
+
+    ``differentiable``: the op's Triton path has a backward, so needing autograd does not force the
+    reference."""
     name = backend_setting()
-    if name == "torch" or needs_autograd(*tensors):
+    if name == "torch" or (not differentiable and needs_autograd(*tensors)):
         return False
     device = next(t for t in tensors if t is not None).device
     if name == "triton":
@@ -77,3 +82,35 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
             )
         return True
     return device.type == "cuda" and triton_available()
+
+
+def triton_backend_for(device: torch.device | str) -> bool:
+    """Whether a Triton op (an inference call on floating-point tensors it supports) runs its kernel
+    on ``device`` under the current setting: what ``active_backend`` of each op reports. Under
+    ``FASTBERT_BACKEND=triton`` this is True on every device (on the CPU without
+    ``TRITON_INTERPRET=1`` the op then raises and says why)."""
+    name = backend_setting()
+    if name == "torch":
+        return False
+    if name == "triton":
+        return True
+    return torch.device(device).type == "cuda" and triton_available()
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether ``kernel`` was defined under ``TRITON_INTERPRET=1`` (runs on CPU tensors, in Python)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_kernel_runs_here(kernel, device: torch.device) -> None:
+    """Raise a clear error when ``kernel`` (a ``@triton.jit`` function) cannot run on ``device``
+    tensors: CPU tensors need a kernel defined under ``TRITON_INTERPRET=1``, and Triton reads that
+    variable when the kernel module is first imported, not at the call."""
+    if device.type == "cuda":
+        return
+    if not is_interpreted(kernel):
+        raise RuntimeError(
+            f"Triton kernel {getattr(kernel, '__name__', kernel)} cannot run on {device.type} tensors: "
+            "it was defined without TRITON_INTERPRET=1. Set TRITON_INTERPRET=1 before importing fastbert "
+            "(Triton reads it when the kernels are defined), or use FASTBERT_BACKEND=torch."
+        )
