@@ -86,6 +86,55 @@ def varlen_attention_with_probs(
     return out.transpose(1, 2)[seq_idx, offset].reshape(-1, hidden), probs
 
 
+# ------------------------------------------------------------------------------------------------
+# The Triton op (kernels/attention.py). TRITON_INTERPRET must be set before this module is imported
+# for the kernel to run on CPU tensors (triton.jit reads it when the kernel is defined).
+
+TRITON_OP = "fastbert::varlen_attention"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+if backend.triton_available():
+    from torch.library import wrap_triton
+
+    from fastbert.kernels.attention import MAX_HEAD_DIM, _attention_fwd_kernel, attention_fwd
+
+    @torch.library.triton_op(TRITON_OP, mutates_args=())
+    def _varlen_attention_triton(
+        qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, scale: float
+    ) -> torch.Tensor:
+        """``[tokens, 3 * hidden]`` -> ``[tokens, hidden]``; ``max_seqlen`` bounds every sequence."""
+        if qkv.stride(1) != 1:
+            qkv = qkv.contiguous()
+        out = qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))
+        interpreted = backend.is_interpreted(_attention_fwd_kernel)
+        kernel = _attention_fwd_kernel if interpreted else wrap_triton(_attention_fwd_kernel)
+        attention_fwd(qkv, cu_seqlens.contiguous(), max_seqlen, num_heads, scale, out, kernel=kernel)
+        return out
+
+    def _setup_context(ctx, inputs, output):
+        qkv, cu_seqlens, max_seqlen, num_heads, scale = inputs
+        ctx.save_for_backward(qkv, cu_seqlens)
+        ctx.args = (max_seqlen, num_heads, scale)
+
+    def _backward(ctx, grad):
+        """The gradient of the PyTorch reference at the same inputs (the forward is recomputed)."""
+        qkv, cu_seqlens = ctx.saved_tensors
+        max_seqlen, num_heads, scale = ctx.args
+        _, vjp = torch.func.vjp(
+            lambda t: varlen_attention_reference(t, cu_seqlens, max_seqlen, num_heads, scale), qkv)
+        return vjp(grad)[0], None, None, None, None
+
+    _varlen_attention_triton.register_autograd(_backward, setup_context=_setup_context)
+else:
+    MAX_HEAD_DIM = 0
+
+
+def _kernel_takes(qkv: torch.Tensor, cu_seqlens: torch.Tensor, head_dim: int) -> bool:
+    """Whether the Triton kernel takes these inputs (else the reference runs): fp32 / fp16 / bf16,
+    head dims up to 256, both tensors on one device."""
+    return qkv.dtype in _KERNEL_DTYPES and 1 <= head_dim <= MAX_HEAD_DIM and cu_seqlens.device == qkv.device
+
+
 def varlen_attention(
     qkv: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -97,10 +146,20 @@ def varlen_attention(
     """``[tokens, 3 * hidden]`` fused QKV -> ``[tokens, hidden]`` attention output.
 
     ``max_seqlen`` must bound every sequence length (the kernels size their grids with it).
+    Dropout (training) runs the reference; the Triton op has a backward (the reference's gradient).
     """
-    return varlen_attention_reference(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p)
+    hidden, head_dim = _check(qkv, cu_seqlens, num_heads)
+    if (dropout_p > 0 or not _kernel_takes(qkv, cu_seqlens, head_dim)
+            or not backend.use_triton(qkv, differentiable=True)):
+        return varlen_attention_reference(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p)
+    backend.check_kernel_runs_here(_attention_fwd_kernel, qkv.device)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    return torch.ops.fastbert.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale)
 
 
 def active_backend(device: torch.device | str) -> str:
-    """What ``varlen_attention`` runs on tensors of ``device`` under the current backend setting."""
-    return "torch"
+    """What ``varlen_attention`` runs on tensors of ``device`` under the current backend setting:
+    ``"triton"`` or ``"torch"``, for fp32 / fp16 / bf16 inputs with head dims up to 256 and no dropout
+    (anything else takes the reference). Under ``FASTBERT_BACKEND=triton`` it says ``"triton"`` even on
+    the CPU without ``TRITON_INTERPRET=1``, where ``varlen_attention`` raises and says why."""
+    return "triton" if backend.triton_backend_for(device) else "torch"
