@@ -25,11 +25,29 @@ import time
 KERNEL_MODULES = ("attention", "bias_activation", "bias_residual_layer_norm")
 
 
+def kernel_modules() -> tuple[str, ...]:
+    """The modules of ``fastbert.kernels`` that list compile configurations: the three above, then any
+    other module defining ``compile_configs`` (found by name, without importing every module)."""
+    import pkgutil
+
+    from . import kernels
+
+    found = [m.name for m in pkgutil.iter_modules(kernels.__path__) if not m.name.startswith("_")]
+    extra = []
+    for name in sorted(set(found) - set(KERNEL_MODULES)):
+        try:
+            if hasattr(importlib.import_module(f"fastbert.kernels.{name}"), "compile_configs"):
+                extra.append(name)
+        except ImportError:
+            continue
+    return KERNEL_MODULES + tuple(extra)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--arch", default="80,90,120",
                         help="compute capabilities, comma-separated (default: 80,90,120 = sm_80, sm_90, sm_120)")
-    parser.add_argument("--kernel", action="append", choices=KERNEL_MODULES,
-                        help="only this kernel (repeatable; default: all)")
+    parser.add_argument("--kernel", action="append",
+                        help="only this kernel module of fastbert.kernels (repeatable; default: all)")
     parser.add_argument("--jobs", type=int, default=0,
                         help="parallel compile processes (default: one per CPU core)")
 
@@ -138,6 +156,8 @@ def _worker_init() -> None:
 
 
 def _jobs(kernels) -> list[tuple[str, int]]:
+    # Listing the jobs only reads the configuration lists, so the kernel modules may be imported here
+    # whatever TRITON_INTERPRET says; compiling happens where the kernels are real JIT functions.
     out = []
     for name in kernels:
         module = importlib.import_module(f"fastbert.kernels.{name}")
@@ -145,33 +165,30 @@ def _jobs(kernels) -> list[tuple[str, int]]:
     return out
 
 
-def compile_all(archs: list[int], kernels=KERNEL_MODULES, jobs: int = 0) -> list[dict]:
-    """Compile every configuration of ``kernels`` for every architecture; one row dict each."""
-    tasks = [(name, i, cc) for name, i in _jobs_in_fresh_process(kernels) for cc in archs]
-    workers = jobs or os.cpu_count() or 1
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if workers == 1 and not interpreted and "fastbert.kernels.attention" not in _interpreted_modules():
+def _compilable_here(kernels) -> bool:
+    """Whether this process holds real (not interpreted) kernels and may compile them itself."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    for name in kernels:
+        module = sys.modules.get(f"fastbert.kernels.{name}")
+        if module is not None and any(type(v).__name__ == "InterpretedFunction" for v in vars(module).values()):
+            return False
+    return True
+
+
+def compile_all(archs: list[int], kernels=None, jobs: int = 0) -> list[dict]:
+    """Compile every configuration of ``kernels`` (default: all) for every architecture; one row
+    dict each, in job order. ``jobs``: worker processes (0: one per CPU core); with one, compiles in
+    this process when it can."""
+    kernels = tuple(kernels or kernel_modules())
+    tasks = [(name, i, cc) for name, i in _jobs(kernels) for cc in archs]
+    workers = min(jobs or os.cpu_count() or 1, len(tasks)) or 1
+    if workers == 1 and _compilable_here(kernels):
         return [_compile_one(*t) for t in tasks]
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited Triton state
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                                 initializer=_worker_init) as pool:
         return list(pool.map(_compile_one, *zip(*tasks)))
-
-
-def _interpreted_modules() -> set[str]:
-    """Kernel modules already imported in this process with interpreted kernels."""
-    found = set()
-    for name in KERNEL_MODULES:
-        module = sys.modules.get(f"fastbert.kernels.{name}")
-        if module is not None and any(type(v).__name__ == "InterpretedFunction" for v in vars(module).values()):
-            found.add(f"fastbert.kernels.{name}")
-    return found
-
-
-def _jobs_in_fresh_process(kernels) -> list[tuple[str, int]]:
-    # Listing the jobs only needs the configuration lists, not compilable kernels, so it may import
-    # the kernel modules here whatever TRITON_INTERPRET says.
-    return _jobs(kernels)
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -200,7 +217,13 @@ def run(args) -> int:
     except ImportError as exc:
         print(f"fastbert compile-kernels: triton is not usable: {exc}", file=sys.stderr)
         return 2
-    kernels = tuple(args.kernel) if getattr(args, "kernel", None) else KERNEL_MODULES
+    available = kernel_modules()
+    kernels = tuple(getattr(args, "kernel", None) or available)
+    unknown = sorted(set(kernels) - set(available))
+    if unknown:
+        print(f"fastbert compile-kernels: unknown kernel {', '.join(unknown)}; available: {', '.join(available)}",
+              file=sys.stderr)
+        return 2
     started = time.perf_counter()
     rows = compile_all(archs, kernels, getattr(args, "jobs", 0) or 0)
     print(format_rows(rows))
