@@ -139,8 +139,10 @@ EmbeddingLayerNormArgs make_args(const Inputs& in, at::Tensor& out, double eps) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// CPU: the same arithmetic as the CUDA kernel (fp32 sum in transformers' order, fp32 two-pass
-// statistics), one token per iteration.
+// CPU: the arithmetic of the CUDA kernel (the sum of the three rows in fp32, in transformers' order;
+// two-pass statistics), one token per iteration. The statistics accumulate in double here: a
+// sequential fp32 sum over a 4096-wide row drifts by ~1e-5 at the output, where the GPU's tree
+// reductions (and torch's cascade sums) stay near 1e-6.
 
 template <typename T>
 void embedding_layer_norm_cpu_typed(const EmbeddingLayerNormArgs& a) {
@@ -158,18 +160,18 @@ void embedding_layer_norm_cpu_typed(const EmbeddingLayerNormArgs& a) {
       const T* w = word + a.input_ids[row] * h;
       const T* p = position + a.position_ids[row] * h;
       const T* t = token_type + a.token_type_ids[row] * h;
-      float sum = 0.f;
+      double sum = 0.0;
       for (int64_t k = 0; k < h; ++k) {
         x[k] = (static_cast<float>(w[k]) + static_cast<float>(t[k])) + static_cast<float>(p[k]);
         sum += x[k];
       }
-      const float mean = sum / static_cast<float>(h);
-      float squares = 0.f;
+      const float mean = static_cast<float>(sum / static_cast<double>(h));
+      double squares = 0.0;
       for (int64_t k = 0; k < h; ++k) {
-        const float d = x[k] - mean;
+        const double d = static_cast<double>(x[k]) - mean;
         squares += d * d;
       }
-      const float rstd = 1.f / std::sqrt(squares / static_cast<float>(h) + a.eps);
+      const float rstd = static_cast<float>(1.0 / std::sqrt(squares / static_cast<double>(h) + a.eps));
       T* o = out + row * h;
       for (int64_t k = 0; k < h; ++k)
         o[k] = static_cast<T>((x[k] - mean) * rstd * static_cast<float>(gamma[k]) + static_cast<float>(beta[k]));
