@@ -126,6 +126,45 @@ def test_cubins_cover_target_architectures():
     assert not spills, "register spills:\n" + "\n".join(spills)
 
 
+def _sass_memory_ops(tool: str, path: str, arch: str) -> dict[str, dict[str, int]]:
+    """{kernel name: {SASS global load/store opcode: count}} for one architecture."""
+    sass = subprocess.run([tool, "-sass", "-arch", arch, path], capture_output=True, text=True, check=True).stdout
+    ops: dict[str, dict[str, int]] = {}
+    name = None
+    for line in sass.splitlines():
+        header = re.search(r"Function : (\S+)", line)
+        if header:
+            name = header.group(1)
+            ops[name] = {}
+        elif name:
+            for op in re.findall(r"\b((?:LDG|STG)[A-Z0-9._]*)", line):
+                ops[name][op] = ops[name].get(op, 0) + 1
+    return ops
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_120"])
+def test_vectorized_kernels_move_16_bytes_per_access(arch):
+    """The vector path (Pack of 16 bytes: 4 floats, 8 halves) compiles to 128-bit loads and stores only."""
+    import fastbert._C as C
+
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (neither in the CUDA toolkit nor bundled with triton)")
+    if arch not in _expected_archs():
+        pytest.skip(f"{arch} is not in TORCH_CUDA_ARCH_LIST")
+    ops = _sass_memory_ops(tool, C.__file__, arch)
+    vector_kernels = {name: counts for name, counts in ops.items()
+                      if re.search(r"embedding_layer_norm_kernelI(fLi4|6__halfLi8|13__nv_bfloat16Li8)E", name)}
+    assert len(vector_kernels) == 3, sorted(ops)
+    for name, counts in vector_kernels.items():
+        assert counts.get("LDG.E.128", 0) > 0 and counts.get("STG.E.128", 0) > 0, (name, counts)
+        narrow = {op: n for op, n in counts.items()
+                  if op not in ("LDG.E.128", "STG.E.128", "LDG.E.64")  # 64-bit: the int64 indices
+                  and not (op == "STG.E" and n == 1)}  # the error flag
+        assert not narrow, f"{name}: narrow global accesses {narrow}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Registration and the fake implementation.
 
