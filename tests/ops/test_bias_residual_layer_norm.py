@@ -1,0 +1,291 @@
+"""Bias + residual + LayerNorm: the Triton kernel against ``bias_residual_layer_norm_reference``.
+
+- Under ``TRITON_INTERPRET=1`` on CPU tensors, in a child pytest process (Triton reads the variable
+  when the kernel is defined, so it must be set before fastbert is imported, and must not leak into
+  this process, whose fake-CUDA and compile tests need real JIT kernels): fp32 and fp16, NaN-filled
+  outputs, hidden sizes 97 to 4096 and a row wider than one block (the chunked loop), no bias,
+  strided rows, zero rows, large activations, gradients.
+- On a GPU (skipped without one): the same checks, bf16 too.
+- Here, without Triton running: the backend choice and the input checks.
+
+Budgets (DESIGN.md): fp32 1e-5 (the op); fp16 / bf16: error against the fp32 reference <= 2x
+PyTorch's own error at that dtype + 1e-3.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbert.ops import backend
+from tests.helpers import FP32_OP, assert_close, assert_low_precision_within_budget, max_abs_diff, nan_like
+
+L = importlib.import_module("fastbert.ops.bias_residual_layer_norm")  # the module, not the function
+
+ROOT = Path(__file__).resolve().parents[2]
+IN_CHILD = os.environ.get("FASTBERT_INTERPRETER_CHILD") == "1"
+HIDDEN = [97, 312, 384, 768, 1024, 4096, 8200]  # 8200: wider than 8192, the chunked-loop variant
+ROWS = [1, 13]
+EPS = [1e-12, 1e-5]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+def make_inputs(rows, hidden, dtype=torch.float32, device="cpu", scale=1.0):
+    """Fresh random x, bias, residual; LayerNorm weight and bias random (never the 1 / 0 defaults)."""
+    x = scale * torch.randn(rows, hidden, device=device)
+    bias = torch.randn(hidden, device=device)
+    residual = scale * torch.randn(rows, hidden, device=device) + 0.5  # a mean away from zero
+    weight = 1 + 0.5 * torch.randn(hidden, device=device)
+    ln_bias = 0.5 * torch.randn(hidden, device=device)
+    return tuple(t.to(dtype) for t in (x, bias, residual, weight, ln_bias))
+
+
+def check(out, inputs, eps, what):
+    x, bias, residual, weight, ln_bias = inputs
+    fp32 = L.bias_residual_layer_norm_reference(*(None if t is None else t.float() for t in inputs), eps)
+    assert out.shape == x.shape and out.dtype == x.dtype, (out.shape, out.dtype)
+    if x.dtype == torch.float32:
+        assert_close(out, fp32, FP32_OP, what)
+    else:
+        same = L.bias_residual_layer_norm_reference(*inputs, eps)
+        assert_low_precision_within_budget(out.float(), fp32, same.float(), what)
+
+
+class LaunchCounter:
+    """Wraps the launch helper the op calls, counting launches (a quiet fallback to the reference
+    cannot pass as a kernel run)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        original = L.bias_residual_layer_norm_fwd
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(L, "bias_residual_layer_norm_fwd", counted)
+
+
+def launch(inputs, eps):
+    """The launch helper on a NaN-filled output: any element it does not write fails the check."""
+    from fastbert.kernels.bias_residual_layer_norm import bias_residual_layer_norm_fwd
+
+    x, bias, residual, weight, ln_bias = inputs
+    out = nan_like(x.shape, x.dtype, x.device)
+    bias = torch.zeros_like(weight) if bias is None else bias
+    bias_residual_layer_norm_fwd(x, bias, residual, weight, ln_bias, eps, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks shared by the interpreter (CPU) and the GPU.
+
+def case_launch_helper(device, dtype, hidden, rows, eps):
+    inputs = make_inputs(rows, hidden, dtype, device)
+    check(launch(inputs, eps), inputs, eps, f"{device} {dtype} hidden={hidden} rows={rows} eps={eps}")
+
+
+def case_op(device, dtype, monkeypatch):
+    counter = LaunchCounter(monkeypatch)
+    inputs = make_inputs(2 * 5, 312, dtype, device)
+    x, bias, residual, weight, ln_bias = inputs
+    with backend.use_backend("triton"):
+        assert L.active_backend(device) == "triton"
+        out3 = L.bias_residual_layer_norm(x.view(2, 5, 312), bias, residual.view(2, 5, 312), weight, ln_bias, 1e-12)
+        no_bias = L.bias_residual_layer_norm(x, None, residual, weight, ln_bias, 1e-12)
+    assert counter.count == 2
+    check(out3.view(-1, 312), inputs, 1e-12, f"op {dtype}")
+    check(no_bias, (x, None, residual, weight, ln_bias), 1e-12, f"op without bias {dtype}")
+
+
+def case_strided_rows(device):
+    wide = torch.randn(9, 800, device=device)
+    x = wide[:, 16:784]  # row stride 800: read in place
+    _, bias, residual, weight, ln_bias = make_inputs(9, 768, device=device)
+    residual = torch.randn(768, 9, device=device).t()  # column stride != 1: the op copies it
+    with backend.use_backend("triton"):
+        out = L.bias_residual_layer_norm(x, bias, residual, weight, ln_bias, 1e-12)
+    check(out, (x, bias, residual, weight, ln_bias), 1e-12, "strided rows")
+
+
+def case_zero_rows(device):
+    inputs = make_inputs(0, 384, device=device)
+    with backend.use_backend("triton"):
+        out = L.bias_residual_layer_norm(*inputs, 1e-12)
+    assert out.shape == (0, 384)
+
+
+def case_large_activations(device, dtype):
+    """Values of 1e3 with a large common offset: fp32 statistics keep fp16 finite and accurate
+    (a one-pass E[x^2] - E[x]^2 in fp16 would overflow or cancel)."""
+    inputs = list(make_inputs(6, 768, dtype, device, scale=300.0))
+    inputs[0] = (inputs[0].float() + 2000).to(dtype)
+    out = launch(inputs, 1e-5)
+    assert torch.isfinite(out).all()
+    check(out, inputs, 1e-5, f"large activations {dtype}")
+
+
+def case_gradients(device):
+    inputs = make_inputs(7, 97, torch.float32, device)
+    weight_out = torch.randn(7, 97, device=device)
+    grads = []
+    for name in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with backend.use_backend(name):
+            (L.bias_residual_layer_norm(*leaves, 1e-5) * weight_out).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, ours, ref in zip(("x", "bias", "residual", "weight", "ln_bias"), *grads):
+        assert_close(ours, ref, 1e-4 if name in ("bias", "weight", "ln_bias") else FP32_OP, f"grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Without Triton running (this process): backend choice and checks.
+
+def test_cpu_defaults_to_the_reference(monkeypatch):
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    assert L.active_backend("cpu") == "torch"
+    assert L.active_backend("cuda") == ("triton" if backend.triton_available() else "torch")
+    inputs = make_inputs(3, 97)
+    assert torch.equal(L.bias_residual_layer_norm(*inputs, 1e-12), L.bias_residual_layer_norm_reference(*inputs, 1e-12))
+
+
+def test_forced_triton_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with backend.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        L.bias_residual_layer_norm(*make_inputs(3, 97), 1e-12)
+
+
+def test_bad_inputs_are_refused():
+    x, bias, residual, weight, ln_bias = make_inputs(3, 97)
+    with pytest.raises(ValueError, match="do not match"):
+        L.bias_residual_layer_norm(x, bias, residual[:, :-1], weight, ln_bias, 1e-12)
+    with pytest.raises(ValueError, match="must be"):
+        L.bias_residual_layer_norm(x, bias[:-1], residual, weight, ln_bias, 1e-12)
+
+
+def test_dropout_takes_the_reference(monkeypatch):
+    counter = LaunchCounter(monkeypatch)
+    inputs = make_inputs(3, 97)
+    with backend.use_backend("triton"):
+        out = L.bias_residual_layer_norm(*inputs, 1e-12, dropout_p=0.5)
+    assert counter.count == 0 and out.shape == inputs[0].shape
+
+
+def test_fused_op_is_registered():
+    if not backend.triton_available():
+        pytest.skip("triton is not installed")
+    schema = str(torch.ops.fastbert.bias_residual_layer_norm.default._schema)
+    assert schema == ("fastbert::bias_residual_layer_norm(Tensor x, Tensor? bias, Tensor residual, Tensor weight, "
+                      "Tensor ln_bias, float eps) -> Tensor")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The interpreter: these cases are defined only in the child process.
+
+@pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
+@pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
+def test_triton_interpreter_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTBERT_INTERPRETER_CHILD="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreter_case"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, tail
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 30 and "skipped" not in summary, tail
+
+
+if IN_CHILD:
+    @pytest.fixture(autouse=True)
+    def _kernel_is_interpreted():
+        from fastbert.kernels.bias_residual_layer_norm import _bias_residual_layer_norm_fwd_kernel
+
+        assert backend.is_interpreted(_bias_residual_layer_norm_fwd_kernel), "the kernel is not interpreted"
+
+    @pytest.mark.parametrize("eps", EPS)
+    @pytest.mark.parametrize("rows", ROWS)
+    @pytest.mark.parametrize("hidden", HIDDEN)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_launch_helper(dtype, hidden, rows, eps):
+        case_launch_helper("cpu", dtype, hidden, rows, eps)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_op(dtype, monkeypatch):
+        case_op("cpu", dtype, monkeypatch)
+
+    def test_interpreter_case_strided_rows():
+        case_strided_rows("cpu")
+
+    def test_interpreter_case_zero_rows(monkeypatch):
+        counter = LaunchCounter(monkeypatch)
+        case_zero_rows("cpu")
+        assert counter.count == 1  # called, and launches nothing for an empty grid
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_large_activations(dtype):
+        case_large_activations("cpu", dtype)
+
+    def test_interpreter_case_gradients(monkeypatch):
+        counter = LaunchCounter(monkeypatch)
+        case_gradients("cpu")
+        assert counter.count == 1  # the Triton forward ran under autograd; the backward is the reference's
+
+    def test_interpreter_case_loop_variant_equals_single_block():
+        """Rows of 8200 columns (the chunked loop) against the same rows through the reference, and
+        the loop's three sweeps agree with the single-block kernel on a row that fits both."""
+        from fastbert.kernels import bias_residual_layer_norm as K
+
+        inputs = make_inputs(3, 4096)
+        single = launch(inputs, 1e-12)
+        looped = nan_like(single.shape, single.dtype)
+        x, bias, residual, weight, ln_bias = inputs
+        K._bias_residual_layer_norm_fwd_kernel[(3,)](
+            x, bias, residual, weight, ln_bias, looped, 3, 4096, x.stride(0), residual.stride(0), looped.stride(0),
+            1e-12, BLOCK_M=1, BLOCK_N=1024, LOOP=True)
+        assert max_abs_diff(looped, single) <= FP32_OP
+
+    def test_interpreter_case_opcheck():
+        inputs = make_inputs(4, 97)
+        x, bias, residual, weight, ln_bias = inputs
+        for args in ((*inputs, 1e-12), (x, None, residual, weight, ln_bias, 1e-5),
+                     (x.requires_grad_(), bias, residual, weight.requires_grad_(), ln_bias, 1e-12)):
+            torch.library.opcheck(torch.ops.fastbert.bias_residual_layer_norm.default, args,
+                                  test_utils=("test_schema", "test_autograd_registration"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU (compiled kernels; skipped without one).
+
+@needs_cuda
+@pytest.mark.skipif(IN_CHILD, reason="GPU cases run in the parent process")
+class TestCuda:
+    DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+    @pytest.mark.parametrize("rows", ROWS + [4097])
+    @pytest.mark.parametrize("hidden", HIDDEN + [20000])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_launch_helper(self, dtype, hidden, rows):
+        case_launch_helper("cuda", dtype, hidden, rows, 1e-12)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_op_and_large_activations(self, dtype, monkeypatch):
+        case_op("cuda", dtype, monkeypatch)
+        case_large_activations("cuda", dtype)
+
+    def test_strided_zero_rows_and_gradients(self):
+        case_strided_rows("cuda")
+        case_zero_rows("cuda")
+        case_gradients("cuda")
+
+    def test_torch_compile_fullgraph(self):
+        inputs = make_inputs(64, 768, torch.float16, "cuda")
+        compiled = torch.compile(lambda *a: L.bias_residual_layer_norm(*a, 1e-12), fullgraph=True)
+        check(compiled(*inputs), inputs, 1e-12, "torch.compile")
