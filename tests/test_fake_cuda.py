@@ -1,0 +1,255 @@
+"""The CUDA path traced without a GPU: under ``FakeTensorMode`` CUDA tensors exist as metadata only,
+so the ops, the encoder and the model run their GPU code path (backend ``auto`` picks Triton on
+CUDA tensors) without computing anything. A ``TorchDispatchMode`` records every
+``torch.ops.fastbert.*`` call with its shapes and dtypes, and the launch helpers are wrapped to check
+that each kernel is launched through ``torch.library.wrap_triton`` (the form ``torch.compile`` and
+CUDA graphs capture) on CUDA tensors, with the grid the real launch would use.
+
+What cannot be traced this way: ``BertModel.forward`` in eager mode validates its inputs with host
+reads (``attention_mask.all()``, the id range check's ``.tolist()``), which fake tensors cannot
+answer (``DataDependentOutputException``). The model is therefore traced along the path
+``torch.compile`` takes (``torch.compiler.is_compiling()`` true: no host sync, static packing), and
+the encoder is traced on its own with a prepared ``Packing``.
+
+These tests need real (JIT) kernels: they are skipped when ``TRITON_INTERPRET=1`` is set in this
+process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from unittest import mock
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastbert.ops import Packing, backend
+from tests.model_utils import make_config
+
+pytestmark = [
+    pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                       reason="needs real (JIT) Triton kernels; TRITON_INTERPRET is set in this process"),
+    # fastbert's QKV weight cache keys on data_ptr(), which fake tensors only warn about.
+    pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAUNCH_HELPERS = {  # op module -> launch helper
+    "attention": "attention_fwd",
+    "bias_activation": "bias_activation_fwd",
+    "bias_residual_layer_norm": "bias_residual_layer_norm_fwd",
+}
+MY_KERNELS = ("_attention_fwd_kernel", "_bias_activation_fwd_kernel", "_bias_residual_layer_norm_fwd_kernel")
+MY_OPS = ("fastbert.varlen_attention.default", "fastbert.bias_activation.default",
+          "fastbert.bias_residual_layer_norm.default")
+
+
+class RecordFastbertOps(TorchDispatchMode):
+    """Records (op name, tensor shapes, tensor dtypes, tensor devices) of every fastbert op."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastbert":
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            self.calls.append((str(func), [tuple(t.shape) for t in tensors], [t.dtype for t in tensors],
+                               {t.device.type for t in tensors}))
+        return func(*args, **(kwargs or {}))
+
+    def mine(self):
+        return [c for c in self.calls if c[0] in MY_OPS]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Wraps the launch helpers and the wrapped kernels' launches: records (op, whether the kernel came
+    through wrap_triton, devices of the tensor arguments) per helper call, and ("launch", kernel name,
+    grid) per kernel launch."""
+    from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
+
+    seen = []
+    original_call = TraceableTritonKernelWrapper.__call__
+
+    def counted_call(self, *args, **kwargs):  # the launch itself: kernel[grid](...)
+        seen.append(("launch", self.kernel.__name__, tuple(self.grid)))
+        return original_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(TraceableTritonKernelWrapper, "__call__", counted_call)
+    for op, helper in LAUNCH_HELPERS.items():
+        module = importlib.import_module(f"fastbert.ops.{op}")
+        original = getattr(module, helper)
+
+        def spy(*args, _op=op, _original=original, kernel=None, **kwargs):
+            devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+            seen.append((_op, isinstance(kernel, TraceableTritonKernelWrapper), devices))
+            return _original(*args, kernel=kernel, **kwargs)
+
+        monkeypatch.setattr(module, helper, spy)
+    return seen
+
+
+def fake_cuda(mode, *tensors):
+    with mode:
+        return tuple(None if t is None else mode.from_tensor(t).to("cuda") for t in tensors)
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend(monkeypatch):
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    assert backend.backend_setting() == "auto"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ops.
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ops_take_the_triton_path_on_cuda(dtype, launches):
+    from fastbert import ops
+
+    mode, record = FakeTensorMode(), RecordFastbertOps()
+    tokens, heads, head_dim, inter = 11, 3, 26, 150
+    hidden = heads * head_dim
+    qkv, cu, x, inter_x, bias, ibias, w, lb = fake_cuda(
+        mode, torch.randn(tokens, 3 * hidden).to(dtype), torch.tensor([0, 4, 4, 11], dtype=torch.int32),
+        torch.randn(tokens, hidden).to(dtype), torch.randn(tokens, inter).to(dtype), torch.randn(hidden).to(dtype),
+        torch.randn(inter).to(dtype), torch.randn(hidden).to(dtype), torch.randn(hidden).to(dtype))
+    with mode, record:
+        att = ops.varlen_attention(qkv, cu, 7, heads, head_dim**-0.5)
+        act = ops.bias_activation(inter_x, ibias, "gelu")
+        act_no_bias = ops.bias_activation(inter_x, None, "relu")
+        ln = ops.bias_residual_layer_norm(x, bias, att, w, lb, 1e-12)
+    for out, shape in ((att, (tokens, hidden)), (act, (tokens, inter)), (act_no_bias, (tokens, inter)),
+                       (ln, (tokens, hidden))):
+        assert out.shape == shape and out.dtype == dtype and out.device.type == "cuda"
+    assert record.calls == [
+        ("fastbert.varlen_attention.default", [(tokens, 3 * hidden), (4,)], [dtype, torch.int32], {"cuda"}),
+        ("fastbert.bias_activation.default", [(tokens, inter), (inter,)], [dtype, dtype], {"cuda"}),
+        ("fastbert.bias_activation.default", [(tokens, inter)], [dtype], {"cuda"}),
+        ("fastbert.bias_residual_layer_norm.default", [(tokens, hidden), (hidden,), (tokens, hidden), (hidden,),
+                                                       (hidden,)], [dtype] * 5, {"cuda"}),
+    ]
+    # Each op launched its kernel once, through wrap_triton, on CUDA tensors, with the grid the launch
+    # helper computes: attention (cdiv(max_seqlen, BLOCK_M), batch, heads); the others over rows/columns.
+    from fastbert.kernels import attention as K
+
+    block_m = K.attention_config(head_dim, dtype == torch.float32)["BLOCK_M"]
+    assert launches == [
+        ("attention", True, {"cuda"}), ("launch", "_attention_fwd_kernel", (-(-7 // block_m), 3, heads)),
+        ("bias_activation", True, {"cuda"}), ("launch", "_bias_activation_fwd_kernel", (2, 1)),
+        ("bias_activation", True, {"cuda"}), ("launch", "_bias_activation_fwd_kernel", (2, 1)),
+        ("bias_residual_layer_norm", True, {"cuda"}), ("launch", "_bias_residual_layer_norm_fwd_kernel", (1,)),
+    ]
+
+
+def test_zero_tokens_launch_nothing(launches):
+    from fastbert import ops
+
+    mode = FakeTensorMode()
+    qkv, cu, x, bias = fake_cuda(mode, torch.randn(0, 96), torch.zeros(3, dtype=torch.int32),
+                                 torch.randn(0, 64), torch.randn(64))
+    with mode:
+        assert ops.varlen_attention(qkv, cu, 0, 2).shape == (0, 32)
+        assert ops.bias_activation(x, bias, "gelu").shape == (0, 64)
+        assert ops.bias_residual_layer_norm(x, bias, x, bias, bias, 1e-12).shape == (0, 64)
+    assert [entry[0] for entry in launches] == ["attention", "bias_activation", "bias_residual_layer_norm"]
+
+
+def test_autograd_keeps_the_triton_forward(launches):
+    """Inputs that require gradients: the forward still runs the Triton op, and the op's autograd node
+    (its backward recomputes the PyTorch reference) is recorded. Running the backward on fake CUDA
+    tensors needs the CUDA autograd engine, hence a GPU; the interpreter tests check the gradients."""
+    from fastbert import ops
+
+    mode = FakeTensorMode()
+    (x, bias) = fake_cuda(mode, torch.randn(9, 40, dtype=torch.float16), torch.randn(40, dtype=torch.float16))
+    with mode:
+        x.requires_grad_(), bias.requires_grad_()
+        out = ops.bias_activation(x, bias, "gelu_tanh")
+    assert out.requires_grad and "bias_activation" in out.grad_fn.name()
+    assert launches[0] == ("bias_activation", True, {"cuda"}) and launches[1][0] == "launch"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoder and model.
+
+def fake_state(model, mode, dtype, prefix=""):
+    """The model's parameters and buffers as fake CUDA tensors (floating ones in ``dtype``)."""
+    items = list(model.named_parameters()) + list(model.named_buffers())
+    with mode:
+        return {name[len(prefix):]: mode.from_tensor(t).to("cuda", dtype if t.is_floating_point() else t.dtype)
+                for name, t in items if name.startswith(prefix)}
+
+
+def expected_layer_calls(layers, tokens, hidden, heads, inter, batch, dtype):
+    per_layer = [
+        ("fastbert.varlen_attention.default", [(tokens, 3 * hidden), (batch + 1,)], [dtype, torch.int32], {"cuda"}),
+        ("fastbert.bias_residual_layer_norm.default", [(tokens, hidden), (hidden,), (tokens, hidden), (hidden,),
+                                                       (hidden,)], [dtype] * 5, {"cuda"}),
+        ("fastbert.bias_activation.default", [(tokens, inter), (inter,)], [dtype, dtype], {"cuda"}),
+        ("fastbert.bias_residual_layer_norm.default", [(tokens, hidden), (hidden,), (tokens, hidden), (hidden,),
+                                                       (hidden,)], [dtype] * 5, {"cuda"}),
+    ]
+    return per_layer * layers
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_encoder_runs_the_fused_triton_ops(dtype, launches):
+    import fastbert
+
+    config = make_config("h144", layers=2)  # hidden 144, 3 heads of 48, intermediate 288
+    model = fastbert.BertModel(config).eval()
+    mode, record = FakeTensorMode(), RecordFastbertOps()
+    state = fake_state(model, mode, dtype, prefix="encoder.")
+    lengths = [5, 0, 9]
+    (hidden_states, cu_seqlens) = fake_cuda(mode, torch.randn(14, 144).to(dtype),
+                                            torch.tensor([0, 5, 5, 14], dtype=torch.int32))
+    packing = Packing(None, cu_seqlens, max(lengths), len(lengths), max(lengths))
+    with mode, record, torch.no_grad():
+        out, _, _ = torch.func.functional_call(model.encoder, state, (hidden_states, packing))
+    assert out.shape == (14, 144) and out.dtype == dtype and out.device.type == "cuda"
+    assert record.calls == expected_layer_calls(2, 14, 144, 3, 288, 3, dtype)
+    mine = [e for e in launches if e[0] != "launch" or e[1] in MY_KERNELS]  # not the embeddings kernel
+    helpers, kernels = mine[0::2], mine[1::2]
+    assert len(helpers) == 8 and all(wrapped and devices == {"cuda"} for _, wrapped, devices in helpers)
+    assert [k[0] for k in kernels] == ["launch"] * 8
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_model_traces_on_the_compile_path(dtype, mask, launches):
+    """The whole model as torch.compile traces it (no host sync): every layer runs the three fused
+    Triton ops on CUDA tensors. With a mask, the static packing carries all batch * seqlen rows in
+    2 * batch sequences (see ``static_unpad_input``)."""
+    import fastbert
+
+    config = make_config("h144", layers=2)
+    model = fastbert.BertModel(config).eval()
+    mode, record = FakeTensorMode(), RecordFastbertOps()
+    state = fake_state(model, mode, dtype)
+    batch, seqlen = 3, 7
+    ids, attention_mask = fake_cuda(mode, torch.randint(0, config.vocab_size, (batch, seqlen)),
+                                    torch.ones(batch, seqlen, dtype=torch.long))
+    kwargs = {"input_ids": ids, "attention_mask": attention_mask if mask else None}
+    with mock.patch("torch.compiler.is_compiling", return_value=True), mode, record, torch.no_grad():
+        out = torch.func.functional_call(model, state, args=(), kwargs=kwargs)
+    assert out.last_hidden_state.shape == (batch, seqlen, 144) and out.last_hidden_state.dtype == dtype
+    assert out.last_hidden_state.device.type == "cuda"
+    sequences = 2 * batch if mask else batch
+    assert record.mine() == expected_layer_calls(2, batch * seqlen, 144, 3, 288, sequences, dtype)
+    mine = [e for e in launches if e[0] != "launch" or e[1] in MY_KERNELS]  # not the embeddings kernel
+    helpers, kernels = mine[0::2], mine[1::2]
+    assert len(helpers) == 8 and all(wrapped and devices == {"cuda"} for _, wrapped, devices in helpers)
+    assert [k[0] for k in kernels] == ["launch"] * 8
+
+
+def test_active_backend_on_cuda_is_triton():
+    for name in ("attention", "bias_activation", "bias_residual_layer_norm"):
+        op = importlib.import_module(f"fastbert.ops.{name}")
+        assert op.active_backend("cuda") == "triton"
+        assert op.active_backend("cpu") == "torch"
