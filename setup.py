@@ -156,6 +156,9 @@ def extension_kwargs() -> dict:
     else:
         extension = cpp_extension.CppExtension(EXTENSION, CPP_SOURCES, extra_compile_args={"cxx": cxx_flags})
 
+    # optional: setuptools then skips copying a module that was not built (editable and --inplace builds).
+    extension.optional = not required
+
     class BuildExtension(cpp_extension.BuildExtension):
         """cpp_extension's builder (ninja); unless the extension is required, a failed build is reported
         and the install goes on without it (tests/test_extension_build.py then fails where the extension
