@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _extension
 from . import backend
@@ -89,11 +90,12 @@ if backend.triton_available():
 # ------------------------------------------------------------------------------------------------
 # Checks shared by the fast paths.
 
-def _may_raise_from_device(device: torch.device) -> bool:
-    """Whether a device-to-host read is allowed here: not while tracing, not inside CUDA-graph capture."""
-    if torch.compiler.is_compiling():
+def _may_read_back(t: torch.Tensor) -> bool:
+    """Whether reading ``t`` on the host is allowed here: not while tracing (torch.compile), not on fake
+    tensors (FakeTensorMode), not inside CUDA-graph capture."""
+    if torch.compiler.is_compiling() or is_fake(t):
         return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return not (t.device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def raise_out_of_range(input_ids, position_ids, token_type_ids, word_weight, position_weight,
@@ -122,7 +124,7 @@ def check_indices(input_ids, position_ids, token_type_ids, word_weight, position
                                          (token_type_ids, token_type_weight))
              if t is not None and table is not None
              and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)]
-    if not pairs or not _may_raise_from_device(pairs[0][0].device):
+    if not pairs or not _may_read_back(pairs[0][0]):
         return
     bad = torch.stack([((t < 0) | (t >= table.shape[0])).any() for t, table in pairs])
     if bool(bad.any()):
@@ -237,6 +239,6 @@ def embeddings(
     indices = tuple(t.contiguous() for t in indices)
     floats = tuple(t.contiguous() for t in floats)
     out, error_flag = torch.ops.fastbert.embedding_layer_norm_triton(*indices, *floats, float(eps))
-    if _may_raise_from_device(out.device) and bool(error_flag.item()):
+    if _may_read_back(error_flag) and bool(error_flag.item()):
         raise_out_of_range(*indices, *floats[:3])
     return out

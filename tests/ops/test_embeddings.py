@@ -210,6 +210,19 @@ def test_embeddings_out_of_range_on_cpu_names_value_and_limit(name, which, value
         E.embeddings(*inputs, EPS)
 
 
+@pytest.mark.parametrize("setting", ["auto", "torch"])
+def test_embeddings_on_fake_cuda_tensors(setting):
+    """What torch.compile and CUDA-graph capture trace, without a GPU: the CUDA path (the extension or
+    the Triton op under auto, the reference under torch) gives the right shape, dtype and device and
+    skips the host-side index check (fake tensors hold no values)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with backend.use_backend(setting), FakeTensorMode():
+        inputs = make_inputs(9, 96, torch.float16, device="cuda")
+        out = E.embeddings(*inputs, EPS)
+    assert out.shape == (9, 96) and out.dtype == torch.float16 and out.device.type == "cuda"
+
+
 def test_compiled_embeddings_on_cpu_has_no_graph_break():
     inputs = make_inputs(5, 64)
     compiled = torch.compile(E.embeddings, fullgraph=True, backend="aot_eager")
