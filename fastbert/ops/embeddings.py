@@ -15,10 +15,12 @@ it is built for this GPU, else the Triton kernel on CUDA tensors, else the refer
 record autograd history, use dropout, pass ``inputs_embeds``, or mix dtypes/devices the kernels do not
 take, run the reference.
 
-Indices outside their tables raise ``IndexError`` naming the value and the limit; the kernels never
-read outside the tables whatever they are given (such rows come out NaN). On CUDA the check costs
-one 4-byte device-to-host copy after the kernel (a sync), skipped while a CUDA graph is captured or
-``torch.compile`` traces, where bad indices give NaN rows instead of an exception.
+Indices outside their tables raise ``IndexError`` naming the value and the limit, never a device-side
+assert. The kernels never read outside the tables whatever they are given (such rows come out NaN) and
+flag them in a device int: on CUDA the check costs one 4-byte device-to-host copy after the kernel (a
+sync). The reference is checked before it runs: on the host for CPU tensors, with one small reduction
+(and a sync) for CUDA tensors. No check reads back while ``torch.compile`` traces, inside CUDA-graph
+capture or on fake tensors: there bad indices give NaN rows (fast paths) instead of an exception.
 """
 
 from __future__ import annotations
