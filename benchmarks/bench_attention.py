@@ -1,0 +1,127 @@
+"""Microbenchmark of the varlen attention kernel against PyTorch SDPA on padded batches (GPU only).
+
+BERT-base heads (12 x 64) and a large-head case (16 x 128), fp16 and bf16, batches of 32 sequences
+whose lengths are drawn uniformly from [seqlen / 4, seqlen] (a tokenizer's padded batch).
+
+Implementations, each on the same sequences:
+
+- ``fastbert-triton``: ``torch.ops.fastbert.varlen_attention`` on the packed fused QKV
+  ``[tokens, 3 * hidden]`` (no padding computed, Q/K/V read in place);
+- ``sdpa-efficient``: ``scaled_dot_product_attention`` with the memory-efficient backend on the padded
+  ``[batch, heads, seqlen, head_dim]`` tensors and the boolean key-padding mask (correct results);
+- ``sdpa-flash``: the flash backend on the same padded tensors. Flash attention takes no mask, so it
+  attends to padding too: a lower bound on what a padded model pays, not a correct peer;
+- ``sdpa-flash-varlen-bound``: the flash backend on one dense ``[1, heads, tokens, head_dim]``
+  sequence of the packed tokens (no masking either): the cost of the same number of useful tokens
+  without variable-length bookkeeping, for scale.
+
+TFLOP/s counts the useful work only, ``4 * sum(L_i^2) * heads * head_dim`` (QK^T and PV), for every
+implementation, so the figures compare time to the same answer. ``benchmark.extra_info`` holds
+``tflops``, ``tokens`` and ``impl``. Without a CUDA device every case skips. The layout copies the
+padded implementations need (transpose to heads-first) are not timed: the peers get their best case.
+
+Collected by ``pytest benchmarks/ --benchmark-only`` when ``bench_*.py`` is in ``python_files``; this
+file needs no shared conftest (when the suite's ``record`` fixture exists, rows go to its table too).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+SHAPES = {"base": (12, 64), "large-head": (16, 128)}  # heads, head_dim
+SEQLENS = [128, 512]
+BATCH = 32
+IMPLS = ["fastbert-triton", "sdpa-efficient", "sdpa-flash", "sdpa-flash-varlen-bound"]
+
+
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("GPU benchmark: no CUDA device on this machine")
+
+
+def _timed(benchmark, fn, rounds=50, warmup=5) -> float:
+    """Median seconds of ``fn()``, synchronized with the GPU."""
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    return benchmark.stats.stats.median
+
+
+def _record(request, **row):
+    """Add a row to the benchmark suite's results table when its ``record`` fixture exists."""
+    try:
+        record = request.getfixturevalue("record")
+    except pytest.FixtureLookupError:
+        return
+    record(**row)
+
+
+def _batch(seqlen, heads, head_dim, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lengths = torch.randint(seqlen // 4, seqlen + 1, (BATCH,), device="cuda", generator=gen)
+    lengths[0] = seqlen
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    tokens = int(cu[-1])
+    qkv = torch.randn(tokens, 3 * heads * head_dim, device="cuda", generator=gen).to(dtype)
+    # The padded layout the SDPA peers take, built once outside the timed region.
+    mask = torch.arange(seqlen, device="cuda") < lengths[:, None]
+    padded = qkv.new_zeros(BATCH, seqlen, 3, heads, head_dim)
+    padded[mask] = qkv.view(tokens, 3, heads, head_dim)
+    q, k, v = padded.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+    return lengths, cu, qkv, (q, k, v), mask
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seqlen", SEQLENS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_attention(benchmark, request, dtype_name, shape, seqlen, impl):
+    _cuda_or_skip()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fastbert import ops
+
+    dtype, (heads, head_dim) = DTYPES[dtype_name], SHAPES[shape]
+    lengths, cu, qkv, (q, k, v), mask = _batch(seqlen, heads, head_dim, dtype)
+    tokens = qkv.shape[0]
+    if impl == "fastbert-triton":
+        if not ops.backend.triton_available():
+            pytest.skip("triton is not installed")
+
+        def fn():
+            return torch.ops.fastbert.varlen_attention(qkv, cu, seqlen, heads, head_dim**-0.5)
+    elif impl == "sdpa-efficient":
+        key_mask = mask[:, None, None, :]
+
+        def fn():
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    elif impl == "sdpa-flash":
+        def fn():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v)
+    else:
+        dense = qkv.view(1, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+
+        def fn():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(*dense)
+
+    with torch.inference_mode():
+        if impl == "fastbert-triton":  # agrees with the reference before it is timed
+            expected = ops.varlen_attention_reference(qkv.float(), cu, seqlen, heads).float()
+            assert (fn().float() - expected).abs().max().item() < 0.05
+        seconds = _timed(benchmark, fn)
+
+    flops = 4 * int((lengths.long() ** 2).sum()) * heads * head_dim
+    tflops = flops / seconds / 1e12
+    benchmark.extra_info.update(impl=impl, tokens=tokens, tflops=tflops)
+    _record(request, case=f"attention {dtype_name} {heads}x{head_dim} batch={BATCH} seqlen<={seqlen}",
+            impl=impl, seconds=seconds, tflops=tflops, tokens_per_s=tokens / seconds)

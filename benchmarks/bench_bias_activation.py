@@ -1,0 +1,98 @@
+"""Microbenchmark of bias + activation on ``[tokens, intermediate]``, the epilogue of BERT's first FFN
+matmul (GPU only).
+
+Implementations, each on the same inputs:
+
+- ``fastbert-triton``: ``torch.ops.fastbert.bias_activation`` (one pass over memory);
+- ``torch-eager``: the PyTorch reference (``x + bias``, then ``F.gelu`` / ``F.relu``: two passes);
+- ``torch-compile``: the same reference under ``torch.compile`` (Inductor fuses it too).
+
+GB/s counts the bytes an ideal kernel moves: ``x`` read and the output written, plus the bias.
+``benchmark.extra_info`` holds ``gbs``, ``bytes`` and ``impl``. Without a CUDA device every case skips.
+
+Collected by ``pytest benchmarks/ --benchmark-only`` when ``bench_*.py`` is in ``python_files``; this
+file needs no shared conftest (when the suite's ``record`` fixture exists, rows go to its table too).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INTERMEDIATE = [1536, 3072, 4096]
+TOKENS = [4096, 16384]
+ACTIVATIONS = ["gelu", "gelu_tanh"]
+IMPLS = ["fastbert-triton", "torch-eager", "torch-compile"]
+_compiled = {}
+
+
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("GPU benchmark: no CUDA device on this machine")
+
+
+def _timed(benchmark, fn, rounds=50, warmup=5) -> float:
+    """Median seconds of ``fn()``, synchronized with the GPU."""
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    return benchmark.stats.stats.median
+
+
+def _record(request, **row):
+    """Add a row to the benchmark suite's results table when its ``record`` fixture exists."""
+    try:
+        record = request.getfixturevalue("record")
+    except pytest.FixtureLookupError:
+        return
+    record(**row)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("intermediate", INTERMEDIATE)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_bias_activation(benchmark, request, dtype_name, intermediate, tokens, activation, impl):
+    _cuda_or_skip()
+    from fastbert.ops import backend
+    from fastbert.ops.bias_activation import bias_activation_reference as reference
+
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = (3 * torch.randn(tokens, intermediate, device="cuda", generator=gen)).to(dtype)
+    bias = torch.randn(intermediate, device="cuda", generator=gen).to(dtype)
+    if impl == "fastbert-triton":
+        if not backend.triton_available():
+            pytest.skip("triton is not installed")
+
+        def fn():
+            return torch.ops.fastbert.bias_activation(x, bias, activation)
+    elif impl == "torch-eager":
+        def fn():
+            return reference(x, bias, activation)
+    else:
+        compiled = _compiled.setdefault(activation, torch.compile(
+            lambda x, b, _a=activation: reference(x, b, _a), dynamic=False))
+
+        def fn():
+            return compiled(x, bias)
+        fn()  # compile outside the timed rounds
+
+    with torch.inference_mode():
+        if impl == "fastbert-triton":  # agrees with the reference before it is timed
+            expected = reference(x.float(), bias.float(), activation)
+            assert (fn().float() - expected).abs().max().item() < (1e-4 if dtype == torch.float32 else 0.1)
+        seconds = _timed(benchmark, fn)
+
+    size = torch.finfo(dtype).bits // 8
+    moved = 2 * tokens * intermediate * size + intermediate * size
+    gbs = moved / seconds / 1e9
+    benchmark.extra_info.update(impl=impl, bytes=moved, gbs=gbs)
+    _record(request, case=f"bias+{activation} {dtype_name} intermediate={intermediate} tokens={tokens}",
+            impl=impl, seconds=seconds, gbs=gbs, tokens_per_s=tokens / seconds)

@@ -1,0 +1,97 @@
+"""Microbenchmark of bias + residual + LayerNorm on ``[tokens, hidden]`` (GPU only).
+
+Implementations, each on the same inputs:
+
+- ``fastbert-triton``: ``torch.ops.fastbert.bias_residual_layer_norm`` (one pass over memory);
+- ``torch-eager``: the PyTorch reference (``x + bias``, ``+ residual``, ``F.layer_norm``);
+- ``torch-compile``: the same reference under ``torch.compile`` (Inductor fuses it too).
+
+GB/s counts the bytes an ideal kernel moves: ``x`` and ``residual`` read, the output written, plus
+the three ``[hidden]`` vectors. ``benchmark.extra_info`` holds ``gbs``, ``bytes`` and ``impl``.
+Without a CUDA device every case skips.
+
+Collected by ``pytest benchmarks/ --benchmark-only`` when ``bench_*.py`` is in ``python_files``; this
+file needs no shared conftest (when the suite's ``record`` fixture exists, rows go to its table too).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HIDDEN = [384, 768, 1024, 4096]
+TOKENS = [4096, 16384]
+IMPLS = ["fastbert-triton", "torch-eager", "torch-compile"]
+EPS = 1e-12
+_compiled = {}
+
+
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("GPU benchmark: no CUDA device on this machine")
+
+
+def _timed(benchmark, fn, rounds=50, warmup=5) -> float:
+    """Median seconds of ``fn()``, synchronized with the GPU."""
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    return benchmark.stats.stats.median
+
+
+def _record(request, **row):
+    """Add a row to the benchmark suite's results table when its ``record`` fixture exists."""
+    try:
+        record = request.getfixturevalue("record")
+    except pytest.FixtureLookupError:
+        return
+    record(**row)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_bias_residual_layer_norm(benchmark, request, dtype_name, hidden, tokens, impl):
+    _cuda_or_skip()
+    from fastbert.ops import backend
+    from fastbert.ops.bias_residual_layer_norm import bias_residual_layer_norm_reference as reference
+
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x, residual = (torch.randn(tokens, hidden, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    bias, weight, ln_bias = (torch.randn(hidden, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    args = (x, bias, residual, weight, ln_bias, EPS)
+    if impl == "fastbert-triton":
+        if not backend.triton_available():
+            pytest.skip("triton is not installed")
+
+        def fn():
+            return torch.ops.fastbert.bias_residual_layer_norm(*args)
+    elif impl == "torch-eager":
+        def fn():
+            return reference(*args)
+    else:
+        compiled = _compiled.setdefault("reference", torch.compile(reference, dynamic=False))
+
+        def fn():
+            return compiled(*args)
+        fn()  # compile outside the timed rounds
+
+    with torch.inference_mode():
+        if impl == "fastbert-triton":  # agrees with the reference before it is timed
+            expected = reference(*(t.float() for t in args[:5]), EPS)
+            assert (fn().float() - expected).abs().max().item() < (1e-4 if dtype == torch.float32 else 0.1)
+        seconds = _timed(benchmark, fn)
+
+    size = torch.finfo(dtype).bits // 8
+    moved = 3 * tokens * hidden * size + 3 * hidden * size
+    gbs = moved / seconds / 1e9
+    benchmark.extra_info.update(impl=impl, bytes=moved, gbs=gbs)
+    _record(request, case=f"bias+residual+LayerNorm {dtype_name} hidden={hidden} tokens={tokens}", impl=impl,
+            seconds=seconds, gbs=gbs, tokens_per_s=tokens / seconds)
