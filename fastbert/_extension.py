@@ -2,7 +2,8 @@
 
 Importing ``fastbert._C`` registers ``torch.ops.fastbert.embedding_layer_norm`` (CPU kernel, plus a
 CUDA kernel when it was built with CUDA). Its fake implementation, which ``torch.compile``,
-``torch.export`` and CUDA-graph capture trace through, is registered here: the C++ library names this
+``torch.export`` and CUDA-graph capture trace through, and its backward (which differentiates the
+PyTorch reference) are registered here: the C++ library names this
 module (``set_python_module``), so torch imports it when it needs the fake implementation.
 
 The extension is built by setup.py when a compiler (and for the CUDA kernel, nvcc and a CUDA build of
@@ -35,6 +36,7 @@ def load():
         else:
             _module = _C
             _register_fake()
+            _register_autograd()
     return _module
 
 
@@ -107,6 +109,31 @@ def _register_fake() -> None:
             torch._check(t.dtype == word_weight.dtype, lambda: f"{name} must be {word_weight.dtype}, got {t.dtype}")
             torch._check(t.shape[-1] == hidden, lambda: f"{name} must end in the hidden size {hidden}")
         return word_weight.new_empty((input_ids.shape[0], hidden))
+
+
+
+def _register_autograd() -> None:
+    """A backward for the op (the kernels have none): it recomputes the PyTorch reference and
+    differentiates that, so that a direct call under autograd gives correct gradients. fastbert's own
+    ``ops.embeddings`` runs the reference itself when autograd is needed."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:8])
+        ctx.eps = inputs[8]
+
+    def backward(ctx, grad_output):
+        from .ops.embeddings import embeddings_reference
+
+        ids, positions, types, *floats = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:8]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(floats, needs)]
+            out = embeddings_reference(ids, positions, types, *leaves, ctx.eps)
+            wanted = [leaf for leaf, need in zip(leaves, needs) if need]
+            grads = iter(torch.autograd.grad(out, wanted, grad_output))
+        return (None, None, None, *(next(grads) if need else None for need in needs), None)
+
+    torch.library.register_autograd(OP_NAME, backward, setup_context=setup_context)
 
 
 # Load now: importing this module is what torch does to find the fake implementation (the C++ op names

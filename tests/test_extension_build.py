@@ -185,11 +185,16 @@ def test_op_registered_with_cpu_kernel():
 
 
 @needs_extension
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["inference", "autograd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [97, 384])
-def test_opcheck_cpu(dtype, hidden):
+def test_opcheck_cpu(dtype, hidden, requires_grad):
+    """Schema, fake implementation, autograd registration and AOT dispatch (with dynamic shapes)."""
     assert _extension.is_built()
-    torch.library.opcheck(torch.ops.fastbert.embedding_layer_norm.default, _sample_inputs(dtype, hidden))
+    args = list(_sample_inputs(dtype, hidden))
+    if requires_grad:
+        args[3:8] = [t.requires_grad_() for t in args[3:8]]
+    torch.library.opcheck(torch.ops.fastbert.embedding_layer_norm.default, tuple(args))
 
 
 @needs_extension

@@ -119,6 +119,20 @@ def test_cpu_op_no_tokens_and_non_contiguous_inputs():
     check_against_reference(out, inputs, "strided inputs")
 
 
+@needs_cpu_op
+def test_cpu_op_backward_is_the_reference_backward():
+    """The op registers a backward that differentiates the reference: same gradients."""
+    inputs = list(make_inputs(7, 97))
+    grad_out = torch.randn(7, 97)
+    grads = []
+    for fn in (lambda *a: torch.ops.fastbert.embedding_layer_norm(*a, EPS), lambda *a: E.embeddings_reference(*a, EPS)):
+        leaves = [t.clone().requires_grad_() for t in inputs[3:]]
+        fn(*inputs[:3], *leaves).backward(grad_out)
+        grads.append([leaf.grad for leaf in leaves])
+    for mine, reference in zip(*grads):
+        assert_close(mine, reference, FP32_OP, "gradient")
+
+
 OUT_OF_RANGE = [("input_ids", 0, -1, VOCAB), ("input_ids", 0, VOCAB, VOCAB),
                 ("position_ids", 1, -3, MAX_POSITIONS), ("position_ids", 1, MAX_POSITIONS, MAX_POSITIONS),
                 ("token_type_ids", 2, -1, TYPE_VOCAB), ("token_type_ids", 2, TYPE_VOCAB, TYPE_VOCAB)]
