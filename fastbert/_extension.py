@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 
@@ -56,7 +57,12 @@ def cuda_kernel_runs_on(device_index: int) -> bool:
     """Whether GPU ``device_index`` can run the compiled CUDA kernel (the binary holds code for its
     architecture); asked of the CUDA runtime, so only meaningful with a GPU."""
     module = load()
-    return module is not None and bool(module.with_cuda) and bool(module.cuda_kernel_image_available(device_index))
+    if module is None or not module.with_cuda:
+        return False
+    try:
+        return bool(module.cuda_kernel_image_available(device_index))
+    except RuntimeError:  # no usable device there: the Triton/PyTorch paths decide for themselves
+        return False
 
 
 def usable_on(device: torch.device | str) -> bool:
@@ -86,7 +92,7 @@ def extension_status() -> str:
             return "not built (fastbert runs its Triton/PyTorch paths; see setup.py to build it)"
         return f"not loadable ({type(_error).__name__}: {_error}); fastbert runs its Triton/PyTorch paths"
     where = os.path.basename(module.__file__ or "")
-    built_for = torch.__version__.split("+")[0]
+    built_for = re.match(r"\d+\.\d+\.\d+", torch.__version__).group(0)
     mismatch = "" if module.torch_version == built_for else (
         f"; WARNING: built against torch {module.torch_version}, running torch {built_for}: rebuild")
     if not module.with_cuda:
