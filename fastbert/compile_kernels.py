@@ -8,6 +8,14 @@ capability, and its cubin is read with Triton's bundled ``cuobjdump --dump-resou
 (registers, stack, local memory, static shared memory); the dynamic shared memory comes from the
 compiled kernel's metadata. One row per kernel, configuration and architecture; the exit status is
 non-zero when anything fails to compile or spills (a stack frame or local memory in use).
+
+A job of ``compile_configs()`` is a dict: ``kernel`` (the row's name), ``name`` (the configuration),
+``fn`` (the ``@triton.jit`` function), ``signature`` (runtime parameter -> Triton type such as
+``"*fp16"``, ``"i32"``, ``"fp32"``), ``constexprs`` (name -> value), ``divisible`` (parameters the
+JIT would see as multiples of 16, compiled with that hint), ``num_warps`` and ``num_stages``.
+
+Compilation runs in worker processes (``--jobs``, default one per core) started fresh with
+``TRITON_INTERPRET`` removed: kernels defined under the interpreter cannot be compiled.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ KERNEL_MODULES = ("attention", "bias_activation", "bias_residual_layer_norm")
 
 def kernel_modules() -> tuple[str, ...]:
     """The modules of ``fastbert.kernels`` that list compile configurations: the three above, then any
-    other module defining ``compile_configs`` (found by name, without importing every module)."""
+    other module of the package that defines ``compile_configs``."""
     import pkgutil
 
     from . import kernels
