@@ -182,7 +182,8 @@ void embedding_layer_norm_cpu_typed(const EmbeddingLayerNormArgs& a) {
 at::Tensor embedding_layer_norm_cpu(const at::Tensor& input_ids, const at::Tensor& position_ids,
                                     const at::Tensor& token_type_ids, const at::Tensor& word_weight,
                                     const at::Tensor& position_weight, const at::Tensor& token_type_weight,
-                                    const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
+                                    const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps,
+                                    bool /*check_indices: the host check is cheap and keeps the CPU kernel safe*/) {
   Inputs in = check_inputs(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
                            ln_weight, ln_bias);
   check_ranges_on_host(in);
@@ -206,7 +207,8 @@ at::Tensor embedding_layer_norm_cpu(const at::Tensor& input_ids, const at::Tenso
 at::Tensor embedding_layer_norm_cuda(const at::Tensor& input_ids, const at::Tensor& position_ids,
                                      const at::Tensor& token_type_ids, const at::Tensor& word_weight,
                                      const at::Tensor& position_weight, const at::Tensor& token_type_weight,
-                                     const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
+                                     const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps,
+                                     bool check_indices) {
   Inputs in = check_inputs(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
                            ln_weight, ln_bias);
   const c10::cuda::CUDAGuard guard(in.word.device());
@@ -216,7 +218,9 @@ at::Tensor embedding_layer_norm_cuda(const at::Tensor& input_ids, const at::Tens
 
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  const bool report = capture == cudaStreamCaptureStatusNone;
+  // check_indices=False: the caller validated the indices already (the model does, once per batch),
+  // so skip the read-back and its sync. The kernel stays safe either way.
+  const bool report = check_indices && capture == cudaStreamCaptureStatusNone;
 
   EmbeddingLayerNormArgs a = make_args(in, out, eps);
   at::Tensor flag;
@@ -291,7 +295,8 @@ bool register_ops() {
     def->set_python_module("fastbert._extension");
     def->def(
         "embedding_layer_norm(Tensor input_ids, Tensor position_ids, Tensor token_type_ids, Tensor word_weight, "
-        "Tensor position_weight, Tensor token_type_weight, Tensor ln_weight, Tensor ln_bias, float eps) -> Tensor");
+        "Tensor position_weight, Tensor token_type_weight, Tensor ln_weight, Tensor ln_bias, float eps, "
+        "bool check_indices=True) -> Tensor");
     auto* cpu = new torch::Library(torch::Library::IMPL, "fastbert", c10::DispatchKey::CPU, __FILE__, __LINE__);
     cpu->impl("embedding_layer_norm", &embedding_layer_norm_cpu);
 #ifdef FASTBERT_WITH_CUDA

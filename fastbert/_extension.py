@@ -104,7 +104,7 @@ def extension_status() -> str:
 def _register_fake() -> None:
     @torch.library.register_fake(OP_NAME)
     def _embedding_layer_norm_fake(input_ids, position_ids, token_type_ids, word_weight, position_weight,
-                                   token_type_weight, ln_weight, ln_bias, eps):
+                                   token_type_weight, ln_weight, ln_bias, eps, check_indices=True):
         torch._check(input_ids.dim() == 1, lambda: f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
         torch._check(position_ids.shape == input_ids.shape and token_type_ids.shape == input_ids.shape,
                      lambda: "input_ids, position_ids and token_type_ids must have one entry per token")
@@ -137,7 +137,7 @@ def _register_autograd() -> None:
             out = embeddings_reference(ids, positions, types, *leaves, ctx.eps)
             wanted = [leaf for leaf, need in zip(leaves, needs) if need]
             grads = iter(torch.autograd.grad(out, wanted, grad_output))
-        return (None, None, None, *(next(grads) if need else None for need in needs), None)
+        return (None, None, None, *(next(grads) if need else None for need in needs), None, None)
 
     torch.library.register_autograd(OP_NAME, backward, setup_context=setup_context)
 

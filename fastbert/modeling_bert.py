@@ -61,6 +61,7 @@ class BertEmbeddings(nn.Module):
             self.position_embeddings.weight, self.token_type_embeddings.weight,
             self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
             _dropout_p(self.dropout), inputs_embeds=inputs_embeds,
+            validate_indices=False,  # the model validated them at its boundary, once per batch
         )
 
 

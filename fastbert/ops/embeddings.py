@@ -210,27 +210,30 @@ def embeddings(
     eps: float,
     dropout_p: float = 0.0,
     inputs_embeds: torch.Tensor | None = None,
+    validate_indices: bool = True,
 ) -> torch.Tensor:
     """``[tokens]`` ids, positions and token types -> ``[tokens, hidden]`` normalized embeddings.
 
-    The model validates ids once per batch (on the host where it can); this op is safe on its own too:
-    an index outside its table raises IndexError naming it (see the module docstring).
+    The op is safe on its own: an index outside its table raises IndexError naming it (see the module
+    docstring). ``validate_indices=False`` skips that check and its host sync, for callers that validated
+    the indices already (the model does, once per batch); the kernels still never read outside a table.
     ``inputs_embeds`` (``[tokens, hidden]``) replaces the word lookup.
     """
     args = (input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
             ln_weight, ln_bias, eps, dropout_p, inputs_embeds)
+    reference = _reference_checked if validate_indices else embeddings_reference
     if dropout_p > 0 or inputs_embeds is not None or input_ids is None:
-        return _reference_checked(*args)
+        return reference(*args)
     indices = (input_ids, position_ids, token_type_ids)
     floats = (word_weight, position_weight, token_type_weight, ln_weight, ln_bias)
     if backend.needs_autograd(*floats) or not _kernels_take(indices, floats):
-        return _reference_checked(*args)
+        return reference(*args)
     choice = _choose(word_weight.device)
     if choice == "torch":
-        return _reference_checked(*args)
+        return reference(*args)
     indices = tuple(t.long() for t in indices)
     if choice == "cuda-extension":
-        return torch.ops.fastbert.embedding_layer_norm(*indices, *floats, float(eps))
+        return torch.ops.fastbert.embedding_layer_norm(*indices, *floats, float(eps), validate_indices)
 
     backend.use_triton(*floats)  # raises when the Triton path cannot run here (CPU without the interpreter)
     if word_weight.device.type != "cuda" and type(_kernels._embeddings_fwd_kernel).__name__ != "InterpretedFunction":
@@ -241,6 +244,6 @@ def embeddings(
     indices = tuple(t.contiguous() for t in indices)
     floats = tuple(t.contiguous() for t in floats)
     out, error_flag = torch.ops.fastbert.embedding_layer_norm_triton(*indices, *floats, float(eps))
-    if _may_read_back(error_flag) and bool(error_flag.item()):
+    if validate_indices and _may_read_back(error_flag) and bool(error_flag.item()):
         raise_out_of_range(*indices, *floats[:3])
     return out

@@ -347,6 +347,17 @@ def test_cuda_extension_out_of_range_raises_and_context_survives(name, which, va
 
 
 @needs_cuda_extension
+def test_cuda_extension_without_index_validation_is_safe():
+    """validate_indices=False (the model validated at its boundary): no read-back, no exception; a bad
+    index gives a NaN row, never an out-of-bounds read, and the other rows are right."""
+    inputs = with_bad_index(make_inputs(33, 768, device="cuda"), 0, VOCAB + 3, at=4)
+    with backend.use_backend("auto"):
+        out = E.embeddings(*inputs, EPS, validate_indices=False)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[4]).all() and torch.isfinite(out[torch.arange(33, device="cuda") != 4]).all()
+
+
+@needs_cuda_extension
 def test_cuda_extension_in_a_cuda_graph():
     inputs = make_inputs(40, 768, torch.float16, device="cuda")
     static_ids = inputs[0].clone()
