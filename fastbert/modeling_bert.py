@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from transformers import BertConfig, PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from transformers.models.bert.modeling_bert import BertPreTrainedModel
@@ -88,8 +89,10 @@ class BertSelfAttention(nn.Module):
         if any(type(m) is not nn.Linear or m.bias is None for m in linears):
             return None
         tensors = [m.weight for m in linears] + [m.bias for m in linears]
-        if torch.compiler.is_compiling() or any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
-            # Training: concatenate every call so that autograd reaches the three weights.
+        if (torch.compiler.is_compiling() or is_fake(tensors[0])
+                or any(t.requires_grad for t in tensors) and torch.is_grad_enabled()):
+            # Training: concatenate every call so that autograd reaches the three weights (and no
+            # cache under tracing: compiled graphs and fake tensors have no storage to key it on).
             return torch.cat(tensors[:3]), torch.cat(tensors[3:])
         # Inference: concatenate once, again only after a weight changed. An in-place update
         # (optimizer step, load_state_dict) bumps the version counter; .to() or a new .data changes

@@ -33,8 +33,8 @@ pytestmark = [
     pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed"),
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
                        reason="needs real (JIT) Triton kernels; TRITON_INTERPRET is set in this process"),
-    # fastbert's QKV weight cache keys on data_ptr(), which fake tensors only warn about.
-    pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor"),
+    # The QKV weight cache keys on data_ptr(); it must skip fake tensors (torch warns, later errors).
+    pytest.mark.filterwarnings("error:Accessing the data pointer of FakeTensor"),
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
