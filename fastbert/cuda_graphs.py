@@ -4,9 +4,9 @@ A captured graph bakes in its tensor addresses, its ``cu_seqlens`` capacity and 
 So each bucket holds static buffers of ``bucket`` tokens and a fixed-capacity ``cu_seqlens``, and
 its attention is launched for a static ``max_seqlen`` bound. A call validates and unpacks its batch
 eagerly (host syncs are fine there), copies the packed tokens into the smallest bucket that holds
-them, and replays. The tokens past the last real one are cut into sequences of at most
-``max_seqlen`` tokens that attend only among themselves: every row is computed on initialised
-inputs, and none of them is read back.
+them, and replays. The tokens past the last real one are cut into short sequences (at most
+``PADDING_PIECE`` tokens, so their attention costs little) that attend only among themselves: every
+row is computed on initialised inputs, and none of them is read back.
 
     runner = CUDAGraphRunner(model)            # model on a CUDA device, eval mode
     out = runner(input_ids, attention_mask)    # same outputs as model(...)
@@ -26,6 +26,7 @@ from . import ops
 from .validation import check_inputs
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+PADDING_PIECE = 64
 
 
 class _Bucket:
@@ -57,6 +58,7 @@ class CUDAGraphRunner:
         self.buckets = sorted(buckets)
         self.max_seqlen = int(max_seqlen or model.config.max_position_embeddings)
         self.max_sequences = max_sequences
+        self.piece = min(PADDING_PIECE, self.max_seqlen)
         device = next(model.parameters()).device
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
@@ -66,8 +68,8 @@ class CUDAGraphRunner:
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def _slots(self, tokens: int) -> int:
-        """cu_seqlens capacity: the real sequences, then the padding cut into max_seqlen pieces."""
-        return self.max_sequences + -(-tokens // self.max_seqlen)
+        """cu_seqlens capacity: the real sequences, then the padding cut into pieces."""
+        return self.max_sequences + -(-tokens // self.piece)
 
     def _encode(self, bucket: _Bucket) -> torch.Tensor:
         packing = ops.Packing(None, bucket.cu_seqlens, self.max_seqlen, 1, bucket.tokens)
@@ -98,9 +100,9 @@ class CUDAGraphRunner:
 
     def _tail_offsets(self, tokens: int, sequences: int, bucket: _Bucket) -> torch.Tensor:
         """``cu_seqlens[sequences + 1:]`` after ``sequences`` real ones holding ``tokens``: the padding
-        in pieces of at most max_seqlen tokens, then empty sequences. Made on the device: no sync."""
+        in pieces of at most ``self.piece`` tokens, then empty sequences. Made on the device: no sync."""
         count = bucket.cu_seqlens.numel() - 1 - sequences
-        steps = torch.arange(1, count + 1, dtype=torch.int32, device=self.device) * self.max_seqlen
+        steps = torch.arange(1, count + 1, dtype=torch.int32, device=self.device) * self.piece
         return (steps + tokens).clamp_(max=bucket.tokens)
 
     @torch.inference_mode()
