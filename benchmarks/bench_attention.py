@@ -21,7 +21,7 @@ implementation, so the figures compare time to the same answer. ``benchmark.extr
 padded implementations need (transpose to heads-first) are not timed: the peers get their best case.
 
 Collected by ``pytest benchmarks/ --benchmark-only`` when ``bench_*.py`` is in ``python_files``; this
-file needs no shared conftest (when the suite's ``record`` fixture exists, rows go to its table too).
+file's rows go to the suite's results table (benchmarks/conftest.py).
 """
 
 from __future__ import annotations
@@ -30,37 +30,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.conftest import cuda_or_skip, timed
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SHAPES = {"base": (12, 64), "large-head": (16, 128)}  # heads, head_dim
 SEQLENS = [128, 512]
 BATCH = 32
 IMPLS = ["fastbert-triton", "sdpa-efficient", "sdpa-flash", "sdpa-flash-varlen-bound"]
-
-
-def _cuda_or_skip():
-    if not torch.cuda.is_available():
-        pytest.skip("GPU benchmark: no CUDA device on this machine")
-
-
-def _timed(benchmark, fn, rounds=50, warmup=5) -> float:
-    """Median seconds of ``fn()``, synchronized with the GPU."""
-
-    def call():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
-    return benchmark.stats.stats.median
-
-
-def _record(request, **row):
-    """Add a row to the benchmark suite's results table when its ``record`` fixture exists."""
-    try:
-        record = request.getfixturevalue("record")
-    except pytest.FixtureLookupError:
-        return
-    record(**row)
 
 
 def _batch(seqlen, heads, head_dim, dtype):
@@ -82,8 +58,8 @@ def _batch(seqlen, heads, head_dim, dtype):
 @pytest.mark.parametrize("seqlen", SEQLENS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_attention(benchmark, request, dtype_name, shape, seqlen, impl):
-    _cuda_or_skip()
+def test_attention(benchmark, record, dtype_name, shape, seqlen, impl):
+    cuda_or_skip()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from fastbert import ops
@@ -118,10 +94,10 @@ def test_attention(benchmark, request, dtype_name, shape, seqlen, impl):
         if impl == "fastbert-triton":  # agrees with the reference before it is timed
             expected = ops.varlen_attention_reference(qkv.float(), cu, seqlen, heads).float()
             assert (fn().float() - expected).abs().max().item() < 0.05
-        seconds = _timed(benchmark, fn)
+        seconds = timed(benchmark, fn, rounds=50, warmup=5)
 
     flops = 4 * int((lengths.long() ** 2).sum()) * heads * head_dim
     tflops = flops / seconds / 1e12
     benchmark.extra_info.update(impl=impl, tokens=tokens, tflops=tflops)
-    _record(request, case=f"attention {dtype_name} {heads}x{head_dim} batch={BATCH} seqlen<={seqlen}",
+    record(case=f"attention {dtype_name} {heads}x{head_dim} batch={BATCH} seqlen<={seqlen}",
             impl=impl, seconds=seconds, tflops=tflops, tokens_per_s=tokens / seconds)

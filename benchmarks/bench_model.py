@@ -21,7 +21,6 @@ import transformers
 
 from benchmarks.conftest import cuda_or_skip, timed
 
-import fastbert
 from fastbert.cuda_graphs import CUDAGraphRunner
 from fastbert.optimize import to_fastbert
 

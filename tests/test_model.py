@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import fastbert
-from tests.helpers import (FP32_MODEL_CHECKPOINT, FP32_MODEL_RANDOM, assert_close,
+from tests.helpers import (FP32_MODEL_RANDOM, assert_close,
                            assert_low_precision_within_budget, max_abs_diff)
 from tests.model_utils import SHAPES, make_config, make_mask, model_pair, random_inputs
 

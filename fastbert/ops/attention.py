@@ -30,7 +30,7 @@ def _check(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int) -> tuple
 def _padded_qkv(qkv, cu_seqlens, max_seqlen, num_heads):
     """Scatter packed Q, K, V into ``[batch, heads, max_seqlen, head_dim]`` each, plus the key mask."""
     tokens = qkv.shape[0]
-    hidden, head_dim = qkv.shape[1] // 3, qkv.shape[1] // 3 // num_heads
+    head_dim = qkv.shape[1] // 3 // num_heads
     batch = cu_seqlens.numel() - 1
     seq_idx, offset = sequence_positions(cu_seqlens, tokens)
     padded = qkv.new_zeros(batch, max_seqlen, 3, num_heads, head_dim)
