@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# Set in the child pytest that runs a file's interpreter cases (see run_interpreter_cases).
+IN_INTERPRETER_CHILD = os.environ.get("FASTBERT_INTERPRETER_CHILD") == "1"
 
 # DESIGN.md's budgets (max abs diff).
 FP32_OP = 1e-5  # fp32 single op vs its PyTorch reference
@@ -37,3 +47,19 @@ def assert_low_precision_within_budget(actual, reference_fp32, torch_same_dtype,
 def nan_like(shape, dtype, device="cpu") -> torch.Tensor:
     """An output buffer poisoned with NaN, so that elements a kernel never writes fail the check."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def run_interpreter_cases(test_file: str, min_passed: int, **env: str) -> None:
+    """Run ``test_file``'s ``interpreter_case`` tests in a child pytest under ``TRITON_INTERPRET=1``
+    and check that at least ``min_passed`` ran and all passed, none skipped. Triton reads the variable
+    when a kernel is defined, so it cannot be switched on inside this process (and must not leak into
+    the tests that need the real JIT, such as the fake-CUDA traces)."""
+    child_env = dict(os.environ, TRITON_INTERPRET="1", FASTBERT_INTERPRETER_CHILD="1", **env)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", "interpreter_case"],
+        cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=900)
+    tail = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, tail
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= min_passed and "skipped" not in summary, tail

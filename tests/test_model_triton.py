@@ -11,21 +11,15 @@ fails. Budget (DESIGN.md): 1e-4 for an fp32 model under the interpreter.
 from __future__ import annotations
 
 import importlib
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastbert.ops import backend
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD, run_interpreter_cases
 from tests.helpers import FP32_INTERPRETER, assert_close, max_abs_diff
 from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
-IN_CHILD = os.environ.get("FASTBERT_INTERPRETER_CHILD") == "1"
 OPS = {  # op module -> the launch helper it calls
     "attention": "attention_fwd",
     "bias_activation": "bias_activation_fwd",
@@ -36,15 +30,7 @@ OPS = {  # op module -> the launch helper it calls
 @pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
 @pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 def test_model_on_triton_interpreter_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTBERT_INTERPRETER_CHILD="1", FASTBERT_BACKEND="triton")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreter_case"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    tail = (result.stdout + result.stderr)[-6000:]
-    assert result.returncode == 0, tail
-    summary = result.stdout.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 20 and "skipped" not in summary, tail
+    run_interpreter_cases(__file__, 20, FASTBERT_BACKEND="triton")
 
 
 if IN_CHILD:

@@ -14,22 +14,16 @@ fp16 / bf16: error against the fp32 reference <= 2x PyTorch's own error at that 
 from __future__ import annotations
 
 import importlib
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastbert.ops import backend
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD, run_interpreter_cases
 from tests.helpers import FP32_OP, assert_close, assert_low_precision_within_budget, nan_like
 
 A = importlib.import_module("fastbert.ops.bias_activation")  # the module, not the same-named function
 
-ROOT = Path(__file__).resolve().parents[2]
-IN_CHILD = os.environ.get("FASTBERT_INTERPRETER_CHILD") == "1"
 ACTIVATIONS = ["gelu", "gelu_tanh", "relu"]
 SHAPES = [(1, 1), (7, 37), (37, 301), (5, 3072), (3, 1024)]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
@@ -186,15 +180,7 @@ def test_fused_op_is_registered():
 @pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
 @pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 def test_triton_interpreter_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTBERT_INTERPRETER_CHILD="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreter_case"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    tail = (result.stdout + result.stderr)[-6000:]
-    assert result.returncode == 0, tail
-    summary = result.stdout.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 40 and "skipped" not in summary, tail
+    run_interpreter_cases(__file__, 40)
 
 
 if IN_CHILD:

@@ -13,23 +13,18 @@ reference <= 2x PyTorch's own error at that dtype + 1e-3.
 from __future__ import annotations
 
 import importlib
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastbert import _extension
 from fastbert.ops import backend
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD, run_interpreter_cases
 from tests.helpers import (FP32_INTERPRETER, FP32_OP, assert_close, assert_low_precision_within_budget,
                            nan_like)
 
 E = importlib.import_module("fastbert.ops.embeddings")  # the module (fastbert.ops.embeddings is the function)
 
-ROOT = Path(__file__).resolve().parents[2]
 HIDDEN = [312, 384, 768, 1024, 97, 4096]
 TOKENS = [1, 7, 33]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -247,22 +242,12 @@ def test_compiled_embeddings_on_cpu_has_no_graph_break():
 # The Triton kernel under the interpreter: the cases below run only in a child pytest process started
 # with TRITON_INTERPRET=1 (test_triton_interpreter_in_subprocess).
 
-IN_CHILD = os.environ.get("FASTBERT_INTERPRETER_CHILD") == "1"
 
 
 @pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
 @pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 def test_triton_interpreter_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTBERT_INTERPRETER_CHILD="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__,
-         "-k", "interpreter_case"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    tail = (result.stdout + result.stderr)[-6000:]
-    assert result.returncode == 0, tail
-    summary = result.stdout.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) == 33 and "skipped" not in summary, tail
+    run_interpreter_cases(__file__, 33)
 
 
 if IN_CHILD:  # collected only in the child, so the parent's report does not list them as skipped
