@@ -92,6 +92,42 @@ def _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_le
     return ops.Packing(None, cu_seqlens, longest, batch, total)
 
 
+def _checked_unpad(config, shape, device, attention_mask, input_ids, token_type_ids, position_ids) -> ops.Packing:
+    """Validate a padded batch's values and unpad it with one host sync (on CUDA tensors every
+    sync stalls the launch queue): the mask's 0/1 values, the ranges of ids, positions and token
+    types at real tokens (padding is never looked up, so its ids do not matter), and the mask's
+    statistics all come back in one ``tolist()``."""
+    batch, seqlen = shape
+    if batch == 0:
+        return ops.unpad_input(None, 0, seqlen, device)
+    keep = attention_mask.bool() if attention_mask is not None else None
+    checks = [(name, values, limit, what) for name, values, limit, what in (
+        ("input_ids", input_ids, config.vocab_size, "the vocabulary is"),
+        ("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings is"),
+        ("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size is")) if values is not None]
+    bad = [(values < 0) | (values >= limit) for _, values, limit, _ in checks]
+    if keep is not None:
+        bad = [b & keep for b in bad]
+    flags = [b.any() for b in bad]
+    if keep is not None:
+        seqlens = keep.sum(dim=1, dtype=torch.int32)
+        flags += [seqlens.max(), seqlens.sum()]
+        if attention_mask.dtype != torch.bool:
+            flags.append(((attention_mask != 0) & (attention_mask != 1)).any())
+    host = torch.stack([f.to(torch.int64) for f in flags]).tolist() if flags else []
+    if keep is not None and attention_mask.dtype != torch.bool and host[-1]:
+        raise ValueError("attention_mask must hold only 0 and 1 (1 = a real token, 0 = padding)")
+    for (name, values, limit, what), b, found in zip(checks, bad, host):
+        if found:
+            row, column = torch.nonzero(b)[0].tolist()
+            raise ValueError(f"{name}[{row}, {column}] = {int(values[row, column])} is out of range: "
+                             f"{what} [0, {limit})")
+    if keep is None:
+        return ops.unpad_input(None, batch, seqlen, device)
+    longest, total = host[len(checks):len(checks) + 2]
+    return ops.padding.packing_of(keep, seqlens, longest, total, batch, seqlen, device)
+
+
 def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                  cu_seq_lens_q=None, max_length_q=None) -> ModelInputs:
     if (input_ids is None) == (inputs_embeds is None):
@@ -117,9 +153,6 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
             raise ValueError(f"attention_mask must be a 0/1 [batch, seqlen] mask, got shape "
                              f"{tuple(attention_mask.shape)}")
         _check_shape("attention_mask", attention_mask, shape)
-        if (attention_mask.dtype != torch.bool and not torch.compiler.is_compiling()
-                and bool(((attention_mask != 0) & (attention_mask != 1)).any())):
-            raise ValueError("attention_mask must hold only 0 and 1 (1 = a real token, 0 = padding)")
     if token_type_ids is not None:
         _check_integer("token_type_ids", token_type_ids)
         _check_shape("token_type_ids", token_type_ids, shape, allow_broadcast_batch=True)
@@ -133,10 +166,13 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
                          f"{config.max_position_embeddings} of this model")
 
     packing = _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_length_q, device)
-    if packing is None and attention_mask is not None and torch.compiler.is_compiling():
-        packing = ops.static_unpad_input(attention_mask, batch, seqlen)
+    ranges_checked = False
+    if packing is None and torch.compiler.is_compiling():
+        packing = (ops.static_unpad_input(attention_mask, batch, seqlen) if attention_mask is not None
+                   else ops.unpad_input(None, batch, seqlen, device))
     elif packing is None:
-        packing = ops.unpad_input(attention_mask, batch, seqlen, device)
+        packing = _checked_unpad(config, shape, device, attention_mask, input_ids, token_type_ids, position_ids)
+        ranges_checked = True
     elif position_ids is None:  # packed sequences without positions: each counts from 0
         seq_idx, offset = ops.padding.sequence_positions(packing.cu_seqlens, seqlen)
         position_ids = offset[None]
@@ -156,7 +192,9 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
                 for t in (packed_ids, packed_positions, packed_types))
         return ModelInputs(packed_ids, packed_embeds, packed_positions, packed_types, packing)
 
-    # One host sync for all range checks; the detailed search runs only when something is wrong.
+    if ranges_checked:
+        return ModelInputs(packed_ids, packed_embeds, packed_positions, packed_types, packing)
+    # Packed input: one host sync for all range checks; the search runs only when something is wrong.
     checks = [("position_ids", packed_positions, config.max_position_embeddings, "max_position_embeddings is"),
               ("token_type_ids", packed_types, config.type_vocab_size, "type_vocab_size is")]
     if packed_ids is not None:

@@ -259,3 +259,21 @@ def test_empty_batch_gives_empty_outputs():
         out = fast(torch.zeros(0, 7, dtype=torch.long))
     assert out.last_hidden_state.shape == (0, 7, fast.config.hidden_size)
     assert out.pooler_output.shape == (0, fast.config.hidden_size)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_cuda_boundary_validates_and_unpads_with_one_sync():
+    """Every host sync stalls the launch queue: validation + unpadding of a padded batch take one."""
+    from fastbert.validation import check_inputs
+
+    config = make_config()
+    ids, types = (t.cuda() for t in random_inputs(config, 4, 12))
+    mask = make_mask("holes", 4, 12).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning, match="synchroniz") as caught:
+            check_inputs(config, ids, mask, types, None, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1

@@ -47,14 +47,26 @@ class Packing(NamedTuple):
 
 def unpad_input(attention_mask: torch.Tensor | None, batch: int, seqlen: int, device) -> Packing:
     """Packing of a ``[batch, seqlen]`` input under a 0/1 ``attention_mask`` (None: all kept)."""
-    if attention_mask is None or bool(attention_mask.all()):
-        cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
-        return Packing(None, cu_seqlens[: batch + 1], seqlen if batch else 0, batch, seqlen)
+    if attention_mask is None or batch == 0:
+        return packing_of(None, None, seqlen, batch * seqlen, batch, seqlen, device)
     keep = attention_mask.bool()
     seqlens = keep.sum(dim=1, dtype=torch.int32)
-    indices = torch.nonzero(keep.flatten()).flatten()
+    longest, total = torch.stack([seqlens.max(), seqlens.sum()]).tolist()
+    return packing_of(keep, seqlens, longest, total, batch, seqlen, device)
+
+
+def packing_of(keep, seqlens, max_seqlen: int, total: int, batch: int, seqlen: int, device) -> Packing:
+    """The packing of a mask whose statistics the host already has (``max_seqlen`` and ``total`` kept
+    tokens): no further sync where ``torch.nonzero_static`` exists."""
+    if keep is None or total == batch * seqlen:
+        cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+        return Packing(None, cu_seqlens[: batch + 1], seqlen if batch else 0, batch, seqlen)
+    flat = keep.flatten()
+    if hasattr(torch, "nonzero_static"):
+        indices = torch.nonzero_static(flat, size=total).flatten()
+    else:
+        indices = torch.nonzero(flat).flatten()
     cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    max_seqlen = int(seqlens.max()) if batch else 0
     return Packing(indices, cu_seqlens, max_seqlen, batch, seqlen)
 
 
