@@ -17,9 +17,8 @@ from transformers.models.bert.modeling_bert import BertPreTrainedModel
 from transformers.utils import logging
 
 from . import ops
+from .loading import check_loading_info, check_model_type
 from .validation import check_config, check_inputs
-
-logger = logging.get_logger(__name__)
 
 
 def _linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -261,8 +260,6 @@ class BertModel(BertPreTrainedModel):
         """transformers' ``from_pretrained``, stricter: a checkpoint of another model type is refused,
         and (with ``strict``, the default) weights missing from it or unknown to the model raise an
         error that names them instead of a warning."""
-        from .loading import check_loading_info, check_model_type
-
         config = kwargs.get("config")
         if not isinstance(config, PretrainedConfig):
             check_model_type(pretrained_model_name_or_path, kwargs)
