@@ -21,8 +21,10 @@ row is NaN and ``error_flag[0]`` is set to 1, for the caller to read back and ra
 import triton
 import triton.language as tl
 
-MAX_SINGLE_BLOCK = 8192
-LOOP_BLOCK_N = 4096
+# Rows are LayerNorm rows as in bias + residual + LayerNorm: the same block, warp and loop choice
+# (its 16 warps for the chunked loop also keep this kernel from spilling fp32 on sm_90).
+from .bias_residual_layer_norm import MAX_SINGLE_BLOCK
+from .bias_residual_layer_norm import layer_norm_config as embeddings_config
 
 
 @triton.jit
@@ -96,15 +98,6 @@ def _embeddings_fwd_kernel(
             y = ((w + t) + p - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
             y = tl.where(ok[:, None], y, float("nan"))
             tl.store(o_row + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def embeddings_config(hidden: int) -> dict:
-    """Block sizes and warps for rows of ``hidden`` (see the module docstring)."""
-    block_n = max(128, triton.next_power_of_2(hidden))
-    if block_n > MAX_SINGLE_BLOCK:
-        return {"BLOCK_M": 1, "BLOCK_N": LOOP_BLOCK_N, "LOOP": True, "num_warps": 16}  # 8 spills on sm_90 (fp32)
-    block_m = max(1, 2048 // block_n)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "LOOP": False, "num_warps": block_m * block_n // 512}
 
 
 def embeddings_fwd(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
