@@ -86,6 +86,9 @@ def _embeddings_fwd_kernel(
             diff = tl.where(mask, (w + t) + p - mean[:, None], 0.0)
             total += diff * diff
         rstd = 1.0 / tl.sqrt(tl.sum(total, axis=1) / hidden + eps)
+        # Bad rows become NaN by adding a per-row 0 or NaN rather than a per-element select: one
+        # register less, which keeps Triton 3.6's ptxas for sm_120 from spilling in fp32.
+        poison = tl.where(ok, 0.0, float("nan"))
         for start in range(0, hidden, BLOCK_N):
             cols = start + offs
             mask_n = cols < hidden
@@ -95,8 +98,7 @@ def _embeddings_fwd_kernel(
             p = tl.load(p_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             g = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
-            y = ((w + t) + p - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
-            y = tl.where(ok[:, None], y, float("nan"))
+            y = ((w + t) + p - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :] + poison[:, None]
             tl.store(o_row + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

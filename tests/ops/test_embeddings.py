@@ -247,7 +247,7 @@ def test_compiled_embeddings_on_cpu_has_no_graph_break():
 @pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
 @pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 def test_triton_interpreter_in_subprocess():
-    run_interpreter_cases(__file__, 33)
+    run_interpreter_cases(__file__, 39)
 
 
 if IN_CHILD:  # collected only in the child, so the parent's report does not list them as skipped
@@ -274,15 +274,16 @@ if IN_CHILD:  # collected only in the child, so the parent's report does not lis
         assert flag.item() == 0
         check_against_reference(out, inputs, f"launch helper hidden={hidden}", fp32_atol=FP32_INTERPRETER)
 
+    @pytest.mark.parametrize("hidden", [97, 8200])  # one block; the LOOP variant
     @pytest.mark.parametrize("name,which,value,limit", OUT_OF_RANGE)
-    def test_interpreter_case_out_of_range(name, which, value, limit):
+    def test_interpreter_case_out_of_range(name, which, value, limit, hidden):
         from fastbert.kernels import embeddings as kernels
 
-        inputs = with_bad_index(make_inputs(7, 97), which, value, at=3)
+        inputs = with_bad_index(make_inputs(7, hidden), which, value, at=3)
         with backend.use_backend("triton"), pytest.raises(IndexError, match=rf"{name}\[3\] = {value} .*\[0, {limit}\)"):
             E.embeddings(*inputs, EPS)
         # The kernel itself: never reads outside the tables, flags the row and writes it as NaN.
-        out = nan_like((7, 97), torch.float32)
+        out = nan_like((7, hidden), torch.float32)
         flag = torch.zeros(1, dtype=torch.int32)
         kernels.embeddings_fwd(*inputs, EPS, out, flag)
         assert flag.item() == 1
