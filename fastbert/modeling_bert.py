@@ -89,9 +89,12 @@ class BertSelfAttention(nn.Module):
             return None
         tensors = [m.weight for m in linears] + [m.bias for m in linears]
         if (torch.compiler.is_compiling() or is_fake(tensors[0])
-                or any(t.requires_grad for t in tensors) and torch.is_grad_enabled()):
+                or any(t.requires_grad for t in tensors) and torch.is_grad_enabled()
+                or any(t.is_inference() for t in tensors)):
             # Training: concatenate every call so that autograd reaches the three weights (and no
-            # cache under tracing: compiled graphs and fake tensors have no storage to key it on).
+            # cache under tracing: compiled graphs and fake tensors have no storage to key it on;
+            # nor for weights made under torch.inference_mode: they have no version counter, so an
+            # in-place update could not be seen).
             return torch.cat(tensors[:3]), torch.cat(tensors[3:])
         # Inference: concatenate once, again only after a weight changed. An in-place update
         # (optimizer step, load_state_dict) bumps the version counter; .to() or a new .data changes

@@ -207,6 +207,21 @@ def test_qkv_cache_follows_weight_updates():
     _compare(fast, hf, ids, mask)
 
 
+def test_model_built_under_inference_mode_follows_in_place_updates():
+    # Weights made under torch.inference_mode are inference tensors: no version counter to key the
+    # fused-QKV cache on, so an in-place update there must still be seen (no stale cache).
+    with torch.inference_mode():
+        fast, hf = model_pair(make_config())
+        ids, _ = random_inputs(fast.config, 2, 8)
+        mask = make_mask("right", 2, 8)
+        assert fast.encoder.layer[0].attention.self.key.weight.is_inference()
+        _compare(fast, hf, ids, mask)
+        for model in (fast, hf):
+            model.encoder.layer[0].attention.self.key.weight.mul_(1.5)
+            model.encoder.layer[1].attention.self.value.bias.add_(0.3)
+        _compare(fast, hf, ids, mask)
+
+
 def test_lora_wrapped_query_value_equal_transformers():
     peft = pytest.importorskip("peft")
     fast, hf = model_pair(make_config())
