@@ -5,7 +5,13 @@ BERT-base and BERT-large with random weights from their configs.
 Peers get each batch padded to its longest sequence, as their users run them; fastbert gets the same
 padded batch through the same API (it unpads inside). For every case: median time, tokens/s (real
 tokens), TFLOP/s of the useful work, its fraction of the matmul peak measured in this run, and (at
-the end of the session, in results.json) the ratio to every peer.
+the end of the session, in results.json) the ratio to every peer. fastbert's output is checked against
+an fp32 transformers reference (DESIGN.md's low-precision budget) before it is timed.
+
+``FASTBERT_BENCH_QUICK=1``: BERT-base bf16 only (the headline cases), for a short GPU call.
+``FASTBERT_BENCH_SMOKE=1``: the same harness on the CPU with a tiny fp32 model and torch.compile's
+``aot_eager`` backend, a few rounds: it proves the suite's wiring (tests/test_benchmark_suite.py), not
+speed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 import transformers
 
 from benchmarks.conftest import cuda_or_skip, timed
+from tests.helpers import LOW_PRECISION_SLACK, max_abs_diff
 
 from fastbert.cuda_graphs import CUDAGraphRunner
 from fastbert.optimize import to_fastbert
@@ -32,7 +39,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DENSE = {"1x128": (1, 128), "8x128": (8, 128), "32x128": (32, 128), "32x512": (32, 512)}
 SETS = ["varlen16x512", "sentences32"]
 HEADLINE = {("bert-base", "bf16", "32x128"), ("bert-base", "bf16", "32x512"), ("bert-base", "bf16", "varlen16x512")}
-QUICK = os.environ.get("FASTBERT_BENCH_QUICK") == "1"  # bert-base bf16 only, for a short GPU call
+QUICK = os.environ.get("FASTBERT_BENCH_QUICK") == "1"
+SMOKE = os.environ.get("FASTBERT_BENCH_SMOKE") == "1"
+if SMOKE:
+    MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)}
+    DTYPES = {"fp32": torch.float32}
+    DENSE = {"8x128": (8, 128)}
+    SETS = ["varlen16x512"]
+    HEADLINE = {("tiny", "fp32", "varlen16x512")}
+DEVICE = "cpu" if SMOKE else "cuda"
+# Every (model, dtype, shape) is a recompile of the same forward code; the default limit (8) would
+# silently fall back to eager for the later cases, and a fallback must fail rather than be timed.
+torch._dynamo.config.recompile_limit = 256
+torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
 def lengths_of(shape: str) -> list[int]:
@@ -47,7 +66,7 @@ def lengths_of(shape: str) -> list[int]:
     return [real[i] for i in pick]
 
 
-def batch_of(lengths: list[int], vocab: int, device="cuda"):
+def batch_of(lengths: list[int], vocab: int, device=DEVICE):
     gen = torch.Generator().manual_seed(1)
     longest = max(lengths)
     ids = torch.randint(1000, vocab, (len(lengths), longest), generator=gen)
@@ -64,20 +83,44 @@ def matmul_flops(config, lengths: list[int]) -> float:
     return layers * (dense + attention)
 
 
+def bert(config, attn_implementation: str):
+    return transformers.AutoModel.from_config(config, attn_implementation=attn_implementation)
+
+
 @functools.cache
+@torch.inference_mode(False)  # built as users load models: ordinary tensors, not inference tensors
 def models(name: str, dtype_name: str):
-    """The transformers models (eager, SDPA) and fastbert, all sharing one set of random weights."""
+    """The transformers models (eager, SDPA) and fastbert, all sharing one set of random weights, and
+    the fp32 reference they came from."""
     config = transformers.BertConfig(vocab_size=30522, max_position_embeddings=512, **MODELS[name])
     torch.manual_seed(0)
-    sdpa = transformers.BertModel(config, attn_implementation="sdpa").to("cuda", DTYPES[dtype_name]).eval()
-    eager = transformers.BertModel(config, attn_implementation="eager").to("cuda", DTYPES[dtype_name]).eval()
-    eager.load_state_dict(sdpa.state_dict())
-    return {"sdpa": sdpa, "eager": eager, "fastbert": to_fastbert(sdpa)}
+    reference = bert(config, "sdpa").to(DEVICE).eval()  # fp32
+    sdpa = bert(config, "sdpa").to(DEVICE, DTYPES[dtype_name]).eval()
+    eager = bert(config, "eager").to(DEVICE, DTYPES[dtype_name]).eval()
+    sdpa.load_state_dict(reference.state_dict())
+    eager.load_state_dict(reference.state_dict())
+    return {"reference": reference, "sdpa": sdpa, "eager": eager, "fastbert": to_fastbert(sdpa)}
 
 
 @functools.cache
 def compiled(name: str, dtype_name: str, mode: str | None):
-    return torch.compile(models(name, dtype_name)["sdpa"], mode=mode)
+    if SMOKE:  # dynamo's capture of the transformers model, without inductor's minutes of codegen
+        return torch.compile(models(name, dtype_name)["sdpa"], backend="aot_eager")
+    # dynamic=False: a graph specialized to each batch shape, torch.compile's fastest form for a
+    # fixed benchmark shape (its automatic dynamic shapes would compile a slower, shape-generic one).
+    return torch.compile(models(name, dtype_name)["sdpa"], mode=mode, dynamic=False)
+
+
+def check_output(output, name: str, dtype_name: str, ids, mask) -> None:
+    """fastbert's last_hidden_state at real tokens against the fp32 reference: within 2x the error of
+    transformers (SDPA) at the same dtype + 1e-3 (DESIGN.md), so that no wrong result is ever timed."""
+    group = models(name, dtype_name)
+    keep = mask.bool()
+    reference = group["reference"](ids, attention_mask=mask).last_hidden_state[keep]
+    peer = group["sdpa"](ids, attention_mask=mask).last_hidden_state[keep]
+    err = max_abs_diff(output.last_hidden_state[keep], reference)
+    budget = 2 * max_abs_diff(peer, reference) + LOW_PRECISION_SLACK
+    assert err <= budget, f"fastbert's output is off by {err:.3g} (budget {budget:.3g}): not timed"
 
 
 @functools.cache
@@ -105,7 +148,10 @@ def cases():
 @pytest.mark.parametrize("name, dtype_name, shape, impl", list(cases()))
 @torch.inference_mode()
 def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, impl):
-    cuda_or_skip()
+    if not SMOKE:
+        cuda_or_skip()
+    if SMOKE and impl in ("fastbert+cudagraphs", "torch.compile-max-autotune"):
+        pytest.skip("CUDA graphs and max-autotune need a GPU")
     lengths = lengths_of(shape)
     group = models(name, dtype_name)
     ids, mask = batch_of(lengths, group["sdpa"].config.vocab_size)
@@ -117,8 +163,11 @@ def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, i
         "torch.compile": lambda: compiled(name, dtype_name, None)(ids, attention_mask=mask),
         "torch.compile-max-autotune": lambda: compiled(name, dtype_name, "max-autotune")(ids, attention_mask=mask),
     }[impl]
+    if impl.startswith("fastbert"):
+        check_output(fn(), name, dtype_name, ids, mask)
     benchmark.group = f"{name} {dtype_name} {shape}"
-    seconds = timed(benchmark, fn, rounds=10 if "large" in name else 20, warmup=3)
+    rounds, warmup = (3, 1) if SMOKE else (10 if "large" in name else 20, 3)
+    seconds = timed(benchmark, fn, rounds=rounds, warmup=warmup)
     flops = matmul_flops(group["sdpa"].config, lengths)
     tflops = flops / seconds / 1e12
     row = dict(case=f"{name} {dtype_name} {shape}", impl=impl, seconds=seconds, tokens=sum(lengths),

@@ -1,0 +1,95 @@
+"""The GPU model suite's wiring, proven on the CPU before a GPU session spends its minutes on it.
+
+``FASTBERT_BENCH_SMOKE=1`` runs benchmarks/bench_model.py with a tiny fp32 model on the CPU (every
+peer but CUDA graphs and max-autotune, torch.compile through ``aot_eager``): models built, fastbert
+checked against the fp32 reference, every case timed and recorded, ratios computed, results.json
+written, and benchmarks/report.py turns it into the table and the plot. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+PEERS = {"transformers-eager", "transformers-sdpa", "torch.compile"}
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    env = dict(os.environ, FASTBERT_BENCH_SMOKE="1", FASTBERT_BENCH_JSON=str(out))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/bench_model.py", "--benchmark-only", "-q", "-rs",
+         "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "CUDA graphs and max-autotune need a GPU" in output  # the skips say why
+    return out, json.loads(out.read_text())
+
+
+def test_every_case_is_timed_against_every_peer(smoke_results):
+    _, payload = smoke_results
+    rows = payload["results"]
+    cases = {row["case"] for row in rows}
+    assert cases == {"tiny fp32 8x128", "tiny fp32 varlen16x512"}
+    for case in cases:
+        impls = {row["impl"]: row for row in rows if row["case"] == case}
+        assert set(impls) == PEERS | {"fastbert"}, case
+        ours = impls["fastbert"]
+        assert set(ours["speedup"]) == PEERS
+        for peer in PEERS:
+            expected = impls[peer]["seconds"] / ours["seconds"]
+            assert ours["speedup"][peer] == pytest.approx(expected)
+        assert ours["seconds"] > 0 and ours["tokens_per_s"] == pytest.approx(ours["tokens"] / ours["seconds"])
+        assert ours["roofline_fraction"] is None  # no GPU: no measured matmul peak
+    dense = next(row for row in rows if row["case"] == "tiny fp32 8x128")
+    assert dense["tokens"] == dense["padded_tokens"] == 8 * 128
+    varlen = next(row for row in rows if row["case"] == "tiny fp32 varlen16x512")
+    assert varlen["tokens"] < varlen["padded_tokens"] <= 16 * 512
+    assert payload["environment"]["device"].startswith("cpu")
+
+
+def test_report_makes_the_table_and_the_plot(smoke_results, tmp_path):
+    path, _ = smoke_results
+    table, png = tmp_path / "table.md", tmp_path / "plot.png"
+    args = [sys.executable, "benchmarks/report.py", str(path), "--markdown", str(table)]
+    if _has_matplotlib():
+        args += ["--plot", str(png)]
+    subprocess.run(args, cwd=ROOT, check=True, timeout=120)
+    text = table.read_text()
+    assert "| tiny fp32 varlen16x512 | fastbert |" in text
+    assert "vs transformers-eager" in text and "vs torch.compile" in text
+    if _has_matplotlib():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_report_merges_runs_and_refuses_other_devices():
+    from benchmarks.report import merge
+
+    env = {"device": "NVIDIA H100", "torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"}
+
+    def run(date, rows, **changes):
+        return {"environment": dict(env, date=date, **changes), "results": rows}
+
+    a = [{"case": "x", "impl": "fastbert", "seconds": 1.0}, {"case": "y", "impl": "fastbert", "seconds": 2.0}]
+    b = [{"case": "y", "impl": "fastbert", "seconds": 3.0}, {"case": "z", "impl": "fastbert", "seconds": 4.0}]
+    merged = merge([run("d1", a), run("d2", b)])
+    assert [(r["case"], r["seconds"]) for r in merged["results"]] == [("x", 1.0), ("y", 3.0), ("z", 4.0)]
+    assert merged["environment"]["date"] == "d1 .. d2"
+    with pytest.raises(SystemExit, match="device"):
+        merge([run("d1", a), run("d2", b, device="NVIDIA H200")])
