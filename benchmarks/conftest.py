@@ -1,8 +1,9 @@
 """Shared machinery of the benchmark suite (`pytest benchmarks/ --benchmark-only`).
 
-Every timed case records its median into one table; at the end of the session the table, with the
-ratios between implementations measured side by side and the device's matmul peak measured in the
-same run, is written to ``$FASTBERT_BENCH_JSON`` (default: ``$OUT/results.json`` when ``OUT`` is
+Every timed case records its median into one table; the table, with the ratios between
+implementations measured side by side and the device's matmul peak measured in the same run, is
+written after every case (a run stopped at its time limit keeps what it measured) to
+``$FASTBERT_BENCH_JSON`` (default: ``$OUT/results.json`` when ``OUT`` is
 set, else ``build/bench/results.json``). ``benchmarks/report.py`` turns it into RESULTS.md's table
 and a plot.
 """
@@ -10,6 +11,7 @@ and a plot.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -97,10 +99,12 @@ def record():
 
     def add(**row):
         _RESULTS.append(row)
+        _write_results()
 
     return add
 
 
+@functools.cache
 def _environment() -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -137,12 +141,18 @@ def _add_ratios(rows: list[dict]) -> None:
                               if not impl.startswith("fastbert")}
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if not _RESULTS:
-        return
+def _write_results() -> None:
     _add_ratios(_RESULTS)
     default = Path(os.environ["OUT"]) / "results.json" if os.environ.get("OUT") else Path("build/bench/results.json")
     path = Path(os.environ.get("FASTBERT_BENCH_JSON", default))
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"environment": {**_environment(), **_CONTEXT}, "results": _RESULTS}
-    path.write_text(json.dumps(payload, indent=1))
+    # Written whole, then renamed: a run killed at its time limit never leaves half a file.
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(payload, indent=1))
+    partial.replace(path)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _RESULTS:
+        _write_results()

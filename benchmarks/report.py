@@ -1,6 +1,7 @@
 """results.json (from `pytest benchmarks/ --benchmark-only`) -> a markdown table and a PNG plot.
 
     python benchmarks/report.py build/bench/results.json --markdown benchmarks/RESULTS.md --plot benchmarks/results.png
+    python benchmarks/report.py call1/results.json call2/results.json --markdown table.md   # several GPU calls
 
 The markdown holds the environment (device, driver, versions, date, command) and one row per case:
 fastbert's median time, tokens/s, TFLOP/s and fraction of the measured matmul peak, and its speedup
@@ -62,14 +63,35 @@ def plot(payload: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def merge(payloads: list[dict]) -> dict:
+    """Several runs' results (GPU calls of under 10 minutes each) as one table. Ratios stay those of
+    the run that measured the case; a case measured again replaces the earlier run's rows. Runs on
+    different devices or versions are refused: their numbers do not belong in one table."""
+    keys = ("device", "torch", "triton", "transformers")
+    first = payloads[0]["environment"]
+    for other in payloads[1:]:
+        env = other["environment"]
+        differ = [k for k in keys if env.get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"report.py: runs differ in {', '.join(differ)}: "
+                             + "; ".join(f"{k}: {first.get(k)} vs {env.get(k)}" for k in differ))
+    rows: dict[str, list[dict]] = {}
+    for payload in payloads:
+        for case in dict.fromkeys(row["case"] for row in payload["results"]):
+            rows[case] = [row for row in payload["results"] if row["case"] == case]
+    dates = sorted({p["environment"].get("date", "") for p in payloads})
+    environment = dict(first, date=" .. ".join([dates[0], dates[-1]]) if len(dates) > 1 else dates[0])
+    return {"environment": environment, "results": [row for case_rows in rows.values() for row in case_rows]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+", help="results.json of one or more runs")
     parser.add_argument("--markdown", type=Path, help="write the table here (stdout if omitted)")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here")
     parser.add_argument("--command", default=COMMAND)
     args = parser.parse_args(argv)
-    payload = json.loads(args.results.read_text())
+    payload = merge([json.loads(path.read_text()) for path in args.results])
     table = markdown(payload, args.command)
     if args.markdown:
         args.markdown.write_text(table)
