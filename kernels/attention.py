@@ -46,13 +46,15 @@ graph sees one kernel per model):
   ``BLOCK_D = 32``, 8 from 64 up.
 - fp32 inputs (IEEE dots run on CUDA cores with both operands in registers, which costs far more
   registers per element): ``BLOCK_M = 64, BLOCK_N = 64``, 4 warps for ``BLOCK_D = 16``; from 32 up
-  ``BLOCK_M = 32`` and 8 warps with ``BLOCK_N`` = 64, 32, 32, 16 for ``BLOCK_D`` = 32, 64, 128, 256.
-  fp32 is the accuracy path (tests, fp32 checkpoints), not the fast one.
-- These were picked with ``fastbert compile-kernels`` (Triton 3.8, no GPU): no configuration spills
-  on sm_80, sm_90 or sm_120, masked or not; the larger tiles tried first (``BLOCK_M = 64`` in fp32
-  from ``BLOCK_D = 32``, fp16 ``BLOCK_D = 64`` masked with 4 warps, fp16 ``BLOCK_D = 256`` with
-  ``BLOCK_M = 64``) spilled on at least one of them. None of this has been timed on a GPU.
-- ``num_stages = 2``: double-buffer the K/V loads of the key loop.
+  ``BLOCK_M = 32`` with ``BLOCK_N`` = 64, 32, 16, 16 for ``BLOCK_D`` = 32, 64, 128, 256, 8 warps but
+  4 for ``BLOCK_D = 128``. fp32 is the accuracy path (tests, fp32 checkpoints), not the fast one.
+- These were picked with ``fastbert compile-kernels`` (Triton 3.8 and 3.6, the GPU image's, no GPU):
+  no configuration spills on sm_80, sm_90 or sm_120, masked or not; the larger tiles tried first
+  (``BLOCK_M = 64`` in fp32 from ``BLOCK_D = 32``, fp16 ``BLOCK_D = 64`` masked with 4 warps, fp16
+  ``BLOCK_D = 256`` with ``BLOCK_M = 64``) spilled on at least one of them, and Triton 3.6 spilled
+  fp32 ``BLOCK_D = 128`` at 32 x 32 with 8 warps (sm_120) and ``BLOCK_D = 256`` masked with two
+  stages (sm_80). None of this has been timed on a GPU.
+- ``num_stages = 2``: double-buffer the K/V loads of the key loop (1 for fp32 ``BLOCK_D = 256``).
 
 ``compile_configs()`` lists every configuration the launcher can pick (for
 ``fastbert compile-kernels``). Nothing here imports torch at module level, touches a device or
@@ -149,15 +151,17 @@ def attention_config(head_dim: int, fp32: bool) -> dict:
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"attention kernel supports head dims 1 to {MAX_HEAD_DIM}, got {head_dim}")
     d = block_d(head_dim)
+    stages = 2
     if fp32:
         block_m = 64 if d <= 16 else 32
-        block_n = {16: 64, 32: 64, 64: 32, 128: 32, 256: 16}[d]
-        warps = 4 if d <= 16 else 8
+        block_n = {16: 64, 32: 64, 64: 32, 128: 16, 256: 16}[d]
+        warps = 4 if d in (16, 128) else 8
+        stages = 1 if d == 256 else 2
     else:
         block_m = 32 if d >= 256 else 64
         block_n = 64 if d <= 64 else 32
         warps = 4 if d <= 32 else 8
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": d, "num_warps": warps, "num_stages": 2}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": d, "num_warps": warps, "num_stages": stages}
 
 
 def attention_fwd(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float, out, kernel=None):
