@@ -23,8 +23,9 @@ PEERS = {"transformers-eager", "transformers-sdpa", "torch.compile"}
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    env = dict(os.environ, FASTBERT_BENCH_SMOKE="1", FASTBERT_BENCH_JSON=str(out))
-    env.pop("TRITON_INTERPRET", None)
+    # Not PYTEST_XDIST_WORKER & co: under xdist, pytest-benchmark would see them and refuse to time.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k != "TRITON_INTERPRET"}
+    env.update(FASTBERT_BENCH_SMOKE="1", FASTBERT_BENCH_JSON=str(out))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/bench_model.py", "--benchmark-only", "-q", "-rs",
          "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
