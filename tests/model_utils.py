@@ -45,12 +45,12 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def model_pair(config, seed=0, add_pooling_layer=True):
+def model_pair(config, seed=0, add_pooling_layer=True, device="cpu"):
     """(fastbert, transformers) BertModels in eval mode with the same random weights."""
     hf = randomize_(transformers.BertModel(config, add_pooling_layer=add_pooling_layer), seed).eval()
     fast = fastbert.BertModel(config, add_pooling_layer=add_pooling_layer).eval()
     fast.load_state_dict(hf.state_dict(), strict=True)
-    return fast, hf
+    return fast.to(device), hf.to(device)
 
 
 def make_mask(kind: str, batch: int, seqlen: int, gen=None) -> torch.Tensor:
@@ -76,8 +76,8 @@ def make_mask(kind: str, batch: int, seqlen: int, gen=None) -> torch.Tensor:
     raise ValueError(kind)
 
 
-def random_inputs(config, batch, seqlen, gen=None):
+def random_inputs(config, batch, seqlen, gen=None, device="cpu"):
     gen = gen or torch.Generator().manual_seed(2)
     ids = torch.randint(0, config.vocab_size, (batch, seqlen), generator=gen)
     types = torch.randint(0, config.type_vocab_size, (batch, seqlen), generator=gen)
-    return ids, types
+    return ids.to(device), types.to(device)
