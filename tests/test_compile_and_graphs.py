@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastbert.cuda_graphs import CUDAGraphRunner
-from tests.helpers import FP32_MODEL_RANDOM, assert_close
+from tests.helpers import DEVICES, FP32_MODEL_RANDOM, assert_close
 from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
 
@@ -33,11 +33,15 @@ def test_compile_fullgraph_equals_eager(pair, mask_kind, monkeypatch):
     assert_close(got.pooler_output, want.pooler_output, 1e-6, "compiled pooler_output")
 
 
-def test_compile_inductor_equals_transformers(pair, monkeypatch):
-    monkeypatch.setenv("FASTBERT_BACKEND", "torch")
-    fast, hf = pair
-    ids, types = random_inputs(fast.config, 2, 9)
-    mask = make_mask("left", 2, 9)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_inductor_equals_transformers(pair, monkeypatch, device):
+    """Inductor over the whole model: on the CPU around the PyTorch ops, on a GPU around the Triton
+    kernels (wrap_triton lets it see them; tests/test_fake_cuda.py proves the traced graph calls them)."""
+    if device == "cpu":
+        monkeypatch.setenv("FASTBERT_BACKEND", "torch")
+    fast, hf = (model.to(device) for model in pair)
+    ids, types = random_inputs(fast.config, 2, 9, device=device)
+    mask = make_mask("left", 2, 9).to(device)
     torch._dynamo.reset()
     compiled = torch.compile(fast, fullgraph=True)
     got, want = _outputs(compiled, ids, mask, types), _outputs(hf, ids, mask, types)
@@ -46,11 +50,12 @@ def test_compile_inductor_equals_transformers(pair, monkeypatch):
     assert (got.last_hidden_state[~keep] == 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mask_kind", ["right", "left", "holes", "fully_masked_row"])
-def test_first_token_only(pair, mask_kind):
-    fast, hf = pair
-    ids, types = random_inputs(fast.config, 4, 10)
-    mask = make_mask(mask_kind, 4, 10)
+def test_first_token_only(pair, mask_kind, device):
+    fast, hf = (model.to(device) for model in pair)
+    ids, types = random_inputs(fast.config, 4, 10, device=device)
+    mask = make_mask(mask_kind, 4, 10).to(device)
     full, first = _outputs(fast, ids, mask, types), _outputs(fast, ids, mask, types, first_token_only=True)
     assert first.last_hidden_state.shape == (4, 1, fast.config.hidden_size)
     assert_close(first.last_hidden_state[:, 0], full.last_hidden_state[:, 0], 1e-5, "first tokens")
