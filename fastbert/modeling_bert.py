@@ -90,11 +90,14 @@ class BertSelfAttention(nn.Module):
         tensors = [m.weight for m in linears] + [m.bias for m in linears]
         if (torch.compiler.is_compiling() or is_fake(tensors[0])
                 or any(t.requires_grad for t in tensors) and torch.is_grad_enabled()
-                or any(t.is_inference() for t in tensors)):
+                or any(t.is_inference() for t in tensors)
+                or tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
             # Training: concatenate every call so that autograd reaches the three weights (and no
             # cache under tracing: compiled graphs and fake tensors have no storage to key it on;
             # nor for weights made under torch.inference_mode: they have no version counter, so an
-            # in-place update could not be seen).
+            # in-place update could not be seen). A CUDA graph records the concatenation itself, so
+            # every replay reads the live weights: a cached copy would go stale (or be freed) when
+            # they change after capture.
             return torch.cat(tensors[:3]), torch.cat(tensors[3:])
         # Inference: concatenate once, again only after a weight changed. An in-place update
         # (optimizer step, load_state_dict) bumps the version counter; .to() or a new .data changes

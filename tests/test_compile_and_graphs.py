@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastbert.cuda_graphs import CUDAGraphRunner
-from tests.helpers import DEVICES, FP32_MODEL_RANDOM, assert_close
+from tests.helpers import DEVICES, FP32_MODEL_RANDOM, assert_close, max_abs_diff, needs_cuda
 from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
 
@@ -91,3 +91,22 @@ def test_graph_runner_replays_other_lengths(capture):
         assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, f"{batch}x{seqlen} {kind}")
         assert_close(got.pooler_output, want.pooler_output, 1e-5, f"{batch}x{seqlen} {kind} pooler")
     assert set(runner._buckets) == {16, 64, 128}  # every bucket was taken, and replayed with new lengths
+
+
+@needs_cuda
+def test_captured_graphs_follow_in_place_weight_updates():
+    """A graph captured before an optimizer step or load_state_dict must replay with the new weights
+    (the fused QKV weight is concatenated inside the graph, not taken from a cache made before)."""
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64), device="cuda")
+    runner = CUDAGraphRunner(fast, buckets=(64,), max_sequences=4, max_seqlen=32)
+    ids, types = random_inputs(fast.config, 2, 12, device="cuda")
+    mask = make_mask("right", 2, 12).to("cuda")
+    before = runner(ids, mask, types).last_hidden_state.clone()
+    with torch.no_grad():
+        for layer in fast.encoder.layer:
+            layer.attention.self.key.weight.mul_(1.5)
+            layer.attention.self.value.bias.add_(0.3)
+    got, want = runner(ids, mask, types), _outputs(fast, ids, mask, types)
+    assert runner._buckets[64].graph is not None  # replayed, not run eagerly
+    assert max_abs_diff(got.last_hidden_state, before) > 1e-2  # the update matters
+    assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, "after the update")
