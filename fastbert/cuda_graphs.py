@@ -48,6 +48,10 @@ class CUDAGraphRunner:
     ``buckets``: token counts with a graph each (a batch takes the smallest that holds its tokens;
     larger batches run eagerly). ``max_sequences``: sequences per batch a graph takes.
     ``max_seqlen``: the static attention bound (default: the model's max_position_embeddings).
+
+    Graphs read the model's weights where they were at capture: updates in place (an optimizer step,
+    ``load_state_dict``) are seen by the next replay; weights replaced by new tensors (``.to()``,
+    ``load_state_dict(assign=True)``, ``param.data = ...``) need a new runner.
     """
 
     def __init__(self, model, buckets=DEFAULT_BUCKETS, max_sequences: int = 256, max_seqlen: int | None = None,
