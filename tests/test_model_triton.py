@@ -17,7 +17,7 @@ import torch
 
 from fastbert.ops import backend
 from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD, run_interpreter_cases
-from tests.helpers import FP32_INTERPRETER, assert_close, max_abs_diff
+from tests.helpers import FP32_INTERPRETER, RecordFastbertOps, assert_close, max_abs_diff
 from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
 OPS = {  # op module -> the launch helper it calls
@@ -30,7 +30,7 @@ OPS = {  # op module -> the launch helper it calls
 @pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
 @pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 def test_model_on_triton_interpreter_in_subprocess():
-    run_interpreter_cases(__file__, 20, FASTBERT_BACKEND="triton")
+    run_interpreter_cases(__file__, 21, FASTBERT_BACKEND="triton")
 
 
 if IN_CHILD:
@@ -111,6 +111,26 @@ if IN_CHILD:
                 alone = fast(ids[row:row + 1, :n], token_type_ids=types[row:row + 1, :n]).last_hidden_state
                 assert_close(batch[row, :n], alone[0], FP32_INTERPRETER, f"row {row} alone")
         expect_launches(launches, layers=2, forwards=4)
+
+    def test_interpreter_case_direct_launches_equal_the_op_path(launches, monkeypatch):
+        """A plain eager forward launches the kernels directly (no torch.library dispatch); under a
+        dispatch mode it goes through the ops. Same kernels, so the same numbers, bit for bit."""
+        decisions = []
+        original = backend.direct_launch
+        monkeypatch.setattr(backend, "direct_launch", lambda *t: decisions.append(original(*t)) or decisions[-1])
+        fast, _ = model_pair(make_config())
+        ids, types = random_inputs(fast.config, 3, 10)
+        mask = make_mask("holes", 3, 10)
+        with torch.no_grad():
+            direct = fast(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+            assert decisions == [True] * 8, decisions  # 2 layers x 4 Triton ops
+            decisions.clear()
+            with RecordFastbertOps() as record:
+                through_ops = fast(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        assert decisions == [False] * 8, decisions
+        assert record.names.count("fastbert.varlen_attention.default") == 2
+        assert torch.equal(direct, through_ops)
+        expect_launches(launches, layers=2, forwards=2)
 
     def test_interpreter_case_gradients_equal_transformers(launches):
         """Training (dropout 0): the Triton forward runs under autograd and the backward recomputes the

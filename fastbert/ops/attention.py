@@ -98,18 +98,23 @@ if backend.triton_available():
 
     from fastbert.kernels.attention import MAX_HEAD_DIM, _attention_fwd_kernel, attention_fwd
 
+    def _launch(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float, kernel=None) -> torch.Tensor:
+        """``[tokens, 3 * hidden]`` -> ``[tokens, hidden]``; ``max_seqlen`` bounds every sequence.
+        ``kernel``: the wrapped kernel inside the op, None for a direct launch."""
+        if qkv.stride(1) != 1:
+            qkv = qkv.contiguous()
+        out = qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))
+        attention_fwd(qkv, cu_seqlens.contiguous(), max_seqlen, num_heads, scale, out, kernel=kernel)
+        return out
+
     @torch.library.triton_op(TRITON_OP, mutates_args=())
     def _varlen_attention_triton(
         qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, scale: float
     ) -> torch.Tensor:
         """``[tokens, 3 * hidden]`` -> ``[tokens, hidden]``; ``max_seqlen`` bounds every sequence."""
-        if qkv.stride(1) != 1:
-            qkv = qkv.contiguous()
-        out = qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))
         interpreted = backend.is_interpreted(_attention_fwd_kernel)
         kernel = _attention_fwd_kernel if interpreted else wrap_triton(_attention_fwd_kernel)
-        attention_fwd(qkv, cu_seqlens.contiguous(), max_seqlen, num_heads, scale, out, kernel=kernel)
-        return out
+        return _launch(qkv, cu_seqlens, max_seqlen, num_heads, scale, kernel)
 
     def _setup_context(ctx, inputs, output):
         qkv, cu_seqlens, max_seqlen, num_heads, scale = inputs
@@ -154,6 +159,8 @@ def varlen_attention(
         return varlen_attention_reference(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p)
     backend.check_kernel_runs_here(_attention_fwd_kernel, qkv.device)
     scale = head_dim**-0.5 if scale is None else float(scale)
+    if backend.direct_launch(qkv, cu_seqlens):
+        return _launch(qkv, cu_seqlens, max_seqlen, num_heads, scale)
     return torch.ops.fastbert.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale)
 
 

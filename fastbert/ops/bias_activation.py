@@ -46,10 +46,9 @@ if backend.triton_available():
 
     from fastbert.kernels.bias_activation import _bias_activation_fwd_kernel, bias_activation_fwd
 
-    @torch.library.triton_op(TRITON_OP, mutates_args=())
-    def _bias_activation_triton(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    def _launch(x, bias, activation: str, kernel=None) -> torch.Tensor:
         """``activation(x + bias)`` over the last dimension, any leading shape; the result has the
-        dtype of ``x + bias``."""
+        dtype of ``x + bias``. ``kernel``: the wrapped kernel inside the op, None for a direct launch."""
         cols = x.shape[-1]
         x2 = x.reshape(-1, cols)
         if x2.stride(1) != 1:
@@ -57,10 +56,16 @@ if backend.triton_available():
         dtype = x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
         out = torch.empty(x2.shape, dtype=dtype, device=x.device)
         bias = x.new_zeros(cols) if bias is None else bias.contiguous()
-        interpreted = backend.is_interpreted(_bias_activation_fwd_kernel)
-        kernel = _bias_activation_fwd_kernel if interpreted else wrap_triton(_bias_activation_fwd_kernel)
         bias_activation_fwd(x2, bias, activation, out, kernel=kernel)
         return out.view(x.shape)
+
+    @torch.library.triton_op(TRITON_OP, mutates_args=())
+    def _bias_activation_triton(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+        """``activation(x + bias)`` over the last dimension, any leading shape; the result has the
+        dtype of ``x + bias``."""
+        interpreted = backend.is_interpreted(_bias_activation_fwd_kernel)
+        kernel = _bias_activation_fwd_kernel if interpreted else wrap_triton(_bias_activation_fwd_kernel)
+        return _launch(x, bias, activation, kernel)
 
     def _setup_context(ctx, inputs, output):
         x, bias, activation = inputs
@@ -96,6 +101,8 @@ def bias_activation(x: torch.Tensor, bias: torch.Tensor | None, activation: str)
     if not _kernel_takes(x, bias) or not backend.use_triton(x, bias, differentiable=True):
         return bias_activation_reference(x, bias, activation)
     backend.check_kernel_runs_here(_bias_activation_fwd_kernel, x.device)
+    if backend.direct_launch(x, bias):
+        return _launch(x, bias, activation)
     return torch.ops.fastbert.bias_activation(x, bias, activation)
 
 

@@ -43,6 +43,21 @@ if backend.triton_available():
         t = t.reshape(-1, t.shape[-1])
         return t if t.stride(1) == 1 else t.contiguous()
 
+    def _launch(x, bias, residual, weight, ln_bias, eps: float, kernel=None) -> torch.Tensor:
+        """``LayerNorm(x + bias + residual)`` over the last dimension, any leading shape, statistics in
+        fp32; the result has the dtype of ``x + bias + residual``. ``kernel``: the wrapped kernel
+        inside the op, None for a direct launch."""
+        cols = x.shape[-1]
+        x2, r2 = _rows(x), _rows(residual)
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        if bias is not None:
+            dtype = torch.promote_types(dtype, bias.dtype)
+        out = torch.empty(x2.shape, dtype=dtype, device=x.device)
+        bias = x.new_zeros(cols) if bias is None else bias.contiguous()
+        bias_residual_layer_norm_fwd(x2, bias, r2, weight.contiguous(), ln_bias.contiguous(), eps, out,
+                                     kernel=kernel)
+        return out.view(x.shape)
+
     @torch.library.triton_op(TRITON_OP, mutates_args=())
     def _bias_residual_layer_norm_triton(
         x: torch.Tensor,
@@ -54,19 +69,10 @@ if backend.triton_available():
     ) -> torch.Tensor:
         """``LayerNorm(x + bias + residual)`` over the last dimension, any leading shape, statistics in
         fp32; the result has the dtype of ``x + bias + residual``."""
-        cols = x.shape[-1]
-        x2, r2 = _rows(x), _rows(residual)
-        dtype = torch.promote_types(x.dtype, residual.dtype)
-        if bias is not None:
-            dtype = torch.promote_types(dtype, bias.dtype)
-        out = torch.empty(x2.shape, dtype=dtype, device=x.device)
-        bias = x.new_zeros(cols) if bias is None else bias.contiguous()
         interpreted = backend.is_interpreted(_bias_residual_layer_norm_fwd_kernel)
         kernel = (_bias_residual_layer_norm_fwd_kernel if interpreted
                   else wrap_triton(_bias_residual_layer_norm_fwd_kernel))
-        bias_residual_layer_norm_fwd(x2, bias, r2, weight.contiguous(), ln_bias.contiguous(), eps, out,
-                                     kernel=kernel)
-        return out.view(x.shape)
+        return _launch(x, bias, residual, weight, ln_bias, eps, kernel)
 
     def _setup_context(ctx, inputs, output):
         x, bias, residual, weight, ln_bias, eps = inputs
@@ -119,6 +125,8 @@ def bias_residual_layer_norm(
     if dropout_p > 0 or not _kernel_takes(*tensors) or not backend.use_triton(*tensors, differentiable=True):
         return bias_residual_layer_norm_reference(x, bias, residual, weight, ln_bias, eps, dropout_p)
     backend.check_kernel_runs_here(_bias_residual_layer_norm_fwd_kernel, x.device)
+    if backend.direct_launch(*tensors):
+        return _launch(x, bias, residual, weight, ln_bias, float(eps))
     return torch.ops.fastbert.bias_residual_layer_norm(x, bias, residual, weight, ln_bias, float(eps))
 
 

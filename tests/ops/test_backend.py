@@ -1,0 +1,58 @@
+"""``backend.direct_launch``: the Triton ops launch straight from Python only in a plain eager call;
+whatever must see the op (torch.compile, FakeTensorMode and other dispatch modes, functorch transforms,
+tensor subclasses, autograd) gets the ``torch.library`` op."""
+
+from unittest import mock
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastbert.ops import backend
+
+
+class PassThrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class Subclass(torch.Tensor):
+    pass
+
+
+def test_plain_eager_calls_launch_directly():
+    x, weight = torch.randn(4, 8), torch.nn.Parameter(torch.randn(8))
+    assert backend.direct_launch(x, None, torch.randn(8))
+    with torch.no_grad():  # inference with a model's parameters
+        assert backend.direct_launch(x, weight)
+    with torch.inference_mode():
+        assert backend.direct_launch(torch.randn(3))
+
+
+def test_autograd_needs_the_op():
+    x, weight = torch.randn(4, 8), torch.nn.Parameter(torch.randn(8))
+    assert not backend.direct_launch(x.requires_grad_(), None)
+    assert not backend.direct_launch(torch.randn(4, 8), weight)  # grad enabled, a parameter needs it
+
+
+@pytest.mark.parametrize("context", ["fake", "dispatch_mode", "compiling"])
+def test_tracing_and_modes_need_the_op(context):
+    x = torch.randn(4, 8)
+    if context == "fake":
+        with FakeTensorMode() as mode:
+            assert not backend.direct_launch(mode.from_tensor(x))
+    elif context == "dispatch_mode":
+        with PassThrough():
+            assert not backend.direct_launch(x)
+    else:
+        with mock.patch("torch.compiler.is_compiling", return_value=True):
+            assert not backend.direct_launch(x)
+
+
+def test_functorch_transforms_and_subclasses_need_the_op():
+    seen = []
+    torch.func.grad(lambda t: (seen.append(backend.direct_launch(t)), t.sum())[1])(torch.randn(3))
+    torch.func.vmap(lambda t: (seen.append(backend.direct_launch(t)), t * 2)[1])(torch.randn(2, 3))
+    assert seen == [False, False]
+    assert not backend.direct_launch(torch.randn(3).as_subclass(Subclass))
