@@ -20,6 +20,9 @@ implementation, so the figures compare time to the same answer. ``benchmark.extr
 ``tflops``, ``tokens`` and ``impl``. Without a CUDA device every case skips. The layout copies the
 padded implementations need (transpose to heads-first) are not timed: the peers get their best case.
 
+``FASTBERT_BENCH_SMOKE=1``: tiny fp32 / fp16 cases on the CPU, the kernel under ``TRITON_INTERPRET=1``
+(SDPA's memory-efficient backend has no CPU kernel: it skips).
+
 Collected by ``pytest benchmarks/ --benchmark-only`` when ``bench_*.py`` is in ``python_files``; this
 file's rows go to the suite's results table (benchmarks/conftest.py).
 """
@@ -30,24 +33,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import cuda_or_skip, timed
+from benchmarks.conftest import DEVICE, SMOKE, device_or_skip, timed, triton_or_skip
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SHAPES = {"base": (12, 64), "large-head": (16, 128)}  # heads, head_dim
 SEQLENS = [128, 512]
 BATCH = 32
 IMPLS = ["fastbert-triton", "sdpa-efficient", "sdpa-flash", "sdpa-flash-varlen-bound"]
+if SMOKE:  # bf16 is not exact under the Triton interpreter
+    DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+    SHAPES = {"tiny": (2, 16)}
+    SEQLENS = [64]
+    BATCH = 4
 
 
 def _batch(seqlen, heads, head_dim, dtype):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    lengths = torch.randint(seqlen // 4, seqlen + 1, (BATCH,), device="cuda", generator=gen)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    lengths = torch.randint(seqlen // 4, seqlen + 1, (BATCH,), device=DEVICE, generator=gen)
     lengths[0] = seqlen
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     tokens = int(cu[-1])
-    qkv = torch.randn(tokens, 3 * heads * head_dim, device="cuda", generator=gen).to(dtype)
+    qkv = torch.randn(tokens, 3 * heads * head_dim, device=DEVICE, generator=gen).to(dtype)
     # The padded layout the SDPA peers take, built once outside the timed region.
-    mask = torch.arange(seqlen, device="cuda") < lengths[:, None]
+    mask = torch.arange(seqlen, device=DEVICE) < lengths[:, None]
     padded = qkv.new_zeros(BATCH, seqlen, 3, heads, head_dim)
     padded[mask] = qkv.view(tokens, 3, heads, head_dim)
     q, k, v = padded.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
@@ -59,7 +67,9 @@ def _batch(seqlen, heads, head_dim, dtype):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_attention(benchmark, record, dtype_name, shape, seqlen, impl):
-    cuda_or_skip()
+    device_or_skip()
+    if DEVICE == "cpu" and impl == "sdpa-efficient":
+        pytest.skip("smoke mode: SDPA's memory-efficient backend has no CPU kernel")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from fastbert import ops
@@ -68,8 +78,7 @@ def test_attention(benchmark, record, dtype_name, shape, seqlen, impl):
     lengths, cu, qkv, (q, k, v), mask = _batch(seqlen, heads, head_dim, dtype)
     tokens = qkv.shape[0]
     if impl == "fastbert-triton":
-        if not ops.backend.triton_available():
-            pytest.skip("triton is not installed")
+        triton_or_skip()
 
         def fn():
             return torch.ops.fastbert.varlen_attention(qkv, cu, seqlen, heads, head_dim**-0.5)

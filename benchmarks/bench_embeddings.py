@@ -13,6 +13,9 @@ Implementations, each on the same inputs:
 GB/s counts the bytes an ideal kernel moves: three table rows read and one output row written per
 token, plus the three int64 indices (a copy: one read and one write). ``benchmark.extra_info`` holds
 ``gbs``, ``bytes`` and ``fraction_of_copy`` (the copy's GB/s measured at the same size in this run).
+
+``FASTBERT_BENCH_SMOKE=1``: tiny fp32 / fp16 cases on the CPU (the extension's CPU kernel, the Triton
+kernel under ``TRITON_INTERPRET=1``), no ``fraction_of_copy``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import importlib
 import pytest
 import torch
 
-from benchmarks.conftest import cuda_or_skip, timed
+from benchmarks.conftest import DEVICE, SMOKE, compile_peer, device_or_skip, timed, triton_or_skip
 
 from fastbert import _extension
 from fastbert.ops import backend
@@ -34,6 +37,10 @@ HIDDEN = [384, 768, 1024]
 TOKENS = [4096, 16384]  # 32 x 128 and 32 x 512 packed tokens
 IMPLS = ["fastbert-cuda-extension", "fastbert-triton", "torch-eager", "torch-compile", "copy"]
 VOCAB, MAX_POSITIONS, TYPE_VOCAB, EPS = 30522, 512, 2, 1e-12
+if SMOKE:  # bf16 is not exact under the Triton interpreter
+    DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+    HIDDEN = [64]
+    TOKENS = [256]
 
 _compiled = {}
 
@@ -54,13 +61,13 @@ def copy_gbs(tokens: int, hidden: int, dtype: torch.dtype) -> float:
 
 
 def _inputs(tokens: int, hidden: int, dtype: torch.dtype):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, VOCAB, (tokens,), device="cuda", generator=gen)
-    positions = torch.arange(tokens, device="cuda") % 128
-    types = torch.randint(0, TYPE_VOCAB, (tokens,), device="cuda", generator=gen)
-    tables = [torch.randn(rows, hidden, device="cuda", dtype=dtype, generator=gen)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    ids = torch.randint(0, VOCAB, (tokens,), device=DEVICE, generator=gen)
+    positions = torch.arange(tokens, device=DEVICE) % 128
+    types = torch.randint(0, TYPE_VOCAB, (tokens,), device=DEVICE, generator=gen)
+    tables = [torch.randn(rows, hidden, device=DEVICE, dtype=dtype, generator=gen)
               for rows in (VOCAB, MAX_POSITIONS, TYPE_VOCAB)]
-    ln = [torch.randn(hidden, device="cuda", dtype=dtype, generator=gen) for _ in range(2)]
+    ln = [torch.randn(hidden, device=DEVICE, dtype=dtype, generator=gen) for _ in range(2)]
     return (ids, positions, types, *tables, *ln)
 
 
@@ -77,18 +84,17 @@ def _copy_bytes(tokens: int, hidden: int, dtype: torch.dtype) -> int:
 @pytest.mark.parametrize("hidden", HIDDEN)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_embeddings(benchmark, record, dtype_name, hidden, tokens, impl):
-    cuda_or_skip()
+    device_or_skip()
     dtype = DTYPES[dtype_name]
     inputs = _inputs(tokens, hidden, dtype)
     if impl == "fastbert-cuda-extension":
-        if not _extension.usable_on("cuda"):
-            pytest.skip(f"fastbert._C has no CUDA kernel for this GPU: {_extension.extension_status()}")
+        if not _extension.usable_on(DEVICE):
+            pytest.skip(f"fastbert._C has no kernel for {DEVICE} tensors here: {_extension.extension_status()}")
 
         def fn():
             return torch.ops.fastbert.embedding_layer_norm(*inputs, EPS)
     elif impl == "fastbert-triton":
-        if not backend.triton_available():
-            pytest.skip("triton is not installed")
+        triton_or_skip()
 
         def fn():
             with backend.use_backend("triton"):
@@ -97,19 +103,20 @@ def test_embeddings(benchmark, record, dtype_name, hidden, tokens, impl):
         def fn():
             return E.embeddings_reference(*inputs, EPS)
     elif impl == "torch-compile":
-        compiled = _compiled.setdefault("reference", torch.compile(E.embeddings_reference, dynamic=False))
+        compiled = _compiled.setdefault("reference", compile_peer(E.embeddings_reference))
 
         def fn():
             return compiled(*inputs, EPS)
-        fn()  # compile outside the timed rounds
     else:
-        src = torch.randn(tokens, hidden, device="cuda").to(dtype)
+        src = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
         dst = torch.empty_like(src)
 
         def fn():
             return dst.copy_(src)
 
     with torch.inference_mode():
+        if impl == "torch-compile":
+            fn()  # compiled outside the timed rounds, in the mode they run in (a mode change recompiles)
         if impl != "copy":  # the fast paths agree with the reference before they are timed
             expected = E.embeddings_reference(*inputs, EPS).float()
             got = fn().float()
@@ -118,6 +125,6 @@ def test_embeddings(benchmark, record, dtype_name, hidden, tokens, impl):
 
     moved = _copy_bytes(tokens, hidden, dtype) if impl == "copy" else _op_bytes(tokens, hidden, dtype)
     gbs = moved / seconds / 1e9
-    benchmark.extra_info.update(impl=impl, bytes=moved, gbs=gbs,
-                                fraction_of_copy=gbs / copy_gbs(tokens, hidden, dtype))
+    fraction_of_copy = gbs / copy_gbs(tokens, hidden, dtype) if DEVICE == "cuda" else None  # CUDA events
+    benchmark.extra_info.update(impl=impl, bytes=moved, gbs=gbs, fraction_of_copy=fraction_of_copy)
     record(case=f"embeddings {dtype_name} hidden={hidden} tokens={tokens}", impl=impl, seconds=seconds, gbs=gbs)

@@ -6,6 +6,9 @@ written after every case (a run stopped at its time limit keeps what it measured
 ``$FASTBERT_BENCH_JSON`` (default: ``$OUT/results.json`` when ``OUT`` is
 set, else ``build/bench/results.json``). ``benchmarks/report.py`` turns it into RESULTS.md's table
 and a plot.
+
+``FASTBERT_BENCH_SMOKE=1`` (smoke mode): cases run on the CPU at tiny sizes, 3 rounds after 1 warmup,
+torch.compile peers through ``aot_eager``; it proves the suite's wiring before a GPU runs it, not speed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+SMOKE = os.environ.get("FASTBERT_BENCH_SMOKE") == "1"
+DEVICE = "cpu" if SMOKE else "cuda"
+# The torch.compile peers specialize to every shape and dtype (dynamic=False): past dynamo's default
+# of 8 graphs per function they would silently run eager and be timed as torch.compile. Fail instead.
+torch._dynamo.config.recompile_limit = 256
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
 _RESULTS: list[dict] = []
 _CONTEXT: dict = {}
 
@@ -32,6 +42,31 @@ def cuda_or_skip():
         pytest.skip("GPU benchmark: no CUDA device on this machine")
 
 
+def device_or_skip() -> str:
+    """The device a kernel microbenchmark runs on: the CPU in smoke mode, else CUDA (or the case skips)."""
+    if not SMOKE:
+        cuda_or_skip()
+    return DEVICE
+
+
+def triton_or_skip() -> None:
+    """Skip a Triton case whose kernel cannot run here: no triton, or CPU tensors without the interpreter."""
+    from fastbert.ops import backend
+
+    if not backend.triton_available():
+        pytest.skip("triton is not installed")
+    if DEVICE == "cpu" and not backend.triton_interpreter():
+        pytest.skip("smoke mode: Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+
+
+def compile_peer(fn):
+    """The torch.compile peer of ``fn``: one graph per benchmark shape (its fastest form); in smoke mode
+    dynamo's capture through ``aot_eager``, without inductor's minutes of CPU codegen."""
+    if SMOKE:
+        return torch.compile(fn, backend="aot_eager")
+    return torch.compile(fn, dynamic=False)
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -39,6 +74,8 @@ def sync():
 
 def timed(benchmark, fn, rounds: int = 20, warmup: int = 3) -> float:
     """Median seconds of ``fn()`` (synchronized with the GPU when there is one)."""
+    if SMOKE:  # the wiring, not the speed: a few rounds
+        rounds, warmup = min(rounds, 3), min(warmup, 1)
 
     def call():
         out = fn()
