@@ -25,7 +25,7 @@ import pytest
 import torch
 import transformers
 
-from benchmarks.conftest import cuda_or_skip, timed
+from benchmarks.conftest import DEVICE, SMOKE, device_or_skip, timed
 from tests.helpers import LOW_PRECISION_SLACK, max_abs_diff
 
 from fastbert.cuda_graphs import CUDAGraphRunner
@@ -40,18 +40,12 @@ DENSE = {"1x128": (1, 128), "8x128": (8, 128), "32x128": (32, 128), "32x512": (3
 SETS = ["varlen16x512", "sentences32"]
 HEADLINE = {("bert-base", "bf16", "32x128"), ("bert-base", "bf16", "32x512"), ("bert-base", "bf16", "varlen16x512")}
 QUICK = os.environ.get("FASTBERT_BENCH_QUICK") == "1"
-SMOKE = os.environ.get("FASTBERT_BENCH_SMOKE") == "1"
 if SMOKE:
     MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)}
     DTYPES = {"fp32": torch.float32}
     DENSE = {"8x128": (8, 128)}
     SETS = ["varlen16x512"]
     HEADLINE = {("tiny", "fp32", "varlen16x512")}
-DEVICE = "cpu" if SMOKE else "cuda"
-# Every (model, dtype, shape) is a recompile of the same forward code; the default limit (8) would
-# silently fall back to eager for the later cases, and a fallback must fail rather than be timed.
-torch._dynamo.config.recompile_limit = 256
-torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
 def lengths_of(shape: str) -> list[int]:
@@ -148,8 +142,7 @@ def cases():
 @pytest.mark.parametrize("name, dtype_name, shape, impl", list(cases()))
 @torch.inference_mode()
 def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, impl):
-    if not SMOKE:
-        cuda_or_skip()
+    device_or_skip()
     if SMOKE and impl in ("fastbert+cudagraphs", "torch.compile-max-autotune"):
         pytest.skip("CUDA graphs and max-autotune need a GPU")
     lengths = lengths_of(shape)
@@ -166,8 +159,7 @@ def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, i
     if impl.startswith("fastbert"):
         check_output(fn(), name, dtype_name, ids, mask)
     benchmark.group = f"{name} {dtype_name} {shape}"
-    rounds, warmup = (3, 1) if SMOKE else (10 if "large" in name else 20, 3)
-    seconds = timed(benchmark, fn, rounds=rounds, warmup=warmup)
+    seconds = timed(benchmark, fn, rounds=10 if "large" in name else 20, warmup=3)
     flops = matmul_flops(group["sdpa"].config, lengths)
     tflops = flops / seconds / 1e12
     row = dict(case=f"{name} {dtype_name} {shape}", impl=impl, seconds=seconds, tokens=sum(lengths),
