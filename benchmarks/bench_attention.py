@@ -5,7 +5,7 @@ whose lengths are drawn uniformly from [seqlen / 4, seqlen] (a tokenizer's padde
 
 Implementations, each on the same sequences:
 
-- ``fastbert-triton``: ``torch.ops.fastbert.varlen_attention`` on the packed fused QKV
+- ``fastbert-triton``: ``fastbert.ops.varlen_attention`` (the op the model calls) on the packed fused QKV
   ``[tokens, 3 * hidden]`` (no padding computed, Q/K/V read in place);
 - ``sdpa-efficient``: ``scaled_dot_product_attention`` with the memory-efficient backend on the padded
   ``[batch, heads, seqlen, head_dim]`` tensors and the boolean key-padding mask (correct results);
@@ -33,7 +33,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import DEVICE, SMOKE, device_or_skip, timed, triton_or_skip
+from benchmarks.conftest import DEVICE, SMOKE, device_or_skip, timed_kernel, triton_or_skip
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SHAPES = {"base": (12, 64), "large-head": (16, 128)}  # heads, head_dim
@@ -47,12 +47,13 @@ if SMOKE:  # bf16 is not exact under the Triton interpreter
     BATCH = 4
 
 
-def _batch(seqlen, heads, head_dim, dtype):
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
+def _batch(seqlen, heads, head_dim, dtype, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(0)  # the same lengths for every input set
     lengths = torch.randint(seqlen // 4, seqlen + 1, (BATCH,), device=DEVICE, generator=gen)
     lengths[0] = seqlen
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     tokens = int(cu[-1])
+    gen.manual_seed(seed)
     qkv = torch.randn(tokens, 3 * heads * head_dim, device=DEVICE, generator=gen).to(dtype)
     # The padded layout the SDPA peers take, built once outside the timed region.
     mask = torch.arange(seqlen, device=DEVICE) < lengths[:, None]
@@ -75,35 +76,43 @@ def test_attention(benchmark, record, dtype_name, shape, seqlen, impl):
     from fastbert import ops
 
     dtype, (heads, head_dim) = DTYPES[dtype_name], SHAPES[shape]
-    lengths, cu, qkv, (q, k, v), mask = _batch(seqlen, heads, head_dim, dtype)
-    tokens = qkv.shape[0]
     if impl == "fastbert-triton":
         triton_or_skip()
 
-        def fn():
-            return torch.ops.fastbert.varlen_attention(qkv, cu, seqlen, heads, head_dim**-0.5)
-    elif impl == "sdpa-efficient":
-        key_mask = mask[:, None, None, :]
+    def build(seed):
+        lengths, cu, qkv, (q, k, v), mask = _batch(seqlen, heads, head_dim, dtype, seed)
+        if impl == "fastbert-triton":
+            def call():  # the public op, as the model calls it
+                with ops.backend.use_backend("triton"):
+                    return ops.varlen_attention(qkv, cu, seqlen, heads, head_dim**-0.5)
+        elif impl == "sdpa-efficient":
+            key_mask = mask[:, None, None, :]
 
-        def fn():
-            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-    elif impl == "sdpa-flash":
-        def fn():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v)
-    else:
-        dense = qkv.view(1, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+            def call():
+                with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        elif impl == "sdpa-flash":
+            def call():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v)
+        else:
+            dense = qkv.view(1, -1, 3, heads, head_dim).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
 
-        def fn():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(*dense)
+            def call():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(*dense)
+        call.inputs = (lengths, cu, qkv)
+        return call
 
+    first = build(0)
+    lengths, cu, qkv = first.inputs
+    tokens = qkv.shape[0]
     with torch.inference_mode():
         if impl == "fastbert-triton":  # agrees with the reference before it is timed
             expected = ops.varlen_attention_reference(qkv.float(), cu, seqlen, heads).float()
-            assert (fn().float() - expected).abs().max().item() < 0.05
-        seconds = timed(benchmark, fn, rounds=50, warmup=5)
+            assert (first().float() - expected).abs().max().item() < 0.05
+        # Bytes for the input-set count: the packed QKV read and the output written.
+        seconds = timed_kernel(benchmark, build, qkv.numel() * qkv.element_size() * 4 // 3, rounds=50, warmup=5)
 
     flops = 4 * int((lengths.long() ** 2).sum()) * heads * head_dim
     tflops = flops / seconds / 1e12

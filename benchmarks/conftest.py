@@ -86,6 +86,35 @@ def timed(benchmark, fn, rounds: int = 20, warmup: int = 3) -> float:
     return benchmark.stats.stats.median
 
 
+def timed_kernel(benchmark, build, bytes_per_call: int, rounds: int = 20, warmup: int = 3) -> float:
+    """Median device seconds per call of one kernel (or one peer's kernels), for the microbenchmarks.
+
+    ``build(seed)`` returns a zero-argument call on inputs of its own. On a GPU there are enough input
+    sets to fill twice the L2 (each call reads cold memory, as inside a model; one set re-read would
+    measure the cache), and at least 8 calls are captured back to back in one CUDA graph whose
+    replays are timed: device time. A single small kernel timed from the host would measure its
+    launch and the synchronization instead (a 10 us kernel behind 20-50 us of host work). In smoke
+    mode the calls run eagerly.
+    """
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if torch.cuda.is_available() else 0
+    sets = max(1, min(32, -(-2 * l2 // max(1, bytes_per_call))))
+    calls = [build(seed) for seed in range(sets)]
+    if not torch.cuda.is_available():
+        return timed(benchmark, lambda: [call() for call in calls], rounds, warmup) / len(calls)
+    calls = (calls * 8)[:max(8, len(calls))]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: compilation, autotuning, lazy init
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return timed(benchmark, graph.replay, rounds, warmup) / len(calls)
+
+
 @pytest.fixture(scope="session")
 def matmul_peak_tflops() -> float | None:
     """The device's bf16 matmul peak, measured by a large GEMM in this run (the roofline)."""
