@@ -72,8 +72,11 @@ case "${1:-}" in
     fi
     export FASTBERT_BENCH_JSON="$OUT/results.json"
     timeout 450 python3 -m pytest --benchmark-only -q -p no:cacheprovider -rs \
-      --benchmark-json="$OUT/pytest-benchmark.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
-    exit "${PIPESTATUS[0]}"
+      --benchmark-json="$OUT/pytest-benchmark.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -30
+    status=${PIPESTATUS[0]}
+    # Last, so that the call's reply carries it: fastbert's rows with their ratios to each peer.
+    [ -f "$OUT/results.json" ] && python3 benchmarks/report.py "$OUT/results.json" | tee "$OUT/table.md"
+    exit "$status"
     ;;
   *)
     echo "usage: $0 test|bench" >&2
