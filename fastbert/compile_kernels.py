@@ -100,6 +100,27 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return usage
 
 
+def sass(cubin: bytes) -> str:
+    """The disassembly of ``cubin`` (Triton's bundled cuobjdump): which instructions a kernel uses."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        proc = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"cuobjdump failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def compile_job(job: dict, cc: int):
+    """``triton.compile`` of one job of a kernel module's ``compile_configs()`` for ``sm_<cc>``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", cc, 32)
+    return triton.compile(_ast_source(job["fn"], job, target), target=target,
+                          options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+
+
 def _ast_source(fn, job: dict, target):
     """``ASTSource`` for one job, in the format of the installed Triton.
 
@@ -132,9 +153,6 @@ def _ast_source(fn, job: dict, target):
 
 def _compile_one(module_name: str, index: int, cc: int) -> dict:
     """Compile job ``index`` of ``fastbert.kernels.<module_name>`` for ``sm_<cc>``; a result row."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     module = importlib.import_module(f"fastbert.kernels.{module_name}")
     job = module.compile_configs()[index]
     row = {"kernel": job["kernel"], "config": job["name"], "arch": f"sm_{cc}"}
@@ -143,9 +161,7 @@ def _compile_one(module_name: str, index: int, cc: int) -> dict:
         fn = job["fn"]
         if not hasattr(fn, "arg_names") or type(fn).__name__ == "InterpretedFunction":
             raise RuntimeError("the kernel was defined under TRITON_INTERPRET=1 and cannot be compiled")
-        target = GPUTarget("cuda", cc, 32)
-        compiled = triton.compile(_ast_source(fn, job, target), target=target,
-                                  options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+        compiled = compile_job(job, cc)
         usage = _resource_usage(compiled.asm["cubin"])
         row.update(regs=usage["REG"], stack=usage["STACK"], local=usage["LOCAL"],
                    shared=max(usage["SHARED"], int(getattr(compiled.metadata, "shared", 0) or 0)),

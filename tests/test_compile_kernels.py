@@ -101,3 +101,15 @@ def test_bad_arguments_are_refused(capsys):
 
 def test_kernel_modules_lists_the_three_fused_ops():
     assert compile_kernels.kernel_modules()[:3] == ("attention", "bias_activation", "bias_residual_layer_norm")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_hopper_attention_uses_wgmma_and_wide_loads(dtype):
+    """BERT-base's attention (head dim 64) on sm_90: the matrix products are warpgroup MMAs (HGMMA in
+    SASS; HMMA would be the slower pre-Hopper path) and K/V come in by 16-byte asynchronous copies."""
+    from fastbert.kernels import attention
+
+    job = next(j for j in attention.compile_configs() if j["name"].startswith(f"{dtype} D=64 M="))
+    code = compile_kernels.sass(compile_kernels.compile_job(job, 90).asm["cubin"])
+    assert re.search(r"\bHGMMA\.", code) and not re.search(r"\bHMMA\.", code), job["name"]
+    assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", code) or re.search(r"\bLDG\.E\.128\b", code), job["name"]
