@@ -81,3 +81,18 @@ def random_inputs(config, batch, seqlen, gen=None, device="cpu"):
     ids = torch.randint(0, config.vocab_size, (batch, seqlen), generator=gen)
     types = torch.randint(0, config.type_vocab_size, (batch, seqlen), generator=gen)
     return ids.to(device), types.to(device)
+
+
+def word_piece_tokenizer(directory) -> None:
+    """Save a BERT WordPiece tokenizer to ``directory`` whose vocabulary is the words of the benchmark
+    sentences (no download, no checkpoint package: the GPU machine has neither)."""
+    import re
+    from pathlib import Path
+
+    sentences = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "sentences.txt"
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", sentences.read_text(encoding="utf-8").lower())))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n", encoding="utf-8")
+    transformers.BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(directory)

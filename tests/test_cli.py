@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastbert.cli import main
-from tests.helpers import minilm_path
+from tests.helpers import FP32_MODEL_RANDOM, minilm_path, needs_cuda
 from tests.test_checkpoint import SENTENCES
 
 st = pytest.importorskip("sentence_transformers")
@@ -47,14 +47,14 @@ def _random_st_dir(path, pooling, extra_modules=()):
     """A sentence-transformers directory around a small random BERT, with the given pooling."""
     from sentence_transformers import models
 
-    from tests.model_utils import make_config, randomize_
+    from tests.model_utils import make_config, randomize_, word_piece_tokenizer
 
     config = make_config("h144", layers=2, vocab=30522, max_positions=512)
     import transformers
 
     bert = randomize_(transformers.BertModel(config))
     bert.save_pretrained(path / "bert")
-    transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path / "bert")
+    word_piece_tokenizer(path / "bert")
     word = models.Transformer(str(path / "bert"), max_seq_length=24)
     modules = [word, models.Pooling(144, pooling_mode=pooling), *extra_modules]
     model = st.SentenceTransformer(modules=modules, device="cpu")
@@ -72,6 +72,19 @@ def test_embed_pooling_modes_equal_sentence_transformers(tmp_path, pooling):
     main(["embed", str(SENTENCES), "-o", str(out), "--model", str(model_dir), "--quiet"])
     got = np.load(out)[::4]
     assert np.abs(got - expected).max() <= 1e-5
+
+
+@needs_cuda
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_embed_on_cuda_equals_sentence_transformers_on_cuda(tmp_path, pooling):
+    """The packed pipeline on the fused kernels (fp32) against sentence-transformers on the same GPU."""
+    model_dir = _random_st_dir(tmp_path, pooling)
+    lines = SENTENCES.read_text(encoding="utf-8").splitlines()
+    expected = st.SentenceTransformer(str(model_dir), device="cuda").encode(lines)
+    out = tmp_path / "e.npy"
+    assert main(["embed", str(SENTENCES), "-o", str(out), "--model", str(model_dir), "--device", "cuda",
+                 "--quiet"]) == 0
+    assert np.abs(np.load(out) - expected).max() <= FP32_MODEL_RANDOM
 
 
 def test_embed_other_pipelines_run_through_sentence_transformers(tmp_path):
