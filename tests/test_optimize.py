@@ -6,7 +6,7 @@ import transformers
 
 import fastbert
 from fastbert.optimize import optimize
-from tests.helpers import FP32_MODEL_CHECKPOINT, FP32_MODEL_RANDOM, assert_close, minilm_path
+from tests.helpers import DEVICES, FP32_MODEL_CHECKPOINT, FP32_MODEL_RANDOM, assert_close, minilm_path
 from tests.model_utils import make_config, randomize_, random_inputs
 
 
@@ -25,13 +25,14 @@ def test_sentence_transformer_swap_is_real_and_equal():
     assert_close(model.encode(lines, convert_to_tensor=True), stock, FP32_MODEL_CHECKPOINT, "embeddings")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("head", ["BertForSequenceClassification", "BertForTokenClassification",
                                   "BertForMaskedLM", "BertForQuestionAnswering", "BertForPreTraining"])
-def test_transformers_heads_swap_in_place(head):
+def test_transformers_heads_swap_in_place(head, device):
     config = make_config()
     config.num_labels = 2  # question answering reads exactly two (start, end)
-    model = randomize_(getattr(transformers, head)(config)).eval()
-    ids, types = random_inputs(config, 2, 9)
+    model = randomize_(getattr(transformers, head)(config)).to(device).eval()
+    ids, types = random_inputs(config, 2, 9, device=device)
     mask = torch.ones_like(ids)
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
@@ -62,13 +63,19 @@ def test_bare_bert_model_returns_fastbert_sharing_weights():
                      hf(ids, token_type_ids=types).last_hidden_state, FP32_MODEL_RANDOM)
 
 
-def test_training_through_optimized_head():
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_through_optimized_head(device):
+    """Fine-tuning a classifier after optimize(): the loss equals transformers', and a step moves the
+    encoder's weights (on a GPU: the Triton forward and the reference's backward)."""
     config = make_config()
-    model = randomize_(transformers.BertForSequenceClassification(config)).train()
+    reference = randomize_(transformers.BertForSequenceClassification(config)).to(device).train()
+    model = randomize_(transformers.BertForSequenceClassification(config)).to(device).train()
     optimize(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ids, _ = random_inputs(config, 4, 6)
-    loss = model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss
+    ids, _ = random_inputs(config, 4, 6, device=device)
+    labels = torch.tensor([0, 1, 0, 1], device=device)
+    loss = model(input_ids=ids, labels=labels).loss
+    assert_close(loss, reference(input_ids=ids, labels=labels).loss, FP32_MODEL_RANDOM, "loss")
     loss.backward()
     before = model.bert.encoder.layer[0].attention.self.query.weight.clone()
     optimizer.step()
