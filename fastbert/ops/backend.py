@@ -90,9 +90,9 @@ def direct_launch(*tensors: torch.Tensor | None) -> bool:
     ``torch.library`` op: a plain eager call. The op's own path (dispatcher, ``wrap_triton``, the
     kernel-wrapper higher-order op) costs about 37 us more host time per call (measured with the
     launch itself stubbed out, 2-core development VM: 51 us against 14 us); a BERT-base forward
-    makes 48 such calls (4 per layer). The op stays the path whenever something must see it: ``torch.compile`` tracing, a
-    functorch transform, a dispatch mode (``FakeTensorMode``, a recorder), tensor subclasses, or
-    autograd (its backward is registered on the op)."""
+    makes 48 such calls (4 per layer). The op stays the path whenever something must see it:
+    ``torch.compile`` tracing, a functorch transform, a dispatch mode (``FakeTensorMode``, a
+    recorder), tensor subclasses, or autograd (its backward is registered on the op)."""
     return (not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()
             and _get_current_dispatch_mode() is None
