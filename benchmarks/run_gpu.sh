@@ -70,15 +70,20 @@ case "${1:-}" in
     # then the kernel microbenchmarks. results.json is rewritten after every case, so a run stopped
     # at its limit keeps what it measured; report.py merges the results.json of several calls.
     shift
-    if [ "$#" -eq 0 ]; then
-      set -- benchmarks/bench_model.py $(ls benchmarks/bench_*.py | grep -v bench_model.py)
+    asked=$(printf ' %q' "$@")  # for the table: the command as typed
+    # No benchmark file named (only options such as -k): the whole suite, else pytest would collect
+    # its default testpaths (tests/) and benchmark nothing.
+    named=0
+    for arg in "$@"; do case "$arg" in benchmarks/*) named=1 ;; esac; done
+    if [ "$named" -eq 0 ]; then
+      set -- benchmarks/bench_model.py $(ls benchmarks/bench_*.py | grep -v bench_model.py) "$@"
     fi
     export FASTBERT_BENCH_JSON="$OUT/results.json"
     timeout 450 python3 -m pytest --benchmark-only -q -p no:cacheprovider -rs \
       --benchmark-json="$OUT/pytest-benchmark.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -30
     status=${PIPESTATUS[0]}
     # Last, so that the call's reply carries it: fastbert's rows with their ratios to each peer.
-    command="${FASTBERT_BENCH_QUICK:+FASTBERT_BENCH_QUICK=1 }benchmarks/run_gpu.sh bench $*"
+    command="${FASTBERT_BENCH_QUICK:+FASTBERT_BENCH_QUICK=1 }benchmarks/run_gpu.sh bench${asked}"
     [ -f "$OUT/results.json" ] && python3 benchmarks/report.py "$OUT/results.json" --command "$command" \
       | tee "$OUT/table.md"
     exit "$status"
