@@ -83,32 +83,32 @@ def _cuobjdump() -> str:
     return path
 
 
-def _resource_usage(cubin: bytes) -> dict[str, int]:
-    """REG, STACK, SHARED, LOCAL of the (single) kernel in ``cubin``, from cuobjdump."""
+def _cuobjdump_output(cubin: bytes, option: str) -> str:
+    """What Triton's bundled cuobjdump prints for ``cubin`` with ``option``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        proc = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True)
+        proc = subprocess.run([_cuobjdump(), option, f.name], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"cuobjdump failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED, LOCAL of the (single) kernel in ``cubin``, from cuobjdump."""
+    report = _cuobjdump_output(cubin, "--dump-resource-usage")
     usage = {}
     for key in ("REG", "STACK", "SHARED", "LOCAL"):
-        found = re.findall(rf"\b{key}:(\d+)", proc.stdout)
+        found = re.findall(rf"\b{key}:(\d+)", report)
         if not found:
-            raise RuntimeError(f"cuobjdump printed no {key}: {proc.stdout.strip()}")
+            raise RuntimeError(f"cuobjdump printed no {key}: {report.strip()}")
         usage[key] = max(int(v) for v in found)
     return usage
 
 
 def sass(cubin: bytes) -> str:
     """The disassembly of ``cubin`` (Triton's bundled cuobjdump): which instructions a kernel uses."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        proc = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"cuobjdump failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout
+    return _cuobjdump_output(cubin, "-sass")
 
 
 def compile_job(job: dict, cc: int):
