@@ -33,6 +33,15 @@ LOOP_BLOCK_N = 4096
 
 
 @triton.jit
+def _summed_rows(x_row, r_row, bias_ptr, cols, mask, mask_n):
+    """``x + bias + residual`` in fp32 for the rows at ``x_row`` / ``r_row``, columns ``cols``."""
+    x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+    return x + b[None, :] + r
+
+
+@triton.jit
 def _bias_residual_layer_norm_fwd_kernel(
     x_ptr, bias_ptr, res_ptr, w_ptr, b_ptr, out_ptr,
     n_rows, n_cols,
@@ -50,10 +59,7 @@ def _bias_residual_layer_norm_fwd_kernel(
     if not LOOP:
         mask_n = offs < n_cols
         mask = mask_m[:, None] & mask_n[None, :]
-        x = tl.load(x_row + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(r_row + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(bias_ptr + offs, mask=mask_n, other=0.0).to(tl.float32)
-        v = x + b[None, :] + r
+        v = _summed_rows(x_row, r_row, bias_ptr, offs, mask, mask_n)
         mean = tl.sum(v, axis=1) / n_cols
         diff = tl.where(mask, v - mean[:, None], 0.0)
         var = tl.sum(diff * diff, axis=1) / n_cols
@@ -68,32 +74,25 @@ def _bias_residual_layer_norm_fwd_kernel(
             cols = start + offs
             mask_n = cols < n_cols
             mask = mask_m[:, None] & mask_n[None, :]
-            x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            r = tl.load(r_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
-            total += tl.where(mask, x + b[None, :] + r, 0.0)
+            total += tl.where(mask, _summed_rows(x_row, r_row, bias_ptr, cols, mask, mask_n), 0.0)
         mean = tl.sum(total, axis=1) / n_cols
         total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
             cols = start + offs
             mask_n = cols < n_cols
             mask = mask_m[:, None] & mask_n[None, :]
-            x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            r = tl.load(r_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
-            diff = tl.where(mask, x + b[None, :] + r - mean[:, None], 0.0)
+            v = _summed_rows(x_row, r_row, bias_ptr, cols, mask, mask_n)
+            diff = tl.where(mask, v - mean[:, None], 0.0)
             total += diff * diff
         rstd = 1.0 / tl.sqrt(tl.sum(total, axis=1) / n_cols + eps)
         for start in range(0, n_cols, BLOCK_N):
             cols = start + offs
             mask_n = cols < n_cols
             mask = mask_m[:, None] & mask_n[None, :]
-            x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            r = tl.load(r_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+            v = _summed_rows(x_row, r_row, bias_ptr, cols, mask, mask_n)
             w = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
             lb = tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
-            y = (x + b[None, :] + r - mean[:, None]) * rstd[:, None] * w[None, :] + lb[None, :]
+            y = (v - mean[:, None]) * rstd[:, None] * w[None, :] + lb[None, :]
             tl.store(o_row + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -130,19 +129,24 @@ def bias_residual_layer_norm_fwd(x, bias, residual, weight, ln_bias, eps: float,
     return out
 
 
+def row_configs():
+    """``(name, config)`` of every row block ``layer_norm_config`` can pick (128 to 8192 columns in
+    registers, or the chunked loop for wider rows), for the kernels' ``compile_configs``."""
+    for n_cols in (128, 256, 512, 1024, 2048, 4096, 8192, 2 * MAX_SINGLE_BLOCK):
+        cfg = layer_norm_config(n_cols)
+        name = f"loop N={cfg['BLOCK_N']}" if cfg["LOOP"] else f"M={cfg['BLOCK_M']} N={cfg['BLOCK_N']}"
+        yield f"{name} w={cfg['num_warps']}", cfg
+
+
 def compile_configs() -> list[dict]:
-    """Every configuration ``bias_residual_layer_norm_fwd`` can launch: one per row block (128 to
-    8192 columns in registers, or the chunked loop for wider rows) and dtype."""
+    """Every configuration ``bias_residual_layer_norm_fwd`` can launch: one per row block and dtype."""
     jobs = []
     for dtype in ("fp32", "fp16", "bf16"):
-        for n_cols in (128, 256, 512, 1024, 2048, 4096, 8192, 2 * MAX_SINGLE_BLOCK):
-            cfg = layer_norm_config(n_cols)
-            name = (f"{dtype} loop N={cfg['BLOCK_N']}" if cfg["LOOP"]
-                    else f"{dtype} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']}") + f" w={cfg['num_warps']}"
+        for name, cfg in row_configs():
             ptr = f"*{dtype}"
             jobs.append({
                 "kernel": "bias_residual_layer_norm",
-                "name": name,
+                "name": f"{dtype} {name}",
                 "fn": _bias_residual_layer_norm_fwd_kernel,
                 "signature": {"x_ptr": ptr, "bias_ptr": ptr, "res_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr,
                               "out_ptr": ptr, "n_rows": "i32", "n_cols": "i32", "stride_x": "i32",

@@ -23,8 +23,17 @@ import triton.language as tl
 
 # Rows are LayerNorm rows as in bias + residual + LayerNorm: the same block, warp and loop choice
 # (its 16 warps for the chunked loop also keep this kernel from spilling fp32 on sm_90).
-from .bias_residual_layer_norm import MAX_SINGLE_BLOCK
 from .bias_residual_layer_norm import layer_norm_config as embeddings_config
+from .bias_residual_layer_norm import row_configs
+
+
+@triton.jit
+def _summed_embeddings(w_row, t_row, p_row, cols, mask):
+    """``(word + token_type) + position`` in fp32 (transformers' order) at columns ``cols``."""
+    w = tl.load(w_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return (w + t) + p
 
 
 @triton.jit
@@ -53,10 +62,7 @@ def _embeddings_fwd_kernel(
     if not LOOP:
         mask_n = offs < hidden
         mask = mask_m[:, None] & mask_n[None, :]
-        w = tl.load(w_row + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_row + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        p = tl.load(p_row + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = (w + t) + p
+        x = _summed_embeddings(w_row, t_row, p_row, offs, mask)
         mean = tl.sum(x, axis=1) / hidden
         diff = tl.where(mask, x - mean[:, None], 0.0)
         var = tl.sum(diff * diff, axis=1) / hidden
@@ -71,19 +77,13 @@ def _embeddings_fwd_kernel(
         for start in range(0, hidden, BLOCK_N):
             cols = start + offs
             mask = mask_m[:, None] & (cols < hidden)[None, :]
-            w = tl.load(w_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            t = tl.load(t_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            p = tl.load(p_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            total += (w + t) + p
+            total += _summed_embeddings(w_row, t_row, p_row, cols, mask)
         mean = tl.sum(total, axis=1) / hidden
         total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for start in range(0, hidden, BLOCK_N):
             cols = start + offs
             mask = mask_m[:, None] & (cols < hidden)[None, :]
-            w = tl.load(w_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            t = tl.load(t_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            p = tl.load(p_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            diff = tl.where(mask, (w + t) + p - mean[:, None], 0.0)
+            diff = tl.where(mask, _summed_embeddings(w_row, t_row, p_row, cols, mask) - mean[:, None], 0.0)
             total += diff * diff
         rstd = 1.0 / tl.sqrt(tl.sum(total, axis=1) / hidden + eps)
         # Bad rows become NaN by adding a per-row 0 or NaN rather than a per-element select: one
@@ -93,12 +93,11 @@ def _embeddings_fwd_kernel(
             cols = start + offs
             mask_n = cols < hidden
             mask = mask_m[:, None] & mask_n[None, :]
-            w = tl.load(w_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            t = tl.load(t_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            p = tl.load(p_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            # LayerNorm weights before the sum: in the other order Triton 3.6 spills here on sm_120.
             g = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
-            y = ((w + t) + p - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :] + poison[:, None]
+            x = _summed_embeddings(w_row, t_row, p_row, cols, mask)
+            y = (x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :] + poison[:, None]
             tl.store(o_row + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -127,17 +126,14 @@ def embeddings_fwd(input_ids, position_ids, token_type_ids, word_weight, positio
 
 def compile_configs() -> list[dict]:
     """Every configuration ``embeddings_fwd`` can launch (for ``fastbert compile-kernels``): one per row
-    block (128 to 8192 columns in registers, or the chunked loop for wider rows) and dtype."""
+    block (the LayerNorm rows' blocks) and dtype."""
     jobs = []
     for dtype in ("fp32", "fp16", "bf16"):
-        for hidden in (128, 256, 512, 1024, 2048, 4096, 8192, 2 * MAX_SINGLE_BLOCK):
-            cfg = embeddings_config(hidden)
-            name = (f"{dtype} loop N={cfg['BLOCK_N']}" if cfg["LOOP"]
-                    else f"{dtype} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']}") + f" w={cfg['num_warps']}"
+        for name, cfg in row_configs():
             ptr = f"*{dtype}"
             jobs.append({
                 "kernel": "embeddings",
-                "name": name,
+                "name": f"{dtype} {name}",
                 "fn": _embeddings_fwd_kernel,
                 "signature": {"ids_ptr": "*i64", "pos_ids_ptr": "*i64", "type_ids_ptr": "*i64",
                               "word_ptr": ptr, "pos_ptr": ptr, "type_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr,
