@@ -57,6 +57,18 @@ def minilm_path() -> str:
     return str(package.get_model_path())
 
 
+def assert_gradients_match(fast, hf) -> None:
+    """Every parameter gradient of ``fast`` equals ``hf``'s (same parameter names). Some gradients are
+    zero in exact arithmetic (a key bias shifts every score of a query by the same amount), so rounding
+    noise is measured against the largest gradient of the model."""
+    grads_hf = dict(hf.named_parameters())
+    largest = max(q.grad.abs().max().item() for q in grads_hf.values())
+    for name, p in fast.named_parameters():
+        q = grads_hf[name]
+        assert p.grad is not None, name
+        assert max_abs_diff(p.grad, q.grad) <= 1e-4 * q.grad.abs().max().item() + 1e-6 * largest, name
+
+
 def nan_like(shape, dtype, device="cpu") -> torch.Tensor:
     """An output buffer poisoned with NaN, so that elements a kernel never writes fail the check."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -17,7 +17,7 @@ import torch
 
 from fastbert.ops import backend
 from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD, run_interpreter_cases
-from tests.helpers import FP32_INTERPRETER, RecordFastbertOps, assert_close, max_abs_diff
+from tests.helpers import FP32_INTERPRETER, RecordFastbertOps, assert_close, assert_gradients_match
 from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
 OPS = {  # op module -> the launch helper it calls
@@ -145,9 +145,4 @@ if IN_CHILD:
             out = model(ids, attention_mask=mask, token_type_ids=types)
             ((out.last_hidden_state * weight * keep).sum() + out.pooler_output[keep[:, 0, 0]].sum()).backward()
         expect_launches(launches, layers=2)
-        grads_hf = dict(hf.named_parameters())
-        largest = max(q.grad.abs().max().item() for q in grads_hf.values())
-        for name, p in fast.named_parameters():
-            q = grads_hf[name]
-            assert p.grad is not None, name
-            assert max_abs_diff(p.grad, q.grad) <= 1e-4 * q.grad.abs().max().item() + 1e-6 * largest, name
+        assert_gradients_match(fast, hf)
