@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.report import add_ratios
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SMOKE = os.environ.get("FASTBERT_BENCH_SMOKE") == "1"
@@ -195,20 +197,8 @@ def _environment() -> dict:
     return env
 
 
-def _add_ratios(rows: list[dict]) -> None:
-    """Each fastbert row gets its speedup over every peer measured on the same case."""
-    by_case: dict[str, dict[str, float]] = {}
-    for row in rows:
-        by_case.setdefault(row["case"], {})[row["impl"]] = row["seconds"]
-    for row in rows:
-        if row["impl"].startswith("fastbert"):
-            peers = by_case[row["case"]]
-            row["speedup"] = {impl: seconds / row["seconds"] for impl, seconds in peers.items()
-                              if not impl.startswith("fastbert")}
-
-
 def _write_results() -> None:
-    _add_ratios(_RESULTS)
+    add_ratios(_RESULTS)
     default = Path(os.environ["OUT"]) / "results.json" if os.environ.get("OUT") else Path("build/bench/results.json")
     path = Path(os.environ.get("FASTBERT_BENCH_JSON", default))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -63,11 +63,25 @@ def plot(payload: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def add_ratios(rows: list[dict]) -> None:
+    """Each fastbert row gets its speedup over every peer measured on the same case."""
+    by_case: dict[str, dict[str, float]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], {})[row["impl"]] = row["seconds"]
+    for row in rows:
+        if row["impl"].startswith("fastbert"):
+            peers = by_case[row["case"]]
+            row["speedup"] = {impl: seconds / row["seconds"] for impl, seconds in peers.items()
+                              if not impl.startswith("fastbert")}
+
+
 def merge(payloads: list[dict]) -> dict:
-    """Several runs' results (GPU calls of under 10 minutes each) as one table. Ratios stay those of
-    the run that measured the case; a case measured again replaces the earlier run's rows. Runs on
-    different devices or versions are refused: their numbers do not belong in one table."""
-    keys = ("device", "torch", "triton", "transformers")
+    """Several runs' results (GPU calls of under 10 minutes each) as one table. A (case, impl) measured
+    again replaces the earlier run's row, and fastbert's ratios are recomputed over the merged rows, so
+    a peer measured in a later call (max-autotune, say) counts against fastbert measured in an earlier
+    one: give it only calls made on one machine, back to back. Runs on different devices, drivers or
+    versions are refused: their numbers do not belong in one table."""
+    keys = ("device", "driver", "torch", "triton", "transformers")
     first = payloads[0]["environment"]
     for other in payloads[1:]:
         env = other["environment"]
@@ -75,13 +89,15 @@ def merge(payloads: list[dict]) -> dict:
         if differ:
             raise SystemExit(f"report.py: runs differ in {', '.join(differ)}: "
                              + "; ".join(f"{k}: {first.get(k)} vs {env.get(k)}" for k in differ))
-    rows: dict[str, list[dict]] = {}
+    rows: dict[tuple[str, str], dict] = {}
     for payload in payloads:
-        for case in dict.fromkeys(row["case"] for row in payload["results"]):
-            rows[case] = [row for row in payload["results"] if row["case"] == case]
+        for row in payload["results"]:
+            rows[row["case"], row["impl"]] = {k: v for k, v in row.items() if k != "speedup"}
+    merged = list(rows.values())
+    add_ratios(merged)
     dates = sorted({p["environment"].get("date", "") for p in payloads})
     environment = dict(first, date=" .. ".join([dates[0], dates[-1]]) if len(dates) > 1 else dates[0])
-    return {"environment": environment, "results": [row for case_rows in rows.values() for row in case_rows]}
+    return {"environment": environment, "results": merged}
 
 
 def main(argv=None) -> int:

@@ -89,8 +89,13 @@ def test_report_merges_runs_and_refuses_other_devices():
 
     a = [{"case": "x", "impl": "fastbert", "seconds": 1.0}, {"case": "y", "impl": "fastbert", "seconds": 2.0}]
     b = [{"case": "y", "impl": "fastbert", "seconds": 3.0}, {"case": "z", "impl": "fastbert", "seconds": 4.0}]
+    # A later call measures a peer of case x (max-autotune, say): its ratio is against the earlier fastbert row.
+    b.append({"case": "x", "impl": "torch.compile-max-autotune", "seconds": 1.5})
     merged = merge([run("d1", a), run("d2", b)])
-    assert [(r["case"], r["seconds"]) for r in merged["results"]] == [("x", 1.0), ("y", 3.0), ("z", 4.0)]
+    assert [(r["case"], r["impl"], r["seconds"]) for r in merged["results"]] == [
+        ("x", "fastbert", 1.0), ("y", "fastbert", 3.0), ("z", "fastbert", 4.0), ("x", "torch.compile-max-autotune", 1.5)]
+    assert merged["results"][0]["speedup"] == {"torch.compile-max-autotune": 1.5}
+    assert merged["results"][1]["speedup"] == {}
     assert merged["environment"]["date"] == "d1 .. d2"
     with pytest.raises(SystemExit, match="device"):
         merge([run("d1", a), run("d2", b, device="NVIDIA H200")])
