@@ -27,7 +27,10 @@ def markdown(payload: dict, command: str = COMMAND) -> str:
     lines += [f"| {key} | {value} |" for key, value in env.items()]
     lines += [f"| command | `{command}` |", ""]
     peers = sorted({impl for row in rows if "speedup" in row for impl in row["speedup"]})
-    header = ["case", "fastbert impl", "median ms", "tokens/s", "TFLOP/s", "of matmul peak"] + [f"vs {p}" for p in peers]
+    # Memory-bound kernels carry the fraction of the copy bandwidth measured in the same run.
+    copy = any(row.get("copy_fraction") is not None for row in rows)
+    header = (["case", "fastbert impl", "median ms", "tokens/s", "TFLOP/s", "of matmul peak"]
+              + ["of copy bandwidth"] * copy + [f"vs {p}" for p in peers])
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         if "speedup" not in row:
@@ -35,6 +38,9 @@ def markdown(payload: dict, command: str = COMMAND) -> str:
         cells = [row["case"], row["impl"], _fmt(row["seconds"] * 1e3, ".3f"), _fmt(row.get("tokens_per_s"), ".0f"),
                  _fmt(row.get("tflops"), ".1f"), _fmt(row.get("roofline_fraction") and 100 * row["roofline_fraction"], ".0f")
                  + ("%" if row.get("roofline_fraction") else "")]
+        if copy:
+            fraction = row.get("copy_fraction")
+            cells.append(_fmt(fraction and 100 * fraction, ".0f") + ("%" if fraction else ""))
         cells += [_fmt(row["speedup"].get(p), ".2f") + ("x" if p in row["speedup"] else "") for p in peers]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
