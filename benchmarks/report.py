@@ -52,7 +52,7 @@ def plot(payload: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in payload["results"] if r["impl"] == "fastbert" and "speedup" in r]
+    rows = [r for r in payload["results"] if r["impl"].startswith("fastbert") and r.get("speedup")]
     peers = sorted({p for r in rows for p in r["speedup"]})
     fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(rows) * max(1, len(peers)) / 2), 5))
     width = 0.8 / max(1, len(peers))
@@ -61,7 +61,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.bar(xs, [r["speedup"].get(peer, 0) for r in rows], width, label=f"vs {peer}")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
-    ax.set_xticklabels([r["case"] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels([f"{r['case']} ({r['impl']})" for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("fastbert speedup (x)")
     ax.set_title(f"fastbert speedup per case, {payload['environment'].get('device', '')}")
     ax.legend(fontsize=7)
