@@ -140,7 +140,7 @@ def _reference_checked(*args) -> torch.Tensor:
 
 def _check_shapes(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
                   ln_weight, ln_bias) -> None:
-    """The shape rules of the C++ op, for the Triton path (ValueError naming the tensor)."""
+    """The shape rules of the C++ op, checked in Python before either fast path (ValueError naming the tensor)."""
     if input_ids.dim() != 1:
         raise ValueError(f"{OP}: input_ids must be a 1-D tensor of packed tokens, got shape {tuple(input_ids.shape)}")
     if position_ids.shape != input_ids.shape or token_type_ids.shape != input_ids.shape:
@@ -233,7 +233,14 @@ def embeddings(
         return reference(*args)
     indices = tuple(t.long() for t in indices)
     if choice == "cuda-extension":
-        return torch.ops.fastbert.embedding_layer_norm(*indices, *floats, float(eps), validate_indices)
+        # Bad input raises here, in Python, rather than from the C++ op: on one GPU image (issue 6) an
+        # exception thrown by the extension crashed the process. The op checks again only where Python
+        # could not read the indices back (torch.compile tracing).
+        _check_shapes(*indices, *floats)
+        checked = validate_indices and _may_read_back(indices[0])
+        if checked:
+            check_indices(*indices, *floats[:3])
+        return torch.ops.fastbert.embedding_layer_norm(*indices, *floats, float(eps), validate_indices and not checked)
 
     backend.use_triton(*floats)  # raises when the Triton path cannot run here (CPU without the interpreter)
     if word_weight.device.type != "cuda" and type(_kernels._embeddings_fwd_kernel).__name__ != "InterpretedFunction":

@@ -13,6 +13,10 @@ reference <= 2x PyTorch's own error at that dtype + 1e-3.
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,16 +145,32 @@ def with_bad_index(inputs, which, value, at=4):
     return inputs
 
 
+# Makes the C++ op raise in a fresh process (also run under cuda-gdb by benchmarks/gpu_session.sh).
+RAISE_PROBE = Path(__file__).parent.parent / "extension_raise_probe.py"
+
+
+@pytest.fixture(scope="session")
+def op_errors_reach_python():
+    """Tests that make the C++ op raise first check, in a child process, that its exceptions reach Python:
+    where they crash the process, such a test fails with the child's report instead of taking its pytest
+    worker down."""
+    child = subprocess.run([sys.executable, "-X", "faulthandler", str(RAISE_PROBE)], capture_output=True,
+                           text=True, timeout=300)
+    if child.returncode != 0:
+        pytest.fail(f"an exception thrown by fastbert._C does not reach Python in a fresh process (exit status "
+                    f"{child.returncode}):\n{child.stdout}{child.stderr[-3000:]}", pytrace=False)
+
+
 @needs_cpu_op
 @pytest.mark.parametrize("name,which,value,limit", OUT_OF_RANGE)
-def test_cpu_op_out_of_range_raises_naming_value_and_limit(name, which, value, limit):
+def test_cpu_op_out_of_range_raises_naming_value_and_limit(op_errors_reach_python, name, which, value, limit):
     inputs = with_bad_index(make_inputs(7, 97), which, value)
     with pytest.raises(IndexError, match=rf"{name}\[4\] = {value} is out of range \[0, {limit}\)"):
         torch.ops.fastbert.embedding_layer_norm(*inputs, EPS)
 
 
 @needs_cpu_op
-def test_cpu_op_rejects_bad_arguments():
+def test_cpu_op_rejects_bad_arguments(op_errors_reach_python):
     inputs = make_inputs(5, 32)
     with pytest.raises(TypeError, match="ln_weight is Half but word_weight is Float"):
         torch.ops.fastbert.embedding_layer_norm(*inputs[:6], inputs[6].half(), inputs[7], EPS)
@@ -217,6 +237,23 @@ def test_embeddings_out_of_range_on_cpu_names_value_and_limit(name, which, value
     inputs = with_bad_index(make_inputs(7, 64), which, value, at=5)
     with pytest.raises(IndexError, match=rf"{name}\[5\] = {value} is out of range \[0, {limit}\)"):
         E.embeddings(*inputs, EPS)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("name,which,value,limit", OUT_OF_RANGE)
+def test_extension_path_raises_from_python_not_from_the_op(monkeypatch, name, which, value, limit):
+    """On the extension path (forced here onto the op's CPU kernel) bad input raises in Python before the
+    op runs: an exception thrown by the C++ op crashed the process on one GPU image (issue 6)."""
+    monkeypatch.setattr(E, "_choose", lambda device: "cuda-extension")
+    inputs = with_bad_index(make_inputs(7, 64), which, value, at=5)
+    with pytest.raises(IndexError, match=rf"{name}\[5\] = {value} is out of range \[0, {limit}\)") as error:
+        E.embeddings(*inputs, EPS)
+    assert Path(str(error.traceback[-1].path)).name == "embeddings.py"  # raised by fastbert.ops.embeddings
+    good = make_inputs(7, 64)
+    with pytest.raises(ValueError, match="ln_weight has shape") as error:
+        E.embeddings(*good[:6], good[6][:32], good[7], EPS)
+    assert Path(str(error.traceback[-1].path)).name == "embeddings.py"
+    check_against_reference(E.embeddings(*good, EPS), good, "extension path")
 
 
 @pytest.mark.parametrize("setting", ["auto", "torch"])
@@ -321,7 +358,7 @@ def test_cuda_extension_large_activations(dtype):
 
 @needs_cuda_extension
 @pytest.mark.parametrize("name,which,value,limit", OUT_OF_RANGE)
-def test_cuda_extension_out_of_range_raises_and_context_survives(name, which, value, limit):
+def test_cuda_extension_out_of_range_raises_and_context_survives(op_errors_reach_python, name, which, value, limit):
     inputs = with_bad_index(make_inputs(33, 768, device="cuda"), which, value, at=4)
     with pytest.raises(IndexError, match=rf"{name}\[4\] = {value} is out of range \[0, {limit}\)"):
         torch.ops.fastbert.embedding_layer_norm(*inputs, EPS)
