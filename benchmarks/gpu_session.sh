@@ -3,7 +3,7 @@
 # minutes after the machine's start): run from the repo root with the call's timeout_s >= BUDGET + 30.
 #   1. install + the GPU tests (ops, model, compile/graphs, optimize, CLI), no sanitizer; a probe of
 #      the C++ extension's exceptions (under cuda-gdb);
-#   2. the headline model cases, BERT-base bf16, without max-autotune (minutes of autotuning each);
+#   2. a profile of one eager forward (benchmarks/profile_model.py), the headline model cases, BERT-base bf16, without max-autotune (minutes of autotuning each);
 #   3. the kernel microbenchmarks in bf16, with whatever time is left.
 # Each step runs under a deadline so the script always ends, and packs its logs, inside BUDGET
 # seconds: $OUT gets session.tgz (every log and results.json) + the two results.json, since only 8
@@ -32,6 +32,10 @@ else
 fi
 echo "gpu_session.sh: extension raise probe exit $? (test/probe.log):"
 grep -E "raised|SIG|^#[0-9]+ " "$OUT_ROOT/test/probe.log" | head -30
+
+# Where the time of one eager forward goes (device time per kernel; host time per operator).
+timeout 90 python3 benchmarks/profile_model.py --out "$OUT_ROOT/test" >/dev/null 2>"$OUT_ROOT/test/profile.err"
+echo "gpu_session.sh: profile exit $? at $((SECONDS - start)) s (test/profile.txt)"
 
 micro_time=$(( BUDGET / 5 ))
 OUT=$OUT_ROOT/model FASTBERT_BENCH_QUICK=1 BENCH_TIMEOUT=$(left $(( BUDGET - micro_time - 15 ))) \

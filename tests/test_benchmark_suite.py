@@ -99,3 +99,14 @@ def test_report_merges_runs_and_refuses_other_devices():
     assert merged["environment"]["date"] == "d1 .. d2"
     with pytest.raises(SystemExit, match="device"):
         merge([run("d1", a), run("d2", b, device="NVIDIA H200")])
+
+
+def test_profile_model_smoke(tmp_path):
+    """benchmarks/profile_model.py (run in a GPU session) on a tiny model on the CPU: it writes one
+    profiler table per shape, with the forward's operators in it."""
+    from benchmarks.profile_model import main
+
+    assert main(["--tiny", "--out", str(tmp_path), "--rows", "10"]) == 0
+    report = (tmp_path / "profile.txt").read_text()
+    assert report.startswith("## 4x16, 3 forwards")
+    assert "aten::" in report

@@ -1,0 +1,78 @@
+"""Where one forward's time goes: torch.profiler over eager fastbert (BERT-base, random weights),
+one table per batch shape of the self device time per kernel (or self CPU time without a GPU).
+
+The H200 run of 2026-11-26 left two questions that timings of whole forwards cannot answer: at
+32x512 fastbert reached 41% of the matmul peak (how much of 9.4 ms is GEMMs, attention, the
+memory-bound kernels?), and the eager path at 32x128 took 7.6 ms against 2.6 ms replayed (which
+host-side work, which syncs?). This prints both views.
+
+    python benchmarks/profile_model.py                   # GPU: bf16, 32x128 and 32x512
+    python benchmarks/profile_model.py --tiny --out DIR  # CPU: a 2-layer model, fp32 (a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
+
+from fastbert.optimize import to_fastbert
+
+BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+
+def model_for(tiny: bool, device: str, dtype: torch.dtype):
+    config = transformers.BertConfig(vocab_size=30522, max_position_embeddings=512, **(TINY if tiny else BASE))
+    torch.manual_seed(0)
+    hf = transformers.AutoModel.from_config(config, attn_implementation="sdpa").to(device, dtype).eval()
+    return to_fastbert(hf)
+
+
+def profile_shape(model, batch: int, seqlen: int, device: str, rows: int) -> str:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, model.config.vocab_size, (batch, seqlen), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    mask[batch // 2:, seqlen * 3 // 4:] = 0  # half the rows padded by a quarter: the unpadding runs
+    cuda = device == "cuda"
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up: Triton compilation, cuBLAS handles, the fused QKV weight
+            model(ids, attention_mask=mask)
+        if cuda:
+            torch.cuda.synchronize()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                model(ids, attention_mask=mask)
+            if cuda:
+                torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    header = f"## {batch}x{seqlen}, 3 forwards, sorted by {sort}\n"
+    by_device = prof.key_averages().table(sort_by=sort, row_limit=rows)
+    by_host = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows) if cuda else ""
+    return header + by_device + ("\n### by host time\n" + by_host if by_host else "") + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer fp32 model (CPU smoke run)")
+    parser.add_argument("--out", type=Path, help="also write profile.txt here")
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and not args.tiny else torch.float32
+    model = model_for(args.tiny, device, dtype)
+    shapes = [(4, 16)] if args.tiny else [(32, 128), (32, 512)]
+    report = "".join(profile_shape(model, b, s, device, args.rows) for b, s in shapes)
+    print(report)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile.txt").write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
