@@ -3,7 +3,9 @@ torch.compile of the transformers model (default; max-autotune on the headline c
 BERT-base and BERT-large with random weights from their configs.
 
 Peers get each batch padded to its longest sequence, as their users run them; fastbert gets the same
-padded batch through the same API (it unpads inside). For every case: median time, tokens/s (real
+padded batch through the same API (it unpads inside), eagerly and through its two CUDA-graph runners
+(``CUDAGraphRunner``: eager validation and unpadding around a replay per token-count bucket;
+``PaddedCUDAGraphRunner``: the whole forward in a graph per batch-shape bucket). For every case: median time, tokens/s (real
 tokens), TFLOP/s of the useful work, its fraction of the matmul peak measured in this run, and (at
 the end of the session, in results.json) the ratio to every peer. fastbert's output is checked against
 an fp32 transformers reference (DESIGN.md's low-precision budget) before it is timed.
@@ -28,7 +30,7 @@ import transformers
 from benchmarks.conftest import DEVICE, SMOKE, device_or_skip, timed
 from tests.helpers import LOW_PRECISION_SLACK, max_abs_diff
 
-from fastbert.cuda_graphs import CUDAGraphRunner
+from fastbert.cuda_graphs import CUDAGraphRunner, PaddedCUDAGraphRunner
 from fastbert.optimize import to_fastbert
 
 MODELS = {
@@ -123,8 +125,13 @@ def graph_runner(name: str, dtype_name: str):
     return CUDAGraphRunner(models(name, dtype_name)["fastbert"], max_sequences=64, max_seqlen=512)
 
 
-IMPLS = ["fastbert", "fastbert+cudagraphs", "transformers-eager", "transformers-sdpa", "torch.compile",
-         "torch.compile-max-autotune"]
+@functools.cache
+def padded_graph_runner(name: str, dtype_name: str):
+    return PaddedCUDAGraphRunner(models(name, dtype_name)["fastbert"], max_seqlen=512)
+
+
+IMPLS = ["fastbert", "fastbert+cudagraphs", "fastbert+padded-cudagraphs", "transformers-eager", "transformers-sdpa",
+         "torch.compile", "torch.compile-max-autotune"]
 
 
 def cases():
@@ -143,7 +150,7 @@ def cases():
 @torch.inference_mode()
 def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, impl):
     device_or_skip()
-    if SMOKE and impl in ("fastbert+cudagraphs", "torch.compile-max-autotune"):
+    if SMOKE and impl in ("fastbert+cudagraphs", "fastbert+padded-cudagraphs", "torch.compile-max-autotune"):
         pytest.skip("CUDA graphs and max-autotune need a GPU")
     lengths = lengths_of(shape)
     group = models(name, dtype_name)
@@ -151,6 +158,7 @@ def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, i
     fn = {
         "fastbert": lambda: group["fastbert"](ids, attention_mask=mask),
         "fastbert+cudagraphs": lambda: graph_runner(name, dtype_name)(ids, mask),
+        "fastbert+padded-cudagraphs": lambda: padded_graph_runner(name, dtype_name)(ids, mask),
         "transformers-eager": lambda: group["eager"](ids, attention_mask=mask),
         "transformers-sdpa": lambda: group["sdpa"](ids, attention_mask=mask),
         "torch.compile": lambda: compiled(name, dtype_name, None)(ids, attention_mask=mask),

@@ -24,7 +24,7 @@ import bisect
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from . import ops
+from . import ops, validation
 from .validation import check_inputs
 
 # Steps of 1.5x or less: a batch computes at most 1.5x its tokens (powers of two cost up to 2x; an H200
@@ -144,4 +144,132 @@ class CUDAGraphRunner:
         return BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=sequence_output,
             pooler_output=pooler(sequence_output) if pooler is not None else None,
+        )
+
+
+class _PaddedBucket:
+    """Static padded buffers of one (batch, seqlen) bucket, and its graph once captured."""
+
+    def __init__(self, batch: int, seqlen: int, device):
+        self.shape = (batch, seqlen)
+        self.input_ids = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+        self.attention_mask = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+        self.token_type_ids = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+        self.outputs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+
+class PaddedCUDAGraphRunner:
+    """Runs ``model`` (a fastbert.BertModel in eval mode) through CUDA graphs of the whole forward on
+    padded batches: one graph per (batch, seqlen) bucket, taking ``input_ids``, ``attention_mask`` and
+    ``token_type_ids`` as they come.
+
+    :class:`CUDAGraphRunner` validates and unpads each batch eagerly, about 30 small launches and a
+    host sync before its replay: on the H200 run (2026-11-26) that work, not the replay, set the 1x128
+    time (0.99 ms). Here the graph holds it all: the sync-free static-size unpadding that torch.compile
+    uses (the padding is computed on, never read), the value checks (read back after the replay, one
+    sync; a bad value re-runs the batch eagerly, which raises the model's own error), re-padding and
+    the pooler. A call copies three tensors in and slices two out. The price: the padding positions of
+    a bucket are computed on, so batches with much padding are cheaper through CUDAGraphRunner.
+
+    ``batch_buckets``: batch sizes with a graph (a batch takes the smallest that holds it; its extra rows
+    are fully masked). Sequence lengths are rounded up to a multiple of ``seqlen_step``, up to
+    ``max_seqlen`` (default: the model's max_position_embeddings). Anything else (larger batches,
+    ``position_ids``, ``output_attentions``, float masks, ...) runs the model eagerly. Weights: as for
+    :class:`CUDAGraphRunner`.
+    """
+
+    def __init__(self, model, batch_buckets=(1, 2, 4, 8, 16, 32, 64), seqlen_step: int = 32,
+                 max_seqlen: int | None = None, capture: bool | None = None):
+        if model.training:
+            raise ValueError("PaddedCUDAGraphRunner runs inference: put the model in eval mode first")
+        self.model = model
+        self.batch_buckets = sorted(batch_buckets)
+        self.seqlen_step = seqlen_step
+        self.max_seqlen = int(max_seqlen or model.config.max_position_embeddings)
+        device = next(model.parameters()).device
+        self.capture = device.type == "cuda" if capture is None else capture
+        if self.capture and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
+        self.device = device
+        self._buckets: dict[tuple[int, int], _PaddedBucket] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def _forward(self, bucket: _PaddedBucket):
+        """The captured work: the value checks of what the static buffers hold, and the model on them.
+        The ids and token types are clamped into their tables first: a batch that fails a check is
+        thrown away, but its lookups must not read outside a table (a device-side assert on CUDA)."""
+        config = self.model.config
+        flags = validation.value_flags(config, bucket.input_ids, bucket.attention_mask, bucket.token_type_ids)
+        with validation.static_forms():
+            out = self.model(bucket.input_ids.clamp(0, config.vocab_size - 1), attention_mask=bucket.attention_mask,
+                             token_type_ids=bucket.token_type_ids.clamp(0, config.type_vocab_size - 1))
+        return out.last_hidden_state, out.pooler_output, flags
+
+    def _bucket(self, batch: int, seqlen: int) -> _PaddedBucket:
+        shape = (self.batch_buckets[bisect.bisect_left(self.batch_buckets, batch)],
+                 min(-(-seqlen // self.seqlen_step) * self.seqlen_step, self.max_seqlen))
+        bucket = self._buckets.get(shape)
+        if bucket is None:
+            bucket = self._buckets[shape] = _PaddedBucket(*shape, self.device)
+            if self.capture:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up: autotuning, lazy init
+                    for _ in range(2):
+                        self._forward(bucket)
+                torch.cuda.current_stream().wait_stream(side)
+                bucket.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(bucket.graph, pool=self._pool):
+                    bucket.outputs = self._forward(bucket)
+        return bucket
+
+    def _takes(self, input_ids, attention_mask, token_type_ids, kwargs) -> bool:
+        """Whether the graphs take this call (else the model runs it eagerly, and raises what it raises)."""
+        if kwargs or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            return False
+        batch, seqlen = input_ids.shape
+        if not (0 < batch <= self.batch_buckets[-1] and 0 < seqlen <= self.max_seqlen):
+            return False
+        for t in (input_ids, attention_mask, token_type_ids):
+            if t is None:
+                continue
+            if t.device != self.device or t.is_floating_point() or t.is_complex():
+                return False
+            if t is not input_ids and tuple(t.shape) not in ((batch, seqlen), (1, seqlen)):
+                return False
+        return attention_mask is None or tuple(attention_mask.shape) == (batch, seqlen)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
+                 **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        if not self._takes(input_ids, attention_mask, token_type_ids, kwargs):
+            return self.model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        batch, seqlen = input_ids.shape
+        bucket = self._bucket(batch, seqlen)
+        # The mask is rewritten whole (positions past this batch are padding); ids and token types only
+        # where the mask is 1, since padding is never looked up.
+        bucket.attention_mask.zero_()
+        mask, types = bucket.attention_mask[:batch, :seqlen], bucket.token_type_ids[:batch, :seqlen]
+        if attention_mask is None:
+            mask.fill_(1)
+        else:
+            mask.copy_(attention_mask)
+        if token_type_ids is None:
+            types.zero_()
+        else:
+            types.copy_(token_type_ids)
+        bucket.input_ids[:batch, :seqlen].copy_(input_ids)
+        if bucket.graph is not None:
+            bucket.graph.replay()
+            hidden, pooled, flags = bucket.outputs
+        else:
+            hidden, pooled, flags = self._forward(bucket)
+        if any(flags.tolist()):  # one sync: a value check failed, and the eager model says which
+            self.model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            raise RuntimeError("a value check failed in the CUDA graph but not in the eager model")
+        hidden = hidden[:batch, :seqlen] if hidden.shape[1] == bucket.shape[1] else hidden[:batch]
+        return BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=hidden.clone(),  # the next replay overwrites the static outputs
+            pooler_output=None if pooled is None else pooled[:batch].clone(),
         )

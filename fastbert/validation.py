@@ -3,6 +3,7 @@ before any kernel could crash, assert on the device, or quietly compute garbage.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -25,6 +26,27 @@ def check_config(config) -> None:
             f"position_embedding_type={position_type!r} is not supported; fastbert implements 'absolute'"
         )
     ops.activation_kind(config.hidden_act)
+
+
+_STATIC_FORMS = False
+
+
+@contextlib.contextmanager
+def static_forms():
+    """Inside, check_inputs takes the static-size, sync-free forms it takes under torch.compile and
+    skips the value checks (they need a host sync): what capturing a whole forward in a CUDA graph
+    needs. The caller checks the values itself, with value_flags. A process-wide switch: set it only
+    around a capture (or the same calls run eagerly)."""
+    global _STATIC_FORMS
+    previous, _STATIC_FORMS = _STATIC_FORMS, True
+    try:
+        yield
+    finally:
+        _STATIC_FORMS = previous
+
+
+def _static() -> bool:
+    return torch.compiler.is_compiling() or _STATIC_FORMS
 
 
 class ModelInputs(NamedTuple):
@@ -60,7 +82,7 @@ def _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_le
     ``DataCollatorWithFlattening``: sequences given by ``cu_seq_lens_q`` or, as flash-attention
     models read it, by ``position_ids`` restarting at 0. None for an ordinary batch."""
     batch, total = shape
-    compiling = torch.compiler.is_compiling()
+    compiling = _static()
     if cu_seq_lens_q is None:
         if batch != 1 or position_ids is None or attention_mask is not None or compiling:
             return None
@@ -92,6 +114,30 @@ def _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_le
     return ops.Packing(None, cu_seqlens, longest, batch, total)
 
 
+def _value_checks(config, input_ids, token_type_ids, position_ids, keep):
+    """The range checks of a padded batch: [(name, values, limit, what)] and, for each, where its values
+    are out of range at real tokens (padding is never looked up, so its ids do not matter)."""
+    checks = [(name, values, limit, what) for name, values, limit, what in (
+        ("input_ids", input_ids, config.vocab_size, "the vocabulary is"),
+        ("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings is"),
+        ("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size is")) if values is not None]
+    bad = [(values < 0) | (values >= limit) for _, values, limit, _ in checks]
+    if keep is not None:
+        bad = [b & keep for b in bad]
+    return checks, bad
+
+
+def value_flags(config, input_ids, attention_mask, token_type_ids=None, position_ids=None) -> torch.Tensor:
+    """Without a host sync: an int64 tensor, nonzero where check_inputs would refuse a value of this
+    padded batch (an id, position or token type out of range at a real token; a mask value other than
+    0 and 1). For a CUDA graph of the whole forward, which reads it back after the replay."""
+    keep = attention_mask.bool() if attention_mask is not None else None
+    flags = [b.any() for b in _value_checks(config, input_ids, token_type_ids, position_ids, keep)[1]]
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        flags.append(((attention_mask != 0) & (attention_mask != 1)).any())
+    return torch.stack([f.to(torch.int64) for f in flags])
+
+
 def _checked_unpad(config, shape, device, attention_mask, input_ids, token_type_ids, position_ids) -> ops.Packing:
     """Validate a padded batch's values and unpad it with one host sync (on CUDA tensors every
     sync stalls the launch queue): the mask's 0/1 values, the ranges of ids, positions and token
@@ -101,13 +147,7 @@ def _checked_unpad(config, shape, device, attention_mask, input_ids, token_type_
     if batch == 0:
         return ops.unpad_input(None, 0, seqlen, device)
     keep = attention_mask.bool() if attention_mask is not None else None
-    checks = [(name, values, limit, what) for name, values, limit, what in (
-        ("input_ids", input_ids, config.vocab_size, "the vocabulary is"),
-        ("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings is"),
-        ("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size is")) if values is not None]
-    bad = [(values < 0) | (values >= limit) for _, values, limit, _ in checks]
-    if keep is not None:
-        bad = [b & keep for b in bad]
+    checks, bad = _value_checks(config, input_ids, token_type_ids, position_ids, keep)
     flags = [b.any() for b in bad]
     if keep is not None:
         seqlens = keep.sum(dim=1, dtype=torch.int32)
@@ -167,7 +207,7 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
 
     packing = _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_length_q, device)
     ranges_checked = False
-    if packing is None and torch.compiler.is_compiling():
+    if packing is None and _static():
         packing = (ops.static_unpad_input(attention_mask, batch, seqlen) if attention_mask is not None
                    else ops.unpad_input(None, batch, seqlen, device))
     elif packing is None:
@@ -183,7 +223,7 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
                     else torch.zeros(tokens, dtype=torch.long, device=device))
     packed_ids = ops.pack(input_ids, packing) if input_ids is not None else None
     packed_embeds = ops.pack(inputs_embeds, packing) if inputs_embeds is not None else None
-    if torch.compiler.is_compiling():
+    if _static():
         # Range checks need a host sync; under torch.compile they are left to eager calls. Padding
         # carried by the static form is looked up as id 0, so its ids never matter.
         if packing.valid is not None:

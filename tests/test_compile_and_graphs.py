@@ -4,7 +4,7 @@ runner, and the last layer computing only the first token of each row."""
 import pytest
 import torch
 
-from fastbert.cuda_graphs import CUDAGraphRunner
+from fastbert.cuda_graphs import CUDAGraphRunner, PaddedCUDAGraphRunner
 from tests.helpers import DEVICES, FP32_MODEL_RANDOM, assert_close, max_abs_diff, needs_cuda
 from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
@@ -91,6 +91,74 @@ def test_graph_runner_replays_other_lengths(capture):
         assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, f"{batch}x{seqlen} {kind}")
         assert_close(got.pooler_output, want.pooler_output, 1e-5, f"{batch}x{seqlen} {kind} pooler")
     assert set(runner._buckets) == {16, 64, 128}  # every bucket was taken, and replayed with new lengths
+
+
+@pytest.mark.parametrize("capture", [False] + ([True] if torch.cuda.is_available() else []))
+def test_padded_graph_runner_matches_eager(capture):
+    """The whole-forward graphs per (batch, seqlen) bucket: every mask kind, batches and lengths smaller
+    than their bucket (fully masked extra rows, padded extra columns), buckets replayed with other
+    inputs, token types given or not, broadcast or not: each equals the eager model."""
+    device = "cuda" if capture else "cpu"
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    fast = fast.to(device)
+    runner = PaddedCUDAGraphRunner(fast, batch_buckets=(1, 4, 8), seqlen_step=16, capture=capture)
+    gen = torch.Generator().manual_seed(11)
+    for batch, seqlen, kind, with_types in [(3, 11, "right", True), (2, 7, "left", True), (4, 16, "holes", False),
+                                            (1, 3, "none", True), (4, 30, "fully_masked_row", True),
+                                            (3, 11, "right", False), (8, 16, "right", True), (6, 40, "none", False)]:
+        ids, types = random_inputs(fast.config, batch, seqlen, gen)
+        ids, types = ids.to(device), types.to(device) if with_types else None
+        mask = None if kind == "none" else make_mask(kind, batch, seqlen, gen).to(device)
+        got, want = runner(ids, mask, types), _outputs(fast, ids, mask, types)
+        what = f"{batch}x{seqlen} {kind}"
+        assert got.last_hidden_state.shape == want.last_hidden_state.shape, what
+        assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, what)
+        assert_close(got.pooler_output, want.pooler_output, 1e-5, f"{what} pooler")
+    # Every bucket was taken, several with other shapes inside them (the graphs were replayed).
+    assert set(runner._buckets) == {(4, 16), (4, 32), (1, 16), (8, 16), (8, 48)}
+    # Broadcast token types (1, seqlen), and a bool mask.
+    ids, types = random_inputs(fast.config, 3, 9, gen)
+    ids, types = ids.to(device), types[:1].to(device)
+    mask = make_mask("right", 3, 9, gen).to(device).bool()
+    assert_close(runner(ids, mask, types).last_hidden_state, _outputs(fast, ids, mask, types).last_hidden_state,
+                 1e-5, "broadcast types, bool mask")
+
+
+@pytest.mark.parametrize("capture", [False] + ([True] if torch.cuda.is_available() else []))
+def test_padded_graph_runner_refuses_bad_values_like_the_model(capture):
+    """Value checks run inside the graph: a bad id, token type or mask value raises the model's own
+    error (the batch re-runs eagerly), and the runner keeps working after it."""
+    device = "cuda" if capture else "cpu"
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    fast = fast.to(device)
+    runner = PaddedCUDAGraphRunner(fast, batch_buckets=(4,), seqlen_step=16, capture=capture)
+    ids, types = random_inputs(fast.config, 2, 12, device=device)
+    mask = make_mask("right", 2, 12).to(device)
+    bad_ids = ids.clone()
+    bad_ids[1, 3] = fast.config.vocab_size
+    with pytest.raises(ValueError, match=rf"input_ids\[1, 3\] = {fast.config.vocab_size} is out of range"):
+        runner(bad_ids, mask, types)
+    bad_types = types.clone()
+    bad_types[0, 2] = -1
+    with pytest.raises(ValueError, match=r"token_type_ids\[0, 2\] = -1 is out of range"):
+        runner(ids, mask, bad_types)
+    bad_mask = mask.clone()
+    bad_mask[0, 0] = 2
+    with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
+        runner(ids, bad_mask, types)
+    # An out-of-range id under the mask's padding is never looked up: no error, as in the model.
+    padded_ids = ids.clone()
+    padded_ids[mask == 0] = fast.config.vocab_size + 5
+    assert_close(runner(padded_ids, mask, types).last_hidden_state, _outputs(fast, ids, mask, types).last_hidden_state,
+                 1e-5, "bad ids under padding")
+    # Calls the graphs do not take run eagerly: position_ids, a float mask, a batch past the buckets.
+    positions = torch.arange(12, device=device).expand(2, 12)
+    assert_close(runner(ids, mask, types, position_ids=positions).last_hidden_state,
+                 _outputs(fast, ids, mask, types, position_ids=positions).last_hidden_state, 1e-5, "positions")
+    with pytest.raises(ValueError, match="input_ids\\[1, 3\\]"):
+        runner(bad_ids, mask.float(), types)
+    big_ids, big_types = random_inputs(fast.config, 5, 12, device=device)
+    assert runner(big_ids, None, big_types).last_hidden_state.shape == (5, 12, fast.config.hidden_size)
 
 
 @needs_cuda

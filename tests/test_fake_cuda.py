@@ -248,6 +248,37 @@ def test_model_traces_on_the_compile_path(dtype, mask, launches):
     assert [k[0] for k in kernels] == ["launch"] * 8
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_padded_graph_runner_body_is_sync_free(dtype, launches):
+    """What PaddedCUDAGraphRunner captures (value checks + the whole forward under
+    validation.static_forms, no torch.compile involved): no host read (fake tensors would refuse it),
+    the fused Triton ops on CUDA tensors over all batch * seqlen rows of the bucket."""
+    import fastbert
+    from fastbert.cuda_graphs import PaddedCUDAGraphRunner, _PaddedBucket
+
+    config = make_config("h144", layers=2)
+    model = fastbert.BertModel(config).eval()
+    runner = PaddedCUDAGraphRunner(model, capture=False)
+    mode, record = FakeTensorMode(), RecordFastbertOps()
+    state = {f"model.{name}": t for name, t in fake_state(model, mode, dtype).items()}
+    with mode:
+        bucket = _PaddedBucket(4, 32, "cuda")
+
+    class Body(torch.nn.Module):  # lets functional_call swap in the fake parameters
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self):
+            return runner._forward(bucket)
+
+    with mode, record, torch.no_grad():
+        hidden, pooled, flags = torch.func.functional_call(Body(), state, ())
+    assert hidden.shape == (4, 32, 144) and hidden.dtype == dtype and hidden.device.type == "cuda"
+    assert pooled.shape == (4, 144) and flags.shape == (3,) and flags.dtype == torch.int64  # ids, types, mask
+    assert record.mine() == expected_layer_calls(2, 4 * 32, 144, 3, 288, 2 * 4, dtype)
+
+
 def test_active_backend_on_cuda_is_triton():
     for name in ("attention", "bias_activation", "bias_residual_layer_norm"):
         op = importlib.import_module(f"fastbert.ops.{name}")
