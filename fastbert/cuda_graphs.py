@@ -20,6 +20,7 @@ bucketing is tested on the CPU.
 from __future__ import annotations
 
 import bisect
+import functools
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
@@ -31,6 +32,15 @@ from .validation import check_inputs
 # run with buckets 4096 and 16384 replayed a 4915-token batch at 3.3x its work).
 DEFAULT_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 PADDING_PIECE = 64
+
+
+def _plain_call(model, kwargs, allowed=()) -> bool:
+    """Whether a call asks only for what a replay returns (last_hidden_state and pooler_output in a
+    ModelOutput) of a model in eval mode: hidden states, attentions, tuple output, other arguments or
+    a model switched back to training run eagerly instead of being silently ignored."""
+    config = model.config
+    return (not model.training and not config.output_attentions and not config.output_hidden_states
+            and getattr(config, "return_dict", True) and all(key in allowed for key in kwargs))
 
 
 class _Bucket:
@@ -117,6 +127,10 @@ class CUDAGraphRunner:
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        eager = functools.partial(self.model, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                  position_ids=position_ids, **kwargs)
+        if not _plain_call(self.model, kwargs, ("cu_seq_lens_q", "max_length_q")):
+            return eager()
         inputs = check_inputs(self.model.config, input_ids, attention_mask, token_type_ids, position_ids, None,
                               kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         packing = inputs.packing
@@ -124,8 +138,7 @@ class CUDAGraphRunner:
         fits = (tokens <= self.buckets[-1] and sequences <= self.max_sequences
                 and packing.max_seqlen <= self.max_seqlen)
         if not fits or tokens == 0:
-            return self.model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                              position_ids=position_ids, **kwargs)
+            return eager()
         bucket = self._bucket(tokens)
         # Checked above, so copying into the static buffers is all that is left: no host sync. The rows
         # past `tokens` keep indices already validated (their outputs are never read).
@@ -226,7 +239,7 @@ class PaddedCUDAGraphRunner:
 
     def _takes(self, input_ids, attention_mask, token_type_ids, kwargs) -> bool:
         """Whether the graphs take this call (else the model runs it eagerly, and raises what it raises)."""
-        if kwargs or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        if not _plain_call(self.model, kwargs) or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             return False
         batch, seqlen = input_ids.shape
         if not (0 < batch <= self.batch_buckets[-1] and 0 < seqlen <= self.max_seqlen):

@@ -161,6 +161,31 @@ def test_padded_graph_runner_refuses_bad_values_like_the_model(capture):
     assert runner(big_ids, None, big_types).last_hidden_state.shape == (5, 12, fast.config.hidden_size)
 
 
+@pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
+def test_graph_runners_leave_what_a_replay_cannot_return_to_the_model(runner_class):
+    """Hidden states, attentions, tuple output or a model back in training mode: the call runs eagerly
+    and returns what the model returns, never a replay that silently drops it."""
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    runner = runner_class(fast, capture=False)
+    ids, types = random_inputs(fast.config, 2, 12)
+    mask = make_mask("right", 2, 12)
+    out = runner(ids, mask, types, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 3 and len(out.attentions) == 2
+    fast.config.output_hidden_states = True
+    assert len(runner(ids, mask, types).hidden_states) == 3
+    fast.config.output_hidden_states = False
+    fast.config.return_dict = False
+    assert isinstance(runner(ids, mask, types), tuple)
+    fast.config.return_dict = True
+    # In training mode the model itself gets the caller's tensors (not a bucket's static buffers).
+    seen = []
+    forward = fast.forward
+    fast.forward = lambda input_ids, *args, **kwargs: seen.append(input_ids) or forward(input_ids, *args, **kwargs)
+    fast.train()
+    runner(ids, mask, types)
+    assert len(seen) == 1 and seen[0] is ids
+
+
 @needs_cuda
 def test_captured_graphs_follow_in_place_weight_updates():
     """A graph captured before an optimizer step or load_state_dict must replay with the new weights
