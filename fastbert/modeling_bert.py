@@ -104,7 +104,10 @@ class BertSelfAttention(nn.Module):
         # the storage.
         key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if self._qkv_cache is None or self._qkv_cache[0] != key:
-            with torch.no_grad():
+            # Never an inference tensor, even when the first call runs under torch.inference_mode: a
+            # later call with autograd on (gradients to the inputs of frozen weights) must be able to
+            # save it for backward.
+            with torch.no_grad(), torch.inference_mode(False):
                 self._qkv_cache = (key, torch.cat(tensors[:3]), torch.cat(tensors[3:]))
         return self._qkv_cache[1], self._qkv_cache[2]
 

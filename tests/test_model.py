@@ -221,6 +221,23 @@ def test_qkv_cache_follows_weight_updates():
     _compare(fast, hf, ids, mask)
 
 
+def test_qkv_cache_filled_under_inference_mode_serves_a_later_backward():
+    """An inference call (a CUDA-graph runner's warm-up, say) fills the fused-QKV cache; a later call with
+    autograd on, through frozen weights to the input embeddings, must still run backward."""
+    fast, hf = model_pair(make_config())
+    for model in (fast, hf):
+        model.requires_grad_(False)
+    ids, _ = random_inputs(fast.config, 2, 8)
+    with torch.inference_mode():
+        fast(ids)
+    grads = []
+    for model in (fast, hf):
+        embeds = model.embeddings.word_embeddings(ids).detach().requires_grad_()
+        model(inputs_embeds=embeds).last_hidden_state.square().sum().backward()
+        grads.append(embeds.grad)
+    assert_close(grads[0], grads[1], 1e-4, "input-embedding gradients")
+
+
 def test_model_built_under_inference_mode_follows_in_place_updates():
     # Weights made under torch.inference_mode are inference tensors: no version counter to key the
     # fused-QKV cache on, so an in-place update there must still be seen (no stale cache).
