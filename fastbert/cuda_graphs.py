@@ -98,9 +98,10 @@ class CUDAGraphRunner:
         size = self.buckets[bisect.bisect_left(self.buckets, tokens)]
         bucket = self._buckets.get(size)
         if bucket is None:
-            bucket = self._buckets[size] = _Bucket(size, self._slots(size), self.device)
+            bucket = _Bucket(size, self._slots(size), self.device)
             if self.capture:
                 self._capture(bucket)
+            self._buckets[size] = bucket  # only once captured: a failed capture is retried, not run eagerly
         return bucket
 
     def _capture(self, bucket: _Bucket) -> None:
@@ -124,13 +125,20 @@ class CUDAGraphRunner:
         steps = torch.arange(1, count + 1, dtype=torch.int32) * self.piece
         return (steps + tokens).clamp_(max=bucket.tokens)
 
-    @torch.inference_mode()
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        # What the graphs cannot take runs as a plain model call (autograd and all); the replay path
+        # runs without autograd, and its outputs are ordinary tensors (not inference tensors).
         eager = functools.partial(self.model, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, **kwargs)
         if not _plain_call(self.model, kwargs, ("cu_seq_lens_q", "max_length_q")):
             return eager()
+        with torch.no_grad():
+            output = self._replay(input_ids, attention_mask, token_type_ids, position_ids, kwargs)
+        return eager() if output is None else output
+
+    def _replay(self, input_ids, attention_mask, token_type_ids, position_ids, kwargs):
+        """The output through a bucket's graph, or None when the batch fits no bucket."""
         inputs = check_inputs(self.model.config, input_ids, attention_mask, token_type_ids, position_ids, None,
                               kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         packing = inputs.packing
@@ -138,7 +146,7 @@ class CUDAGraphRunner:
         fits = (tokens <= self.buckets[-1] and sequences <= self.max_sequences
                 and packing.max_seqlen <= self.max_seqlen)
         if not fits or tokens == 0:
-            return eager()
+            return None
         bucket = self._bucket(tokens)
         # Checked above, so copying into the static buffers is all that is left: no host sync. The rows
         # past `tokens` keep indices already validated (their outputs are never read).
@@ -189,7 +197,8 @@ class PaddedCUDAGraphRunner:
     are fully masked). Sequence lengths are rounded up to a multiple of ``seqlen_step``, up to
     ``max_seqlen`` (default: the model's max_position_embeddings). Anything else (larger batches,
     ``position_ids``, ``output_attentions``, float masks, ...) runs the model eagerly. Weights: as for
-    :class:`CUDAGraphRunner`.
+    :class:`CUDAGraphRunner`; what else a graph fixes at capture (the vocabulary sizes its checks use,
+    ``first_token_only``, ``FASTBERT_BACKEND``) also needs a new runner when it changes.
     """
 
     def __init__(self, model, batch_buckets=(1, 2, 4, 8, 16, 32, 64), seqlen_step: int = 32,
@@ -199,7 +208,9 @@ class PaddedCUDAGraphRunner:
         self.model = model
         self.batch_buckets = sorted(batch_buckets)
         self.seqlen_step = seqlen_step
-        self.max_seqlen = int(max_seqlen or model.config.max_position_embeddings)
+        # A bucket never outgrows the position table (longer input runs eagerly, and fails there).
+        positions = model.config.max_position_embeddings
+        self.max_seqlen = min(int(max_seqlen or positions), positions)
         device = next(model.parameters()).device
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
@@ -224,7 +235,7 @@ class PaddedCUDAGraphRunner:
                  min(-(-seqlen // self.seqlen_step) * self.seqlen_step, self.max_seqlen))
         bucket = self._buckets.get(shape)
         if bucket is None:
-            bucket = self._buckets[shape] = _PaddedBucket(*shape, self.device)
+            bucket = _PaddedBucket(*shape, self.device)
             if self.capture:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -235,6 +246,7 @@ class PaddedCUDAGraphRunner:
                 bucket.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(bucket.graph, pool=self._pool):
                     bucket.outputs = self._forward(bucket)
+            self._buckets[shape] = bucket  # only once captured: a failed capture is retried, not run eagerly
         return bucket
 
     def _takes(self, input_ids, attention_mask, token_type_ids, kwargs) -> bool:
@@ -249,15 +261,20 @@ class PaddedCUDAGraphRunner:
                 continue
             if t.device != self.device or t.is_floating_point() or t.is_complex():
                 return False
+            if t is not attention_mask and t.dtype == torch.bool:  # the model refuses bool ids: let it say so
+                return False
             if t is not input_ids and tuple(t.shape) not in ((batch, seqlen), (1, seqlen)):
                 return False
         return attention_mask is None or tuple(attention_mask.shape) == (batch, seqlen)
 
-    @torch.inference_mode()
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
                  **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:
         if not self._takes(input_ids, attention_mask, token_type_ids, kwargs):
             return self.model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        with torch.no_grad():  # ordinary output tensors, not inference tensors
+            return self._replay(input_ids, attention_mask, token_type_ids)
+
+    def _replay(self, input_ids, attention_mask, token_type_ids) -> BaseModelOutputWithPoolingAndCrossAttentions:
         batch, seqlen = input_ids.shape
         bucket = self._bucket(batch, seqlen)
         # The mask is rewritten whole (positions past this batch are padding); ids and token types only

@@ -4,6 +4,7 @@ before any kernel could crash, assert on the device, or quietly compute garbage.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import NamedTuple
 
 import torch
@@ -28,25 +29,24 @@ def check_config(config) -> None:
     ops.activation_kind(config.hidden_act)
 
 
-_STATIC_FORMS = False
+# Per thread (and task): another thread's eager calls keep their value checks.
+_STATIC_FORMS: contextvars.ContextVar[bool] = contextvars.ContextVar("fastbert_static_forms", default=False)
 
 
 @contextlib.contextmanager
 def static_forms():
     """Inside, check_inputs takes the static-size, sync-free forms it takes under torch.compile and
     skips the value checks (they need a host sync): what capturing a whole forward in a CUDA graph
-    needs. The caller checks the values itself, with value_flags. A process-wide switch: set it only
-    around a capture (or the same calls run eagerly)."""
-    global _STATIC_FORMS
-    previous, _STATIC_FORMS = _STATIC_FORMS, True
+    needs. The caller checks the values itself, with value_flags."""
+    token = _STATIC_FORMS.set(True)
     try:
         yield
     finally:
-        _STATIC_FORMS = previous
+        _STATIC_FORMS.reset(token)
 
 
 def _static() -> bool:
-    return torch.compiler.is_compiling() or _STATIC_FORMS
+    return torch.compiler.is_compiling() or _STATIC_FORMS.get()
 
 
 class ModelInputs(NamedTuple):

@@ -151,7 +151,9 @@ def test_padded_graph_runner_refuses_bad_values_like_the_model(capture):
     padded_ids[mask == 0] = fast.config.vocab_size + 5
     assert_close(runner(padded_ids, mask, types).last_hidden_state, _outputs(fast, ids, mask, types).last_hidden_state,
                  1e-5, "bad ids under padding")
-    # Calls the graphs do not take run eagerly: position_ids, a float mask, a batch past the buckets.
+    # Calls the graphs do not take run eagerly: bool ids, position_ids, a float mask, a batch past the buckets.
+    with pytest.raises(TypeError, match="input_ids must hold integer ids"):
+        runner(ids.bool(), mask, types)
     positions = torch.arange(12, device=device).expand(2, 12)
     assert_close(runner(ids, mask, types, position_ids=positions).last_hidden_state,
                  _outputs(fast, ids, mask, types, position_ids=positions).last_hidden_state, 1e-5, "positions")
@@ -159,6 +161,12 @@ def test_padded_graph_runner_refuses_bad_values_like_the_model(capture):
         runner(bad_ids, mask.float(), types)
     big_ids, big_types = random_inputs(fast.config, 5, 12, device=device)
     assert runner(big_ids, None, big_types).last_hidden_state.shape == (5, 12, fast.config.hidden_size)
+    # Rounding up never makes a bucket longer than the position table (64 here).
+    long_runner = PaddedCUDAGraphRunner(fast, batch_buckets=(2,), seqlen_step=48, max_seqlen=100, capture=capture)
+    long_ids, long_types = random_inputs(fast.config, 2, 60, device=device)
+    assert_close(long_runner(long_ids, None, long_types).last_hidden_state,
+                 _outputs(fast, long_ids, None, long_types).last_hidden_state, 1e-5, "seqlen 60 in a 64 bucket")
+    assert set(long_runner._buckets) == {(2, 64)}
 
 
 @pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
@@ -182,8 +190,16 @@ def test_graph_runners_leave_what_a_replay_cannot_return_to_the_model(runner_cla
     forward = fast.forward
     fast.forward = lambda input_ids, *args, **kwargs: seen.append(input_ids) or forward(input_ids, *args, **kwargs)
     fast.train()
-    runner(ids, mask, types)
+    assert runner(ids, mask, types).last_hidden_state.requires_grad  # autograd ran, as in the model
     assert len(seen) == 1 and seen[0] is ids
+    # A replay's outputs are ordinary tensors: a trainable head can take them.
+    fast.forward = forward
+    fast.eval()
+    out = runner(ids, mask, types)
+    assert not out.last_hidden_state.is_inference() and not out.pooler_output.is_inference()
+    head = torch.nn.Linear(fast.config.hidden_size, 2)
+    head(out.pooler_output).sum().backward()
+    assert head.weight.grad is not None
 
 
 @needs_cuda
