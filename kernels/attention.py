@@ -171,11 +171,14 @@ def attention_config(head_dim: int, fp32: bool) -> Mapping[str, int]:
                              "num_stages": stages})
 
 
-def attention_fwd(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float, out, kernel=None):
+def attention_fwd(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float, out, kernel=None,
+                  config: Mapping[str, int] | None = None):
     """Launch the kernel: ``qkv`` ``[tokens, 3 * hidden]`` -> ``out`` ``[tokens, hidden]`` (written
     in place at every row of every sequence of ``cu_seqlens``). ``kernel``: the kernel to index by
     the grid, ``wrap_triton(_attention_fwd_kernel)`` inside a custom op (None: this module's kernel,
-    launched directly). Launches nothing when there is no token or no sequence."""
+    launched directly). ``config``: entries replacing ``attention_config``'s (BLOCK_M, BLOCK_N,
+    num_warps, num_stages), for benchmarks/bench_attention.py's sweep. Launches nothing when there is
+    no token or no sequence."""
     tokens, hidden = out.shape
     batch = cu_seqlens.shape[0] - 1
     if tokens == 0 or batch <= 0 or max_seqlen <= 0:
@@ -183,6 +186,8 @@ def attention_fwd(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float
     head_dim = hidden // num_heads
     fp32 = qkv.dtype.itemsize == 4
     cfg = attention_config(head_dim, fp32)
+    if config is not None:
+        cfg = {**cfg, **config}
     # Plain integer ceil-division: triton.cdiv called from Python costs ~3 us a call (host time).
     grid = ((max_seqlen + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"], batch, num_heads)
     kernel = _attention_fwd_kernel if kernel is None else kernel
