@@ -2,10 +2,12 @@
 # One command per GPU-machine call (each well under its 10-minute limit), run from the repo root:
 #   benchmarks/run_gpu.sh test    # the test suite on CUDA tensors (+ one compute-sanitizer pass)
 #   benchmarks/run_gpu.sh bench [pytest args]   # pytest benchmarks/ --benchmark-only -> $OUT/results.json
-# A whole GPU session's plan (30 device minutes, three calls; see benchmarks/RESULTS.md):
+# A GPU session of 15 device minutes runs benchmarks/gpu_session.sh (these steps under deadlines) in
+# one call; with more time, one call each:
 #   benchmarks/run_gpu.sh test
 #   FASTBERT_BENCH_QUICK=1 benchmarks/run_gpu.sh bench benchmarks/bench_model.py   # the headline cases
 #   benchmarks/run_gpu.sh bench -k "not bert-base-bf16"                             # everything else
+# Environment: TEST_TIMEOUT, BENCH_TIMEOUT (seconds per step), SANITIZER=0 (skip compute-sanitizer).
 # The machine has no network: the project installs from this source tree with the packages its
 # image already has; tests that need a package it lacks (the embedded MiniLM checkpoint, for one) skip.
 # Back on the CPU machine: python benchmarks/report.py <results.json> --markdown ... --plot ...
