@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from benchmarks.report import add_ratios
+from fastbert.cuda_graphs import capture_graph
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -104,16 +105,7 @@ def timed_kernel(benchmark, build, bytes_per_call: int, rounds: int = 20, warmup
     if not torch.cuda.is_available():
         return timed(benchmark, lambda: [call() for call in calls], rounds, warmup) / len(calls)
     calls = (calls * 8)[:max(8, len(calls))]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture: compilation, autotuning, lazy init
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
+    graph, _ = capture_graph(lambda: [call() for call in calls], warmup=1)
     return timed(benchmark, graph.replay, rounds, warmup) / len(calls)
 
 

@@ -43,6 +43,21 @@ def _plain_call(model, kwargs, allowed=()) -> bool:
             and getattr(config, "return_dict", True) and all(key in allowed for key in kwargs))
 
 
+def capture_graph(work, pool=None, warmup: int = 2):
+    """``work()`` run ``warmup`` times on a side stream (kernel compilation, autotuning, lazy init stay
+    out of the graph), then captured: (the graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            work()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = work()
+    return graph, outputs
+
+
 class _Bucket:
     """Static buffers of one token-count bucket, and its graph once captured."""
 
@@ -107,15 +122,7 @@ class CUDAGraphRunner:
     def _capture(self, bucket: _Bucket) -> None:
         bucket.cu_seqlens[0] = 0
         bucket.cu_seqlens[1:] = self._tail_offsets(0, 0, bucket)  # a valid layout for the warm-up
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: autotuning, lazy init, the fused QKV cache
-            for _ in range(2):
-                self._encode(bucket)
-        torch.cuda.current_stream().wait_stream(side)
-        bucket.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(bucket.graph, pool=self._pool):
-            bucket.output = self._encode(bucket)
+        bucket.graph, bucket.output = capture_graph(lambda: self._encode(bucket), self._pool)
 
     def _tail_offsets(self, tokens: int, sequences: int, bucket: _Bucket) -> torch.Tensor:
         """``cu_seqlens[sequences + 1:]`` after ``sequences`` real ones holding ``tokens``: the padding
@@ -237,15 +244,7 @@ class PaddedCUDAGraphRunner:
         if bucket is None:
             bucket = _PaddedBucket(*shape, self.device)
             if self.capture:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up: autotuning, lazy init
-                    for _ in range(2):
-                        self._forward(bucket)
-                torch.cuda.current_stream().wait_stream(side)
-                bucket.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(bucket.graph, pool=self._pool):
-                    bucket.outputs = self._forward(bucket)
+                bucket.graph, bucket.outputs = capture_graph(lambda: self._forward(bucket), self._pool)
             self._buckets[shape] = bucket  # only once captured: a failed capture is retried, not run eagerly
         return bucket
 

@@ -127,6 +127,11 @@ def _value_checks(config, input_ids, token_type_ids, position_ids, keep):
     return checks, bad
 
 
+def _mask_not_0_1(attention_mask: torch.Tensor) -> torch.Tensor:
+    """True where an integer mask holds something other than 0 and 1 (a 0-dim tensor: no sync)."""
+    return ((attention_mask != 0) & (attention_mask != 1)).any()
+
+
 def value_flags(config, input_ids, attention_mask, token_type_ids=None, position_ids=None) -> torch.Tensor:
     """Without a host sync: an int64 tensor, nonzero where check_inputs would refuse a value of this
     padded batch (an id, position or token type out of range at a real token; a mask value other than
@@ -134,7 +139,7 @@ def value_flags(config, input_ids, attention_mask, token_type_ids=None, position
     keep = attention_mask.bool() if attention_mask is not None else None
     flags = [b.any() for b in _value_checks(config, input_ids, token_type_ids, position_ids, keep)[1]]
     if attention_mask is not None and attention_mask.dtype != torch.bool:
-        flags.append(((attention_mask != 0) & (attention_mask != 1)).any())
+        flags.append(_mask_not_0_1(attention_mask))
     return torch.stack([f.to(torch.int64) for f in flags])
 
 
@@ -153,7 +158,7 @@ def _checked_unpad(config, shape, device, attention_mask, input_ids, token_type_
         seqlens = keep.sum(dim=1, dtype=torch.int32)
         flags += [seqlens.max(), seqlens.sum()]
         if attention_mask.dtype != torch.bool:
-            flags.append(((attention_mask != 0) & (attention_mask != 1)).any())
+            flags.append(_mask_not_0_1(attention_mask))
     host = torch.stack([f.to(torch.int64) for f in flags]).tolist() if flags else []
     if keep is not None and attention_mask.dtype != torch.bool and host[-1]:
         raise ValueError("attention_mask must hold only 0 and 1 (1 = a real token, 0 = padding)")
