@@ -120,6 +120,25 @@ def case_extreme_values(device, dtype, activation):
     check(out, x, bias, activation, f"extreme values {dtype} {activation}")
 
 
+def case_gelu_tails(device):
+    """erf-GELU against a float64 oracle written with ``erfc`` (no cancellation), where PyTorch's own
+    fp32 ``1 + erf`` loses every digit (x < -6): relative error <= 1e-5 down to the smallest normal
+    result. Non-finite inputs: inf -> inf, NaN -> NaN, -inf -> 0 (the limit; PyTorch gives NaN)."""
+    x = torch.cat([torch.linspace(-17, 17, 4001), torch.tensor([-1e-30, 1e-30, 1e30, -1e30])]).view(1, -1)
+    x64 = x.double()
+    exact = 0.5 * x64 * torch.special.erfc(-x64 / 2 ** 0.5)
+    out = launch(x.to(device), torch.zeros(x.shape[1], device=device), "gelu").cpu()
+    normal = exact.abs() > torch.finfo(torch.float32).tiny
+    relative = ((out.double() - exact).abs() / exact.abs())[normal]
+    assert relative.max() <= 1e-5, f"erf-GELU relative error {relative.max():.2e}"
+    assert out[~normal].abs().max() <= torch.finfo(torch.float32).tiny  # flushed to (almost) 0
+    torch_fp32 = torch.nn.functional.gelu(x)
+    assert ((torch_fp32.double() - exact).abs() / exact.abs())[normal].max() > 0.5  # why float64
+    specials = torch.tensor([[float("inf"), float("nan"), -float("inf")]], device=device)
+    got = launch(specials, torch.zeros(3, device=device), "gelu").cpu()[0]
+    assert got[0] == float("inf") and got[1].isnan() and got[2] == 0, got
+
+
 def case_gradients(device, activation):
     x, bias = make_inputs(13, 97, torch.float32, device)
     weight = torch.randn(13, 97, device=device)
@@ -215,6 +234,9 @@ if IN_CHILD:
     def test_interpreter_case_extreme_values(dtype, activation):
         case_extreme_values("cpu", dtype, activation)
 
+    def test_interpreter_case_gelu_tails():
+        case_gelu_tails("cpu")
+
     @pytest.mark.parametrize("activation", ACTIVATIONS)
     def test_interpreter_case_gradients(activation, monkeypatch):
         counter = LaunchCounter(monkeypatch)
@@ -251,6 +273,9 @@ class TestCuda:
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_extreme_values(self, dtype, activation):
         case_extreme_values("cuda", dtype, activation)
+
+    def test_gelu_tails(self):
+        case_gelu_tails("cuda")
 
     @pytest.mark.parametrize("activation", ACTIVATIONS)
     def test_strided_input_and_gradients(self, activation):
