@@ -4,7 +4,7 @@ runner, and the last layer computing only the first token of each row."""
 import pytest
 import torch
 
-from fastbert.cuda_graphs import CUDAGraphRunner, PaddedCUDAGraphRunner
+from fastbert.cuda_graphs import DEFAULT_BUCKETS, CUDAGraphRunner, PaddedCUDAGraphRunner
 from tests.helpers import DEVICES, FP32_MODEL_RANDOM, assert_close, max_abs_diff, needs_cuda
 from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
@@ -71,6 +71,16 @@ def test_first_token_only_per_packed_sequence(pair):
     first = _outputs(fast, ids, None, None, position_ids=positions, first_token_only=True)
     assert first.last_hidden_state.shape == (1, 3, fast.config.hidden_size)
     assert_close(first.last_hidden_state[0], full.last_hidden_state[0, [0, 4, 6]], 1e-5)
+
+
+def test_default_buckets_bound_the_padding():
+    """Every token count from 1 to 16384 has a bucket that computes at most 1.5x its tokens, and past
+    1024 at most 512 tokens more (the work a replay wastes on padding)."""
+    buckets = list(DEFAULT_BUCKETS)
+    assert buckets == sorted(set(buckets)) and buckets[-1] == 16384
+    for tokens in range(1, 16385):
+        size = next(b for b in buckets if b >= tokens)
+        assert size <= max(64, 1.5 * tokens) and (tokens <= 1024 or size - tokens < 512), (tokens, size)
 
 
 @pytest.mark.parametrize("capture", [False] + ([True] if torch.cuda.is_available() else []))
