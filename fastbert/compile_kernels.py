@@ -30,11 +30,11 @@ import sys
 import tempfile
 import time
 
-KERNEL_MODULES = ("attention", "bias_activation", "bias_residual_layer_norm")
+KERNEL_MODULES = ("attention", "bias_activation", "bias_residual_layer_norm", "linear_activation")
 
 
 def kernel_modules() -> tuple[str, ...]:
-    """The modules of ``fastbert.kernels`` that list compile configurations: the three above, then any
+    """The modules of ``fastbert.kernels`` that list compile configurations: the four above, then any
     other module of the package that defines ``compile_configs``."""
     import pkgutil
 
@@ -216,14 +216,16 @@ def compile_all(archs: list[int], kernels=None, jobs: int = 0) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = f"{'kernel':<26} {'configuration':<36} {'arch':<7} {'regs':>5} {'spills':>6} {'shared':>8} {'time':>6}"
+    # The configuration column is one wider than its longest name (at least 36): columns never touch.
+    width = max([36] + [len(r["config"]) + 1 for r in rows])
+    header = f"{'kernel':<26} {'configuration':<{width}} {'arch':<7} {'regs':>5} {'spills':>6} {'shared':>8} {'time':>6}"
     lines = [header, "-" * len(header)]
     for r in rows:
         if r["error"]:
-            lines.append(f"{r['kernel']:<26} {r['config']:<36} {r['arch']:<7} ERROR {r['error']}")
+            lines.append(f"{r['kernel']:<26} {r['config']:<{width}} {r['arch']:<7} ERROR {r['error']}")
             continue
         spill = f"{r['spills']}B" if r["spills"] else "0"
-        lines.append(f"{r['kernel']:<26} {r['config']:<36} {r['arch']:<7} {r['regs']:>5} {spill:>6} "
+        lines.append(f"{r['kernel']:<26} {r['config']:<{width}} {r['arch']:<7} {r['regs']:>5} {spill:>6} "
                      f"{r['shared']:>8} {r['seconds']:>5.1f}s")
     return "\n".join(lines)
 

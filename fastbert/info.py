@@ -29,6 +29,7 @@ def report() -> list[tuple[str, str]]:
     else:
         rows.append(("device", f"cpu (no CUDA device; torch CUDA build: {torch.version.cuda or 'none'})"))
     rows.append(("FASTBERT_BACKEND", backend.backend_setting()))
+    rows.append(("FASTBERT_GEMM", backend.gemm_setting()))
     try:
         from ._extension import extension_status
     except ImportError:
@@ -37,7 +38,8 @@ def report() -> list[tuple[str, str]]:
         status = extension_status()
     rows.append(("CUDA extension fastbert._C", status))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for name in ("embeddings", "attention", "bias_activation", "bias_residual_layer_norm"):
+    for name in ("embeddings", "attention", "linear_activation", "bias_activation",
+                 "bias_residual_layer_norm"):
         op = importlib.import_module(f"fastbert.ops.{name}")  # the module: ops re-exports same-named functions
         rows.append((f"op {name}", ", ".join(f"{d}: {op.active_backend(d)}" for d in devices)))
     return rows

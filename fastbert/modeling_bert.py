@@ -160,8 +160,9 @@ class BertIntermediate(nn.Module):
         self.activation = ops.activation_kind(config.hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x, bias = _linear_without_bias(self.dense, hidden_states)
-        return ops.bias_activation(x, bias, self.activation)
+        if type(self.dense) is nn.Linear:  # the matmul and its epilogue, fused or not (FASTBERT_GEMM)
+            return ops.linear_activation(hidden_states, self.dense.weight, self.dense.bias, self.activation)
+        return ops.bias_activation(self.dense(hidden_states), None, self.activation)  # a wrapped Linear
 
 
 class BertOutput(BertSelfOutput):

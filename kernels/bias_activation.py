@@ -76,6 +76,21 @@ def _gelu_erf(x):
 
 
 @triton.jit
+def _activate(x, ACTIVATION: tl.constexpr):
+    """``ACTIVATION`` of fp32 ``x`` (see the module docstring); also the epilogue of the fused linear
+    kernel (kernels/linear_activation.py)."""
+    if ACTIVATION == "gelu":
+        return _gelu_erf(x)
+    elif ACTIVATION == "gelu_tanh":
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        # exp(-2u) is clamped at exp(80): beyond it the result is -|x| e^-80, zero to every dtype's
+        # tolerance, and nothing overflows (the interpreter would warn).
+        return x / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
+    else:
+        return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
 def _bias_activation_fwd_kernel(
     x_ptr, bias_ptr, out_ptr,
     n_rows, n_cols,
@@ -89,16 +104,7 @@ def _bias_activation_fwd_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     b = tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
-    x = x + b[None, :]
-    if ACTIVATION == "gelu":
-        y = _gelu_erf(x)
-    elif ACTIVATION == "gelu_tanh":
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        # exp(-2u) is clamped at exp(80): beyond it the result is -|x| e^-80, zero to every dtype's
-        # tolerance, and nothing overflows (the interpreter would warn).
-        y = x / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
-    else:
-        y = tl.where(x < 0.0, 0.0, x)
+    y = _activate(x + b[None, :], ACTIVATION)
     tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -42,10 +42,12 @@ LAUNCH_HELPERS = {  # op module -> launch helper
     "attention": "attention_fwd",
     "bias_activation": "bias_activation_fwd",
     "bias_residual_layer_norm": "bias_residual_layer_norm_fwd",
+    "linear_activation": "linear_activation_fwd",
 }
-MY_KERNELS = ("_attention_fwd_kernel", "_bias_activation_fwd_kernel", "_bias_residual_layer_norm_fwd_kernel")
+MY_KERNELS = ("_attention_fwd_kernel", "_bias_activation_fwd_kernel", "_bias_residual_layer_norm_fwd_kernel",
+              "_linear_activation_fwd_kernel")
 MY_OPS = ("fastbert.varlen_attention.default", "fastbert.bias_activation.default",
-          "fastbert.bias_residual_layer_norm.default")
+          "fastbert.bias_residual_layer_norm.default", "fastbert.linear_activation.default")
 
 
 class RecordFastbertOps(TorchDispatchMode):
@@ -147,6 +149,36 @@ def test_ops_take_the_triton_path_on_cuda(dtype, launches):
     ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_gemm_takes_the_triton_path_on_cuda(dtype, launches, monkeypatch):
+    """FASTBERT_GEMM=triton: one fused op and one launch, with linear_config's tiles (no GPU to ask:
+    an H100's 132 SMs); the default runs PyTorch's matmul and then the epilogue kernel."""
+    from fastbert import ops
+    from fastbert.kernels.linear_activation import linear_config
+
+    mode, record = FakeTensorMode(), RecordFastbertOps()
+    x, weight, bias = fake_cuda(mode, torch.randn(2, 150, 40).to(dtype), torch.randn(70, 40).to(dtype),
+                                torch.randn(70).to(dtype))
+    monkeypatch.setenv("FASTBERT_GEMM", "triton")
+    with mode, record:
+        fused = ops.linear_activation(x, weight, bias, "gelu")
+    monkeypatch.setenv("FASTBERT_GEMM", "cublas")
+    with mode, record:
+        separate = ops.linear_activation(x, weight, None, "relu")
+    for out in (fused, separate):
+        assert out.shape == (2, 150, 70) and out.dtype == dtype and out.device.type == "cuda"
+    assert record.mine() == [
+        ("fastbert.linear_activation.default", [(2, 150, 40), (70, 40), (70,)], [dtype] * 3, {"cuda"}),
+        ("fastbert.bias_activation.default", [(2, 150, 70)], [dtype], {"cuda"}),
+    ]
+    cfg = linear_config(300, 70, dtype == torch.float32, 90, 132)
+    tiles = -(-300 // cfg["BLOCK_M"]) * -(-70 // cfg["BLOCK_N"])
+    assert launches == [
+        ("linear_activation", True, {"cuda"}), ("launch", "_linear_activation_fwd_kernel", (tiles,)),
+        ("bias_activation", True, {"cuda"}), ("launch", "_bias_activation_fwd_kernel", (38, 1)),
+    ]
+
+
 def test_zero_tokens_launch_nothing(launches):
     from fastbert import ops
 
@@ -186,22 +218,27 @@ def fake_state(model, mode, dtype, prefix=""):
                 for name, t in items if name.startswith(prefix)}
 
 
-def expected_layer_calls(layers, tokens, hidden, heads, inter, batch, dtype):
+def expected_layer_calls(layers, tokens, hidden, heads, inter, batch, dtype, fused_gemm=False):
+    ffn = (("fastbert.linear_activation.default", [(tokens, hidden), (inter, hidden), (inter,)], [dtype] * 3,
+            {"cuda"}) if fused_gemm else
+           ("fastbert.bias_activation.default", [(tokens, inter), (inter,)], [dtype, dtype], {"cuda"}))
     per_layer = [
         ("fastbert.varlen_attention.default", [(tokens, 3 * hidden), (batch + 1,)], [dtype, torch.int32], {"cuda"}),
         ("fastbert.bias_residual_layer_norm.default", [(tokens, hidden), (hidden,), (tokens, hidden), (hidden,),
                                                        (hidden,)], [dtype] * 5, {"cuda"}),
-        ("fastbert.bias_activation.default", [(tokens, inter), (inter,)], [dtype, dtype], {"cuda"}),
+        ffn,
         ("fastbert.bias_residual_layer_norm.default", [(tokens, hidden), (hidden,), (tokens, hidden), (hidden,),
                                                        (hidden,)], [dtype] * 5, {"cuda"}),
     ]
     return per_layer * layers
 
 
+@pytest.mark.parametrize("fused_gemm", [False, True], ids=["cublas", "triton-gemm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_encoder_runs_the_fused_triton_ops(dtype, launches):
+def test_encoder_runs_the_fused_triton_ops(dtype, fused_gemm, launches, monkeypatch):
     import fastbert
 
+    monkeypatch.setenv("FASTBERT_GEMM", "triton" if fused_gemm else "cublas")
     config = make_config("h144", layers=2)  # hidden 144, 3 heads of 48, intermediate 288
     model = fastbert.BertModel(config).eval()
     mode, record = FakeTensorMode(), RecordFastbertOps()
@@ -213,21 +250,23 @@ def test_encoder_runs_the_fused_triton_ops(dtype, launches):
     with mode, record, torch.no_grad():
         out, _, _ = torch.func.functional_call(model.encoder, state, (hidden_states, packing))
     assert out.shape == (14, 144) and out.dtype == dtype and out.device.type == "cuda"
-    assert record.calls == expected_layer_calls(2, 14, 144, 3, 288, 3, dtype)
+    assert record.calls == expected_layer_calls(2, 14, 144, 3, 288, 3, dtype, fused_gemm)
     mine = [e for e in launches if e[0] != "launch" or e[1] in MY_KERNELS]  # not the embeddings kernel
     helpers, kernels = mine[0::2], mine[1::2]
     assert len(helpers) == 8 and all(wrapped and devices == {"cuda"} for _, wrapped, devices in helpers)
     assert [k[0] for k in kernels] == ["launch"] * 8
 
 
+@pytest.mark.parametrize("fused_gemm", [False, True], ids=["cublas", "triton-gemm"])
 @pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "mask"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_model_traces_on_the_compile_path(dtype, mask, launches):
+def test_model_traces_on_the_compile_path(dtype, mask, fused_gemm, launches, monkeypatch):
     """The whole model as torch.compile traces it (no host sync): every layer runs the three fused
     Triton ops on CUDA tensors. With a mask, the static packing carries all batch * seqlen rows in
     2 * batch sequences (see ``static_unpad_input``)."""
     import fastbert
 
+    monkeypatch.setenv("FASTBERT_GEMM", "triton" if fused_gemm else "cublas")
     config = make_config("h144", layers=2)
     model = fastbert.BertModel(config).eval()
     mode, record = FakeTensorMode(), RecordFastbertOps()
@@ -241,7 +280,7 @@ def test_model_traces_on_the_compile_path(dtype, mask, launches):
     assert out.last_hidden_state.shape == (batch, seqlen, 144) and out.last_hidden_state.dtype == dtype
     assert out.last_hidden_state.device.type == "cuda"
     sequences = 2 * batch if mask else batch
-    assert record.mine() == expected_layer_calls(2, batch * seqlen, 144, 3, 288, sequences, dtype)
+    assert record.mine() == expected_layer_calls(2, batch * seqlen, 144, 3, 288, sequences, dtype, fused_gemm)
     mine = [e for e in launches if e[0] != "launch" or e[1] in MY_KERNELS]  # not the embeddings kernel
     helpers, kernels = mine[0::2], mine[1::2]
     assert len(helpers) == 8 and all(wrapped and devices == {"cuda"} for _, wrapped, devices in helpers)

@@ -3,9 +3,9 @@ against transformers' BertModel with the same weights, fp32, at real tokens.
 
 The cases run in a child pytest process (Triton reads ``TRITON_INTERPRET`` when the kernels are
 defined, so it must be set before fastbert is imported and must not leak into this process). Each
-case counts the launches of the three Triton launch helpers (attention, bias + activation,
-bias + residual + LayerNorm) during the forward pass, so a quiet fallback to the PyTorch reference
-fails. Budget (DESIGN.md): 1e-4 for an fp32 model under the interpreter.
+case counts the launches of the Triton launch helpers (attention, bias + activation,
+bias + residual + LayerNorm; the fused linear + activation under ``FASTBERT_GEMM=triton``) during the
+forward pass, so a quiet fallback to the PyTorch reference fails. Budget (DESIGN.md): 1e-4 for an fp32 model under the interpreter.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ OPS = {  # op module -> the launch helper it calls
     "attention": "attention_fwd",
     "bias_activation": "bias_activation_fwd",
     "bias_residual_layer_norm": "bias_residual_layer_norm_fwd",
+    "linear_activation": "linear_activation_fwd",
 }
 
 
 @pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
 @pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 def test_model_on_triton_interpreter_in_subprocess():
-    run_interpreter_cases(__file__, 21, FASTBERT_BACKEND="triton")
+    run_interpreter_cases(__file__, 25, FASTBERT_BACKEND="triton")
 
 
 if IN_CHILD:
@@ -53,9 +54,13 @@ if IN_CHILD:
         assert backend.backend_setting() == "triton" and backend.triton_interpreter()
         return counts
 
-    def expect_launches(counts, layers, forwards=1):
-        assert counts == {"attention": layers * forwards, "bias_activation": layers * forwards,
-                          "bias_residual_layer_norm": 2 * layers * forwards}, counts
+    def expect_launches(counts, layers, forwards=1, fused_gemm=False):
+        """Per layer: attention, two LayerNorms, and the FFN's epilogue, fused into the GEMM under
+        FASTBERT_GEMM=triton or else its own kernel after cuBLAS."""
+        ffn = layers * forwards
+        assert counts == {"attention": layers * forwards, "bias_activation": 0 if fused_gemm else ffn,
+                          "bias_residual_layer_norm": 2 * layers * forwards,
+                          "linear_activation": ffn if fused_gemm else 0}, counts
 
     def compare(fast, hf, ids, mask, types=None):
         with torch.no_grad():
@@ -84,6 +89,16 @@ if IN_CHILD:
         ids, types = random_inputs(fast.config, 2, 11)
         compare(fast, hf, ids, make_mask("right", 2, 11), types)
         expect_launches(launches, layers=2)
+
+    @pytest.mark.parametrize("hidden_act", ["gelu", "relu"])
+    @pytest.mark.parametrize("mask_kind", ["right", "holes"])
+    def test_interpreter_case_fused_gemm_matches_transformers(mask_kind, hidden_act, launches, monkeypatch):
+        """FASTBERT_GEMM=triton: the FFN's first matmul and its epilogue are one Triton GEMM."""
+        monkeypatch.setenv("FASTBERT_GEMM", "triton")
+        fast, hf = model_pair(make_config("h144", hidden_act=hidden_act))
+        ids, types = random_inputs(fast.config, 3, 13)
+        compare(fast, hf, ids, make_mask(mask_kind, 3, 13), types)
+        expect_launches(launches, layers=2, fused_gemm=True)
 
     def test_interpreter_case_long_sequences(launches):
         """Sequences past two key blocks (the kernels' blocks are 32 to 64 keys), with holes."""

@@ -5,11 +5,12 @@ from .backend import backend_setting, use_backend
 from .bias_activation import activation_kind, bias_activation, bias_activation_reference
 from .bias_residual_layer_norm import bias_residual_layer_norm, bias_residual_layer_norm_reference
 from .embeddings import embeddings, embeddings_reference
+from .linear_activation import linear_activation, linear_activation_reference
 from .padding import Packing, pack, pad, static_unpad_input, unpad_input
 
 __all__ = [
     "Packing", "activation_kind", "backend_setting", "bias_activation", "bias_activation_reference",
     "bias_residual_layer_norm", "bias_residual_layer_norm_reference", "embeddings", "embeddings_reference",
-    "pack", "pad", "static_unpad_input", "unpad_input", "use_backend", "varlen_attention", "varlen_attention_reference",
+    "linear_activation", "linear_activation_reference", "pack", "pad", "static_unpad_input", "unpad_input", "use_backend", "varlen_attention", "varlen_attention_reference",
     "varlen_attention_with_probs",
 ]

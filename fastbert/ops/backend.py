@@ -6,6 +6,13 @@
 - ``torch``: always the PyTorch reference;
 - ``triton``: always the Triton kernels, also on CPU tensors when ``TRITON_INTERPRET=1``.
 
+``FASTBERT_GEMM`` (read at every call) picks how a matmul with a fused epilogue runs when the Triton
+backend is active:
+
+- ``cublas`` (default): PyTorch's matmul (cuBLAS), then the epilogue as its own Triton kernel;
+- ``triton``: one Triton GEMM with the epilogue applied to its accumulator (``linear_activation``).
+  Not the default until a GPU run shows it faster than cuBLAS + the separate epilogue.
+
 A call that must record autograd history (gradients enabled and an input that requires them) takes
 the reference, whatever the setting, unless the op says it is differentiable: the Triton ops for
 attention, bias + activation and bias + residual + LayerNorm register a backward (it recomputes the
@@ -31,6 +38,17 @@ def backend_setting() -> str:
     name = name.strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"FASTBERT_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+GEMMS = ("cublas", "triton")
+
+
+def gemm_setting() -> str:
+    """The configured GEMM choice (``FASTBERT_GEMM``), validated."""
+    name = os.environ.get("FASTBERT_GEMM", "cublas").strip().lower()
+    if name not in GEMMS:
+        raise ValueError(f"FASTBERT_GEMM={name!r} is not one of {', '.join(GEMMS)}")
     return name
 
 

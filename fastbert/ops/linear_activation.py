@@ -1,0 +1,126 @@
+"""Linear + bias + activation, ``act(x @ weight.T + bias)``: BERT's first FFN matmul and its epilogue.
+
+Two fast paths, picked by ``FASTBERT_GEMM`` (``backend.gemm_setting``) when the Triton backend is
+active: ``cublas`` (default) runs PyTorch's matmul and then the ``bias_activation`` kernel;
+``triton`` runs one Triton GEMM with the bias and activation applied to its fp32 accumulator
+(``kernels/linear_activation.py``), so the pre-activation is never written.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+from .bias_activation import _KINDS, bias_activation, bias_activation_reference
+
+
+def linear_activation_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                activation: str) -> torch.Tensor:
+    return bias_activation_reference(F.linear(x, weight), bias, activation)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton op (kernels/linear_activation.py). TRITON_INTERPRET must be set before this module is
+# imported for the kernel to run on CPU tensors (triton.jit reads it when the kernel is defined).
+
+TRITON_OP = "fastbert::linear_activation"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _gpu(index: int) -> tuple[int, int]:
+    """(compute capability as 10 * major + minor, SM count) of CUDA device ``index``."""
+    props = torch.cuda.get_device_properties(index)
+    return 10 * props.major + props.minor, props.multi_processor_count
+
+
+def _describe(device: torch.device) -> tuple[int, int]:
+    """What picks the kernel's tiles: the GPU's, or an H100's where there is no GPU to ask (CPU tensors
+    under the interpreter, fake CUDA tensors while tracing)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _gpu(device.index if device.index is not None else torch.cuda.current_device())
+    return 90, 132
+
+
+if backend.triton_available():
+    from torch.library import wrap_triton
+
+    from fastbert.kernels.linear_activation import _linear_activation_fwd_kernel, linear_activation_fwd
+
+    def _launch(x, weight, bias, activation: str, kernel=None) -> torch.Tensor:
+        """``activation(x @ weight.T + bias)`` over the last dimension of ``x``, any leading shape.
+        ``kernel``: the wrapped kernel inside the op, None for a direct launch."""
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: K may be 0
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+        bias = x.new_zeros(weight.shape[0]) if bias is None else bias.contiguous()
+        capability, num_sms = _describe(x.device)
+        linear_activation_fwd(x2, weight, bias, activation, out, capability, num_sms, kernel=kernel)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @torch.library.triton_op(TRITON_OP, mutates_args=())
+    def _linear_activation_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                  activation: str) -> torch.Tensor:
+        """``activation(x @ weight.T + bias)``, any leading shape of ``x``."""
+        interpreted = backend.is_interpreted(_linear_activation_fwd_kernel)
+        kernel = _linear_activation_fwd_kernel if interpreted else wrap_triton(_linear_activation_fwd_kernel)
+        return _launch(x, weight, bias, activation, kernel)
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, activation = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.activation = activation
+
+    def _backward(ctx, grad):
+        """The gradient of the PyTorch reference at the same inputs (the forward is recomputed)."""
+        x, weight, bias = ctx.saved_tensors
+        if bias is None:
+            _, vjp = torch.func.vjp(lambda a, w: linear_activation_reference(a, w, None, ctx.activation), x, weight)
+            return *vjp(grad), None, None
+        _, vjp = torch.func.vjp(lambda a, w, b: linear_activation_reference(a, w, b, ctx.activation),
+                                x, weight, bias)
+        return *vjp(grad), None
+
+    _linear_activation_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the fused kernel takes these inputs (else cuBLAS + the epilogue run): one dtype of fp32 /
+    fp16 / bf16 for all three, one device, at least one dimension."""
+    return (x.dtype in _KERNEL_DTYPES and x.dim() >= 1 and weight.dtype == x.dtype and weight.device == x.device
+            and (bias is None or (bias.dtype == x.dtype and bias.device == x.device)))
+
+
+def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      activation: str) -> torch.Tensor:
+    """``activation(x @ weight.T + bias)`` (``weight`` as ``nn.Linear`` stores it, ``[out, in]``);
+    ``activation`` is one of ``gelu`` (erf), ``gelu_tanh``, ``relu``."""
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not match a weight of shape {tuple(weight.shape)} "
+                         "([out_features, in_features])")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias of shape {tuple(bias.shape)} does not match a weight of shape {tuple(weight.shape)}")
+    if activation not in _KINDS:
+        raise ValueError(f"unknown activation {activation!r}; expected gelu, gelu_tanh or relu")
+    fused = (backend.gemm_setting() == "triton" and _kernel_takes(x, weight, bias)
+             and backend.use_triton(x, weight, bias, differentiable=True))
+    if not fused:
+        return bias_activation(F.linear(x, weight), bias, activation)
+    backend.check_kernel_runs_here(_linear_activation_fwd_kernel, x.device)
+    if backend.direct_launch(x, weight, bias):
+        return _launch(x, weight, bias, activation)
+    return torch.ops.fastbert.linear_activation(x, weight, bias, activation)
+
+
+def active_backend(device: torch.device | str) -> str:
+    """What ``linear_activation`` runs on tensors of ``device`` under the current settings:
+    ``"triton"`` (the fused GEMM), ``"cublas+triton"`` (PyTorch's matmul, then the Triton epilogue) or
+    ``"torch"``."""
+    if not backend.triton_backend_for(device):
+        return "torch"
+    return "triton" if backend.gemm_setting() == "triton" else "cublas+triton"

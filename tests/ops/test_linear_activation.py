@@ -1,0 +1,259 @@
+"""Linear + bias + activation: the fused Triton GEMM against ``linear_activation_reference``.
+
+- Under ``TRITON_INTERPRET=1`` on CPU tensors, in a child pytest process (Triton reads the variable
+  when the kernel is defined): fp32 and fp16, NaN-filled outputs, odd shapes (ragged K, partial
+  tiles, grouped tile order with several groups), a strided input, no bias, zero rows, K = 0,
+  gradients, opcheck.
+- On a GPU (skipped without one): the same checks, bf16 and BERT-sized shapes too.
+- Here, without Triton running: which path ``FASTBERT_GEMM`` picks, and the input checks.
+
+Budgets (DESIGN.md): fp32 1e-5 (the op); fp16 / bf16: error against the fp32 reference <= 2x
+PyTorch's own error at that dtype + 1e-3. Weights are scaled by 1/sqrt(K) as in a trained layer, so
+the pre-activations are of order 1 and reach both tails of GELU.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from fastbert.ops import backend
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD, run_interpreter_cases
+from tests.helpers import FP32_OP, assert_close, assert_low_precision_within_budget, nan_like
+
+A = importlib.import_module("fastbert.ops.linear_activation")  # the module, not the same-named function
+B = importlib.import_module("fastbert.ops.bias_activation")
+
+ACTIVATIONS = ["gelu", "gelu_tanh", "relu"]
+# (M, K, N): one element; ragged K and partial tiles; K a multiple of the 64-wide K block; more rows
+# than one 128-row tile.
+SHAPES = [(1, 1, 1), (37, 97, 301), (130, 128, 72), (200, 64, 300)]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+def make_inputs(m, k, n, dtype=torch.float32, device="cpu"):
+    """Fresh random x, weight (``[N, K]``, scaled by 1/sqrt(K)) and bias."""
+    x = torch.randn(m, k, device=device)
+    weight = torch.randn(n, k, device=device) / max(k, 1) ** 0.5
+    bias = 0.5 * torch.randn(n, device=device)
+    return x.to(dtype), weight.to(dtype), bias.to(dtype)
+
+
+def check(out, x, weight, bias, activation, what):
+    """fp32: 1e-5 against the reference; 16-bit: the low-precision budget against the fp32 reference
+    from the same (rounded) inputs."""
+    fp32 = A.linear_activation_reference(x.float(), weight.float(), None if bias is None else bias.float(),
+                                         activation)
+    assert out.shape == fp32.shape and out.dtype == x.dtype, (out.shape, out.dtype)
+    if x.dtype == torch.float32:
+        assert_close(out, fp32, FP32_OP, what)
+    else:
+        same = A.linear_activation_reference(x, weight, bias, activation)
+        assert_low_precision_within_budget(out.float(), fp32, same.float(), what)
+
+
+class LaunchCounter:
+    """Counts the launches of the fused kernel and of the separate epilogue kernel."""
+
+    def __init__(self, monkeypatch):
+        self.fused = self.epilogue = 0
+        fused, epilogue = A.linear_activation_fwd, B.bias_activation_fwd
+
+        def counted_fused(*args, **kwargs):
+            self.fused += 1
+            return fused(*args, **kwargs)
+
+        def counted_epilogue(*args, **kwargs):
+            self.epilogue += 1
+            return epilogue(*args, **kwargs)
+
+        monkeypatch.setattr(A, "linear_activation_fwd", counted_fused)
+        monkeypatch.setattr(B, "bias_activation_fwd", counted_epilogue)
+
+
+def launch(x, weight, bias, activation, config=None):
+    """The launch helper on a NaN-filled output: any element it does not write fails the check."""
+    from fastbert.kernels.linear_activation import linear_activation_fwd
+
+    out = nan_like((x.shape[0], weight.shape[0]), x.dtype, x.device)
+    bias = torch.zeros(weight.shape[0], dtype=x.dtype, device=x.device) if bias is None else bias
+    linear_activation_fwd(x, weight, bias, activation, out, config=config)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks shared by the interpreter (CPU) and the GPU.
+
+def case_launch_helper(device, dtype, activation, shape):
+    x, weight, bias = make_inputs(*shape, dtype, device)
+    check(launch(x, weight, bias, activation), x, weight, bias, activation, f"{device} {dtype} {activation} {shape}")
+
+
+def case_grouped_tiles(device, dtype):
+    """16 x 16 x 16 tiles on a 150 x 40 x 70 problem: 10 x 5 tiles in two groups of 8 row blocks and
+    one of 2 (the grouped order's short last group), ragged K with several K steps."""
+    x, weight, bias = make_inputs(150, 40, 70, dtype, device)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
+    check(launch(x, weight, bias, "gelu", config), x, weight, bias, "gelu", f"16x16 tiles {dtype}")
+
+
+def case_op(device, dtype, activation, monkeypatch):
+    monkeypatch.setenv("FASTBERT_GEMM", "triton")
+    counter = LaunchCounter(monkeypatch)
+    x, weight, bias = make_inputs(2 * 9, 64, 75, dtype, device)
+    with backend.use_backend("triton"):
+        assert A.active_backend(device) == "triton"
+        out = A.linear_activation(x.view(2, 9, 64), weight, bias, activation)  # any leading shape
+        no_bias = A.linear_activation(x, weight, None, activation)
+    assert (counter.fused, counter.epilogue) == (2, 0)
+    assert out.shape == (2, 9, 75)
+    check(out.view(-1, 75), x, weight, bias, activation, f"op {dtype} {activation}")
+    check(no_bias, x, weight, None, activation, f"op without bias {dtype} {activation}")
+
+
+def case_strided_and_empty(device, monkeypatch):
+    monkeypatch.setenv("FASTBERT_GEMM", "triton")
+    x, weight, bias = make_inputs(11, 48, 33, device=device)
+    wide = torch.randn(11, 100, device=device)
+    wide[:, 7:55] = x
+    with backend.use_backend("triton"):
+        check(A.linear_activation(wide[:, 7:55], weight, bias, "gelu"), x, weight, bias, "gelu", "strided rows")
+        transposed = x.t().contiguous().t()  # column stride != 1: the op copies
+        check(A.linear_activation(transposed, weight.t().contiguous().t(), bias, "relu"), x, weight, bias, "relu",
+              "column-major x and weight")
+        assert A.linear_activation(x[:0], weight, bias, "gelu").shape == (0, 33)
+        empty_k = A.linear_activation(x[:, :0], weight[:, :0], bias, "gelu")  # no products: act(bias)
+    assert_close(empty_k, torch.nn.functional.gelu(bias).expand(11, 33), FP32_OP, "K = 0")
+
+
+def case_gradients(device, activation, monkeypatch):
+    monkeypatch.setenv("FASTBERT_GEMM", "triton")
+    x, weight, bias = make_inputs(13, 40, 29, device=device)
+    upstream = torch.randn(13, 29, device=device)
+    grads = []
+    for name in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        with backend.use_backend(name):
+            (A.linear_activation(*leaves, activation) * upstream).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for what, ours, ref in zip(("x", "weight", "bias"), *grads):
+        assert_close(ours, ref, 1e-4, f"grad {what} {activation}")  # sums over up to 40 terms
+
+
+# ---------------------------------------------------------------------------------------------------
+# Without Triton running (this process): the path FASTBERT_GEMM picks, and the checks.
+
+def test_default_is_cublas_then_the_epilogue_kernel(monkeypatch):
+    monkeypatch.delenv("FASTBERT_GEMM", raising=False)
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    assert backend.gemm_setting() == "cublas"
+    assert A.active_backend("cpu") == "torch"
+    assert A.active_backend("cuda") == ("cublas+triton" if backend.triton_available() else "torch")
+    monkeypatch.setenv("FASTBERT_GEMM", "triton")
+    assert A.active_backend("cuda") == ("triton" if backend.triton_available() else "torch")
+    monkeypatch.setenv("FASTBERT_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="FASTBERT_GEMM='cutlass'"):
+        backend.gemm_setting()
+
+
+def test_cpu_takes_the_reference(monkeypatch):
+    monkeypatch.setenv("FASTBERT_GEMM", "triton")  # asks for the fused kernel; the CPU has no kernel
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    x, weight, bias = make_inputs(4, 33, 20)
+    assert torch.equal(A.linear_activation(x, weight, bias, "gelu"),
+                       A.linear_activation_reference(x, weight, bias, "gelu"))
+
+
+def test_bad_inputs_are_refused():
+    x, weight, bias = make_inputs(4, 33, 20)
+    with pytest.raises(ValueError, match=r"x of shape \(4, 33\) does not match a weight of shape \(20, 32\)"):
+        A.linear_activation(x, weight[:, :-1], bias, "gelu")
+    with pytest.raises(ValueError, match=r"bias of shape \(19,\)"):
+        A.linear_activation(x, weight, bias[:-1], "gelu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        A.linear_activation(x, weight, bias, "silu")
+
+
+def test_fused_op_is_registered():
+    if not backend.triton_available():
+        pytest.skip("triton is not installed")
+    schema = str(torch.ops.fastbert.linear_activation.default._schema)
+    assert schema == ("fastbert::linear_activation(Tensor x, Tensor weight, Tensor? bias, str activation) "
+                      "-> Tensor")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The interpreter: these cases are defined only in the child process.
+
+@pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
+@pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
+def test_triton_interpreter_in_subprocess():
+    run_interpreter_cases(__file__, 37)
+
+
+if IN_CHILD:
+    @pytest.fixture(autouse=True)
+    def _kernel_is_interpreted():
+        from fastbert.kernels.linear_activation import _linear_activation_fwd_kernel
+
+        assert backend.is_interpreted(_linear_activation_fwd_kernel), "the kernel is not running in the interpreter"
+
+    @pytest.mark.parametrize("shape", SHAPES, ids=str)
+    @pytest.mark.parametrize("activation", ACTIVATIONS)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_launch_helper(dtype, activation, shape):
+        case_launch_helper("cpu", dtype, activation, shape)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_grouped_tiles(dtype):
+        case_grouped_tiles("cpu", dtype)
+
+    @pytest.mark.parametrize("activation", ACTIVATIONS)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_op(dtype, activation, monkeypatch):
+        case_op("cpu", dtype, activation, monkeypatch)
+
+    def test_interpreter_case_strided_and_empty(monkeypatch):
+        case_strided_and_empty("cpu", monkeypatch)
+
+    @pytest.mark.parametrize("activation", ACTIVATIONS)
+    def test_interpreter_case_gradients(activation, monkeypatch):
+        case_gradients("cpu", activation, monkeypatch)
+
+    def test_interpreter_case_opcheck():
+        x, weight, bias = make_inputs(5, 40, 24)
+        for args in ((x, weight, bias, "gelu"), (x, weight, None, "relu"),
+                     (x.requires_grad_(), weight, bias, "gelu_tanh")):
+            torch.library.opcheck(torch.ops.fastbert.linear_activation.default, args,
+                                  test_utils=("test_schema", "test_autograd_registration"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU (compiled kernels; skipped without one).
+
+@needs_cuda
+@pytest.mark.skipif(IN_CHILD, reason="GPU cases run in the parent process")
+class TestCuda:
+    DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+    @pytest.mark.parametrize("shape", SHAPES + [(4096, 768, 3072), (77, 384, 1536), (16384, 1024, 4096)], ids=str)
+    @pytest.mark.parametrize("activation", ACTIVATIONS)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_launch_helper(self, dtype, activation, shape):
+        case_launch_helper("cuda", dtype, activation, shape)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_grouped_tiles(self, dtype):
+        case_grouped_tiles("cuda", dtype)
+
+    @pytest.mark.parametrize("activation", ACTIVATIONS)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_op(self, dtype, activation, monkeypatch):
+        case_op("cuda", dtype, activation, monkeypatch)
+
+    def test_strided_empty_and_gradients(self, monkeypatch):
+        case_strided_and_empty("cuda", monkeypatch)
+        for activation in ACTIVATIONS:
+            case_gradients("cuda", activation, monkeypatch)
