@@ -5,7 +5,9 @@ BERT-base and BERT-large with random weights from their configs.
 Peers get each batch padded to its longest sequence, as their users run them; fastbert gets the same
 padded batch through the same API (it unpads inside), eagerly and through its two CUDA-graph runners
 (``CUDAGraphRunner``: eager validation and unpadding around a replay per token-count bucket;
-``PaddedCUDAGraphRunner``: the whole forward in a graph per batch-shape bucket). For every case: median time, tokens/s (real
+``PaddedCUDAGraphRunner``: the whole forward in a graph per batch-shape bucket). On BERT-base bf16,
+``+triton-gemm`` rows run the same with ``FASTBERT_GEMM=triton`` (the FFN's first matmul and its
+GELU as one Triton GEMM instead of cuBLAS + the epilogue kernel). For every case: median time, tokens/s (real
 tokens), TFLOP/s of the useful work, its fraction of the matmul peak measured in this run, and (at
 the end of the session, in results.json) the ratio to every peer. fastbert's output is checked against
 an fp32 transformers reference (DESIGN.md's low-precision budget) before it is timed.
@@ -18,6 +20,7 @@ speed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -119,9 +122,24 @@ def check_output(output, name: str, dtype_name: str, ids, mask) -> None:
     assert err <= budget, f"fastbert's output is off by {err:.3g} (budget {budget:.3g}): not timed"
 
 
+@contextlib.contextmanager
+def gemm(kind: str):
+    """``FASTBERT_GEMM=kind`` inside the block (read at every op call; a graph keeps what it captured)."""
+    previous = os.environ.get("FASTBERT_GEMM")
+    os.environ["FASTBERT_GEMM"] = kind
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["FASTBERT_GEMM"]
+        else:
+            os.environ["FASTBERT_GEMM"] = previous
+
+
 @functools.cache
-def graph_runner(name: str, dtype_name: str):
-    # The default buckets (steps of at most 1.5x): each case captures only the bucket it needs.
+def graph_runner(name: str, dtype_name: str, gemm_kind: str = "cublas"):
+    # The default buckets: each case captures only the bucket it needs (one runner per GEMM choice:
+    # its graphs hold the kernels they were captured with).
     return CUDAGraphRunner(models(name, dtype_name)["fastbert"], max_sequences=64, max_seqlen=512)
 
 
@@ -130,18 +148,23 @@ def padded_graph_runner(name: str, dtype_name: str):
     return PaddedCUDAGraphRunner(models(name, dtype_name)["fastbert"], max_seqlen=512)
 
 
-IMPLS = ["fastbert", "fastbert+cudagraphs", "fastbert+padded-cudagraphs", "transformers-eager", "transformers-sdpa",
-         "torch.compile", "torch.compile-max-autotune"]
+IMPLS = ["fastbert", "fastbert+cudagraphs", "fastbert+padded-cudagraphs", "fastbert+triton-gemm",
+         "fastbert+cudagraphs+triton-gemm", "transformers-eager", "transformers-sdpa", "torch.compile",
+         "torch.compile-max-autotune"]
+TRITON_GEMM_MODEL = ("bert-base", "bf16")  # the +triton-gemm rows: one model and dtype, to fit the GPU call
 
 
 def cases():
-    """Every (model, dtype, shape, peer), max-autotune last: its compilation takes minutes, so a call
-    cut at its time limit loses only those rows (run them alone with ``-k max-autotune``)."""
+    """Every (model, dtype, shape, peer); the ``+triton-gemm`` rows after the others and max-autotune
+    last (its compilation takes minutes), so a call cut at its time limit loses the optional rows
+    first (run them alone with ``-k max-autotune`` or ``-k triton-gemm``)."""
     everything = [(name, dtype_name, shape, impl)
                   for name in MODELS for dtype_name in DTYPES for shape in [*DENSE, *SETS] for impl in IMPLS
                   if not (QUICK and (name, dtype_name) != ("bert-base", "bf16"))
-                  and (impl != "torch.compile-max-autotune" or (name, dtype_name, shape) in HEADLINE)]
-    everything.sort(key=lambda case: case[3] == "torch.compile-max-autotune")  # stable: order kept otherwise
+                  and (impl != "torch.compile-max-autotune" or (name, dtype_name, shape) in HEADLINE)
+                  and ("triton-gemm" not in impl or (name, dtype_name) == TRITON_GEMM_MODEL or SMOKE)]
+    # Stable: the order is kept otherwise.
+    everything.sort(key=lambda case: 2 if case[3] == "torch.compile-max-autotune" else "triton-gemm" in case[3])
     for case in everything:
         yield pytest.param(*case, id="-".join(case))
 
@@ -150,7 +173,7 @@ def cases():
 @torch.inference_mode()
 def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, impl):
     device_or_skip()
-    if SMOKE and impl in ("fastbert+cudagraphs", "fastbert+padded-cudagraphs", "torch.compile-max-autotune"):
+    if SMOKE and ("cudagraphs" in impl or impl == "torch.compile-max-autotune"):
         pytest.skip("CUDA graphs and max-autotune need a GPU")
     lengths = lengths_of(shape)
     group = models(name, dtype_name)
@@ -158,16 +181,19 @@ def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, i
     fn = {
         "fastbert": lambda: group["fastbert"](ids, attention_mask=mask),
         "fastbert+cudagraphs": lambda: graph_runner(name, dtype_name)(ids, mask),
+        "fastbert+triton-gemm": lambda: group["fastbert"](ids, attention_mask=mask),
+        "fastbert+cudagraphs+triton-gemm": lambda: graph_runner(name, dtype_name, "triton")(ids, mask),
         "fastbert+padded-cudagraphs": lambda: padded_graph_runner(name, dtype_name)(ids, mask),
         "transformers-eager": lambda: group["eager"](ids, attention_mask=mask),
         "transformers-sdpa": lambda: group["sdpa"](ids, attention_mask=mask),
         "torch.compile": lambda: compiled(name, dtype_name, None)(ids, attention_mask=mask),
         "torch.compile-max-autotune": lambda: compiled(name, dtype_name, "max-autotune")(ids, attention_mask=mask),
     }[impl]
-    if impl.startswith("fastbert"):
-        check_output(fn(), name, dtype_name, ids, mask)
-    benchmark.group = f"{name} {dtype_name} {shape}"
-    seconds = timed(benchmark, fn, rounds=10 if "large" in name else 20, warmup=3)
+    with gemm("triton" if impl.endswith("+triton-gemm") else "cublas"):
+        if impl.startswith("fastbert"):
+            check_output(fn(), name, dtype_name, ids, mask)
+        benchmark.group = f"{name} {dtype_name} {shape}"
+        seconds = timed(benchmark, fn, rounds=10 if "large" in name else 20, warmup=3)
     flops = matmul_flops(group["sdpa"].config, lengths)
     tflops = flops / seconds / 1e12
     row = dict(case=f"{name} {dtype_name} {shape}", impl=impl, seconds=seconds, tokens=sum(lengths),

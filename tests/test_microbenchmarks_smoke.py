@@ -1,7 +1,7 @@
 """The kernel microbenchmarks' wiring, proven on the CPU before a GPU session spends its minutes on them.
 
 ``FASTBERT_BENCH_SMOKE=1`` runs benchmarks/bench_{attention,bias_activation,bias_residual_layer_norm,
-embeddings}.py at tiny sizes on the CPU, the Triton kernels under ``TRITON_INTERPRET=1``: every fast
+embeddings,linear_activation}.py at tiny sizes on the CPU, the Triton kernels under ``TRITON_INTERPRET=1``: every fast
 path checked against its reference, every case timed and recorded, ratios computed, results.json
 written. No timing is asserted.
 """
@@ -19,13 +19,15 @@ from tests.helpers import ROOT, interpreter_unusable_reason
 
 pytest.importorskip("triton", reason="the microbenchmarks' fast paths are Triton kernels: triton is not installed")
 
-FILES = ["bench_attention.py", "bench_bias_activation.py", "bench_bias_residual_layer_norm.py", "bench_embeddings.py"]
+FILES = ["bench_attention.py", "bench_bias_activation.py", "bench_bias_residual_layer_norm.py", "bench_embeddings.py",
+         "bench_linear_activation.py"]
 # The case names each file records, and the implementations each of its cases times on the CPU.
 PEERS = {
     "attention": {"sdpa-flash", "sdpa-flash-varlen-bound"},  # no memory-efficient SDPA kernel on the CPU
     "bias+gelu": {"torch-eager", "torch-compile"},
     "bias+residual+LayerNorm": {"torch-eager", "torch-compile"},
     "embeddings": {"torch-eager", "torch-compile", "copy"},
+    "linear+gelu": {"torch-eager", "torch-compile"},
 }
 SKIP_REASON = "SDPA's memory-efficient backend has no CPU kernel"
 
@@ -39,6 +41,12 @@ def _family(case: str) -> str:
 def _fastbert_impls(family: str, dtype: str) -> set[str]:
     if family == "attention":  # the block-configuration sweep runs on 16-bit inputs
         return {"fastbert-triton"} | ({"fastbert-triton-M32-N16-w4"} if dtype == "fp16" else set())
+    if family == "linear+gelu":  # the fused GEMM (and its tile sweep, 16-bit), and cuBLAS + the epilogue
+        from fastbert.kernels.linear_activation import SWEEP
+
+        sweep = {f"fastbert-triton-gemm-{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}-w{c['num_warps']}-s{c['num_stages']}"
+                 for c in SWEEP}
+        return {"fastbert-triton-gemm", "fastbert-cublas+epilogue"} | (sweep if dtype == "fp16" else set())
     if family != "embeddings":
         return {"fastbert-triton"}
     from fastbert import _extension
