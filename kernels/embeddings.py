@@ -23,7 +23,7 @@ import triton.language as tl
 
 # Rows are LayerNorm rows as in bias + residual + LayerNorm: the same block, warp and loop choice
 # (its 16 warps for the chunked loop also keep this kernel from spilling fp32 on sm_90).
-from .bias_residual_layer_norm import layer_norm_config as embeddings_config
+from .bias_residual_layer_norm import row_block_config as embeddings_config
 from .bias_residual_layer_norm import row_configs
 
 

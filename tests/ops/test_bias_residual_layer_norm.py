@@ -25,6 +25,10 @@ from tests.helpers import FP32_OP, assert_close, assert_low_precision_within_bud
 
 L = importlib.import_module("fastbert.ops.bias_residual_layer_norm")  # the module, not the function
 
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
 HIDDEN = [97, 312, 384, 768, 1024, 4096, 8200]  # 8200: wider than 8192, the chunked-loop variant
 ROWS = [1, 13]
 EPS = [1e-12, 1e-5]
@@ -237,6 +241,22 @@ if IN_CHILD:
             x, bias, residual, weight, ln_bias, looped, 3, 4096, x.stride(0), residual.stride(0), looped.stride(0),
             1e-12, BLOCK_M=1, BLOCK_N=1024, LOOP=True)
         assert max_abs_diff(looped, single) <= FP32_OP
+
+    @pytest.mark.parametrize("hidden", [312, 768, 1024])
+    def test_interpreter_case_variants_agree(hidden):
+        """The launcher's choice (three chunks for 312 masked and 768 even; one even block for 1024)
+        against one power-of-two block masked past ``hidden``, on the same 5 rows."""
+        from fastbert.kernels import bias_residual_layer_norm as K
+
+        inputs = make_inputs(5, hidden)
+        chosen = launch(inputs, 1e-12)
+        assert K.layer_norm_config(hidden)["CHUNKS"] == (1 if hidden == 1024 else 3)
+        masked = nan_like(chosen.shape, chosen.dtype)
+        x, bias, residual, weight, ln_bias = inputs
+        K._bias_residual_layer_norm_fwd_kernel[(3,)](
+            x, bias, residual, weight, ln_bias, masked, 5, hidden, x.stride(0), residual.stride(0), masked.stride(0),
+            1e-12, BLOCK_M=2, BLOCK_N=next_power_of_2(hidden), LOOP=False, CHUNKS=1, EVEN=False)
+        assert max_abs_diff(masked, chosen) <= FP32_OP
 
     def test_interpreter_case_opcheck():
         inputs = make_inputs(4, 97)
