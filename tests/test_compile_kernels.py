@@ -2,7 +2,7 @@
 sm_120 on this machine (no GPU needed), without register spills; compile errors and spills make the
 command fail.
 
-The full run compiles 164 configurations x 3 architectures in worker processes: about 3 minutes on 2
+The full run compiles 167 configurations x 3 architectures in worker processes: about 3 minutes on 2
 cores with a cold Triton cache, about 20 s with a warm one (the cubins come from the cache, and
 cuobjdump still reads each).
 """

@@ -179,6 +179,31 @@ def test_fused_gemm_takes_the_triton_path_on_cuda(dtype, launches, monkeypatch):
     ]
 
 
+@pytest.mark.parametrize("fused_gemm", [False, True], ids=["cublas", "triton-gemm"])
+def test_linear_activation_traces_a_symbolic_token_count(fused_gemm, launches, monkeypatch):
+    """A token count that is a SymInt (torch.compile's dynamic shapes, or its recompile after a new
+    batch shape): the op traces, the output keeps the symbol, and the tile choice is a guard on it."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from fastbert import ops
+
+    monkeypatch.setenv("FASTBERT_GEMM", "triton" if fused_gemm else "cublas")
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+    dynamic_rows = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    x = mode.from_tensor(torch.randn(300, 64, dtype=torch.float16), symbolic_context=dynamic_rows,
+                         source=ConstantSource("x"))  # made outside the mode: a real tensor to fake
+    with mode:
+        x = x.to("cuda")
+    weight, bias = fake_cuda(mode, torch.randn(128, 64, dtype=torch.float16), torch.randn(128, dtype=torch.float16))
+    assert isinstance(x.shape[0], torch.SymInt)
+    with mode:
+        out = ops.linear_activation(x, weight, bias, "gelu")
+    assert isinstance(out.shape[0], torch.SymInt) and out.shape[1] == 128
+    assert launches[0][0] == ("linear_activation" if fused_gemm else "bias_activation")
+
+
 def test_zero_tokens_launch_nothing(launches):
     from fastbert import ops
 

@@ -77,14 +77,20 @@ if backend.triton_available():
         ctx.activation = activation
 
     def _backward(ctx, grad):
-        """The gradient of the PyTorch reference at the same inputs (the forward is recomputed)."""
+        """The PyTorch reference's gradient: the pre-activation is recomputed, the activation's
+        gradient taken by autograd, and only the matmul gradients asked for are computed."""
         x, weight, bias = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        pre = F.linear(x, weight)
         if bias is None:
-            _, vjp = torch.func.vjp(lambda a, w: linear_activation_reference(a, w, None, ctx.activation), x, weight)
-            return *vjp(grad), None, None
-        _, vjp = torch.func.vjp(lambda a, w, b: linear_activation_reference(a, w, b, ctx.activation),
-                                x, weight, bias)
-        return *vjp(grad), None
+            _, vjp = torch.func.vjp(lambda z: bias_activation_reference(z, None, ctx.activation), pre)
+        else:
+            _, vjp = torch.func.vjp(lambda z: bias_activation_reference(z, bias, ctx.activation), pre)
+        grad_pre = vjp(grad)[0]
+        grad_x = grad_pre @ weight if need_x else None
+        grad_weight = grad_pre.reshape(-1, grad_pre.shape[-1]).mT @ x.reshape(-1, x.shape[-1]) if need_weight else None
+        grad_bias = grad_pre.reshape(-1, grad_pre.shape[-1]).sum(0) if need_bias and bias is not None else None
+        return grad_x, grad_weight, grad_bias, None
 
     _linear_activation_triton.register_autograd(_backward, setup_context=_setup_context)
 
@@ -107,8 +113,10 @@ def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not match a weight of shape {tuple(weight.shape)}")
     if activation not in _KINDS:
         raise ValueError(f"unknown activation {activation!r}; expected gelu, gelu_tanh or relu")
-    fused = (backend.gemm_setting() == "triton" and _kernel_takes(x, weight, bias)
-             and backend.use_triton(x, weight, bias, differentiable=True))
+    # Under autocast the matmul's dtype is autocast's business: F.linear takes it (this op would run
+    # the fp32 inputs as an fp32 GEMM).
+    fused = (_kernel_takes(x, weight, bias) and not torch.is_autocast_enabled(x.device.type)
+             and backend.use_triton(x, weight, bias, differentiable=True) and backend.gemm_setting() == "triton")
     if not fused:
         return bias_activation(F.linear(x, weight), bias, activation)
     backend.check_kernel_runs_here(_linear_activation_fwd_kernel, x.device)

@@ -129,17 +129,39 @@ def case_strided_and_empty(device, monkeypatch):
 
 
 def case_gradients(device, activation, monkeypatch):
+    """All three inputs requiring gradients, then x only (frozen weights, 3-D x), then no bias: the
+    fused op's backward against the reference's, through the Triton forward (counted)."""
     monkeypatch.setenv("FASTBERT_GEMM", "triton")
-    x, weight, bias = make_inputs(13, 40, 29, device=device)
-    upstream = torch.randn(13, 29, device=device)
-    grads = []
-    for name in ("triton", "torch"):
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        with backend.use_backend(name):
-            (A.linear_activation(*leaves, activation) * upstream).sum().backward()
-        grads.append([t.grad for t in leaves])
-    for what, ours, ref in zip(("x", "weight", "bias"), *grads):
-        assert_close(ours, ref, 1e-4, f"grad {what} {activation}")  # sums over up to 40 terms
+    counter = LaunchCounter(monkeypatch)
+    x, weight, bias = make_inputs(2 * 13, 40, 29, device=device)
+    x = x.view(2, 13, 40)
+    upstream = torch.randn(2, 13, 29, device=device)
+    for wants, with_bias in (((True, True, True), True), ((True, False, False), True), ((False, True, False), False)):
+        grads = []
+        for name in ("triton", "torch"):
+            leaves = [t.clone().requires_grad_(want) for t, want in zip((x, weight, bias), wants)]
+            with backend.use_backend(name):
+                out = A.linear_activation(leaves[0], leaves[1], leaves[2] if with_bias else None, activation)
+                (out * upstream).sum().backward()
+            grads.append([t.grad for t in leaves])
+        for what, ours, ref, want in zip(("x", "weight", "bias"), *grads, wants):
+            assert (ours is None) == (not want or (what == "bias" and not with_bias)), (what, wants)
+            if ours is not None:
+                assert_close(ours, ref, 1e-4, f"grad {what} {activation} {wants}")  # sums of up to 40 terms
+    assert counter.fused == 3
+
+
+def case_autocast_takes_the_matmul(device, monkeypatch):
+    """Under autocast the matmul's dtype is autocast's: F.linear runs it (fp32 inputs would otherwise
+    make an fp32 GEMM), then the epilogue kernel, as with FASTBERT_GEMM=cublas."""
+    monkeypatch.setenv("FASTBERT_GEMM", "triton")
+    counter = LaunchCounter(monkeypatch)
+    x, weight, bias = make_inputs(9, 64, 33, device=device)
+    with backend.use_backend("triton"), torch.autocast(device, dtype=torch.float16):
+        out = A.linear_activation(x, weight, bias, "gelu")
+        pre = torch.nn.functional.linear(x, weight)
+    assert (counter.fused, counter.epilogue) == (0, 1) and pre.dtype == torch.float16
+    assert_close(out, B.bias_activation_reference(pre.float(), bias, "gelu"), FP32_OP, "autocast")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,7 +212,7 @@ def test_fused_op_is_registered():
 @pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
 @pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 def test_triton_interpreter_in_subprocess():
-    run_interpreter_cases(__file__, 37)
+    run_interpreter_cases(__file__, 38)
 
 
 if IN_CHILD:
@@ -221,6 +243,9 @@ if IN_CHILD:
     @pytest.mark.parametrize("activation", ACTIVATIONS)
     def test_interpreter_case_gradients(activation, monkeypatch):
         case_gradients("cpu", activation, monkeypatch)
+
+    def test_interpreter_case_autocast_takes_the_matmul(monkeypatch):
+        case_autocast_takes_the_matmul("cpu", monkeypatch)
 
     def test_interpreter_case_opcheck():
         x, weight, bias = make_inputs(5, 40, 24)
@@ -253,7 +278,8 @@ class TestCuda:
     def test_op(self, dtype, activation, monkeypatch):
         case_op("cuda", dtype, activation, monkeypatch)
 
-    def test_strided_empty_and_gradients(self, monkeypatch):
+    def test_strided_empty_gradients_autocast(self, monkeypatch):
         case_strided_and_empty("cuda", monkeypatch)
         for activation in ACTIVATIONS:
             case_gradients("cuda", activation, monkeypatch)
+        case_autocast_takes_the_matmul("cuda", monkeypatch)
