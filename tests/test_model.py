@@ -193,6 +193,34 @@ def test_gradients_equal_transformers_in_train_mode(device):
     assert_gradients_match(fast, hf)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_training_within_budget(device):
+    """Fine-tuning under bf16 autocast (what Trainer(bf16=True) does): fastbert's output and its
+    parameter gradients against transformers' in fp32, within 2x transformers' own error under the
+    same autocast + 1e-3 (gradients: relative error of all of them together)."""
+    fast, hf = model_pair(make_config(layers=2), device=device)
+    _, hf_autocast = model_pair(make_config(layers=2), device=device)
+    ids, types = random_inputs(fast.config, 3, 10, device=device)
+    mask = make_mask("right", 3, 10).to(device)
+    keep = mask.bool()
+    weight = torch.randn(3, 10, fast.config.hidden_size).to(device)
+    outputs, grads = [], []
+    for model, autocast in ((fast, True), (hf_autocast, True), (hf, False)):
+        model.train()  # dropout probabilities are 0 in these configs
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        (out.float() * weight * keep[..., None]).sum().backward()
+        outputs.append(out[keep].float())
+        named = sorted((name, p.grad) for name, p in model.named_parameters() if p.grad is not None)
+        grads.append((tuple(name for name, _ in named), torch.cat([g.float().flatten() for _, g in named])))
+    ours, theirs, reference = outputs
+    assert_low_precision_within_budget(ours, reference, theirs, "autocast output")
+    assert grads[0][0] == grads[2][0]  # the same parameters got gradients (the pooler's none: unused)
+    g_ours, g_theirs, g_ref = (g for _, g in grads)
+    relative = [(g - g_ref).norm().item() / g_ref.norm().item() for g in (g_ours, g_theirs)]
+    assert relative[0] <= 2 * relative[1] + 1e-3, relative
+
+
 def test_dropout_is_applied_in_train_mode():
     config = make_config()
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.1
