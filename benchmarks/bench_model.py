@@ -7,7 +7,9 @@ padded batch through the same API (it unpads inside), eagerly and through its tw
 (``CUDAGraphRunner``: eager validation and unpadding around a replay per token-count bucket;
 ``PaddedCUDAGraphRunner``: the whole forward in a graph per batch-shape bucket). On BERT-base bf16,
 ``+triton-gemm`` rows run the same with ``FASTBERT_GEMM=triton`` (the FFN's first matmul and its
-GELU as one Triton GEMM instead of cuBLAS + the epilogue kernel). For every case: median time, tokens/s (real
+GELU as one Triton GEMM instead of cuBLAS + the epilogue kernel). On the headline cases,
+``fastbert+torch.compile`` is ``torch.compile(fastbert model, fullgraph=True)`` (the fused ops as
+custom ops inside Inductor's graph, static-size unpadding). For every case: median time, tokens/s (real
 tokens), TFLOP/s of the useful work, its fraction of the matmul peak measured in this run, and (at
 the end of the session, in results.json) the ratio to every peer. fastbert's output is checked against
 an fp32 transformers reference (DESIGN.md's low-precision budget) before it is timed.
@@ -110,6 +112,15 @@ def compiled(name: str, dtype_name: str, mode: str | None):
     return torch.compile(models(name, dtype_name)["sdpa"], mode=mode, dynamic=False)
 
 
+@functools.cache
+def compiled_fastbert(name: str, dtype_name: str):
+    """torch.compile of fastbert itself (fullgraph: the fused ops are custom ops Inductor sees)."""
+    model = models(name, dtype_name)["fastbert"]
+    if SMOKE:
+        return torch.compile(model, backend="aot_eager", fullgraph=True)
+    return torch.compile(model, fullgraph=True, dynamic=False)
+
+
 def check_output(output, name: str, dtype_name: str, ids, mask) -> None:
     """fastbert's last_hidden_state at real tokens against the fp32 reference: within 2x the error of
     transformers (SDPA) at the same dtype + 1e-3 (DESIGN.md), so that no wrong result is ever timed."""
@@ -149,22 +160,25 @@ def padded_graph_runner(name: str, dtype_name: str):
 
 
 IMPLS = ["fastbert", "fastbert+cudagraphs", "fastbert+padded-cudagraphs", "fastbert+triton-gemm",
-         "fastbert+cudagraphs+triton-gemm", "transformers-eager", "transformers-sdpa", "torch.compile",
-         "torch.compile-max-autotune"]
+         "fastbert+cudagraphs+triton-gemm", "fastbert+torch.compile", "transformers-eager", "transformers-sdpa",
+         "torch.compile", "torch.compile-max-autotune"]
+# Rows that compile for minutes: only on the headline cases, after everything else.
+HEADLINE_ONLY = ("fastbert+torch.compile", "torch.compile-max-autotune")
 TRITON_GEMM_MODEL = ("bert-base", "bf16")  # the +triton-gemm rows: one model and dtype, to fit the GPU call
 
 
 def cases():
-    """Every (model, dtype, shape, peer); the ``+triton-gemm`` rows after the others and max-autotune
-    last (its compilation takes minutes), so a call cut at its time limit loses the optional rows
-    first (run them alone with ``-k max-autotune`` or ``-k triton-gemm``)."""
+    """Every (model, dtype, shape, peer); the ``+triton-gemm`` rows after the others, then
+    fastbert's torch.compile and max-autotune (their compilation takes minutes), so a call cut at its
+    time limit loses the optional rows first (run them alone with ``-k max-autotune`` and the like)."""
     everything = [(name, dtype_name, shape, impl)
                   for name in MODELS for dtype_name in DTYPES for shape in [*DENSE, *SETS] for impl in IMPLS
                   if not (QUICK and (name, dtype_name) != ("bert-base", "bf16"))
-                  and (impl != "torch.compile-max-autotune" or (name, dtype_name, shape) in HEADLINE)
+                  and (impl not in HEADLINE_ONLY or (name, dtype_name, shape) in HEADLINE)
                   and ("triton-gemm" not in impl or (name, dtype_name) == TRITON_GEMM_MODEL or SMOKE)]
     # Stable: the order is kept otherwise.
-    everything.sort(key=lambda case: 2 if case[3] == "torch.compile-max-autotune" else "triton-gemm" in case[3])
+    order = {"fastbert+torch.compile": 2, "torch.compile-max-autotune": 3}
+    everything.sort(key=lambda case: order.get(case[3], "triton-gemm" in case[3]))
     for case in everything:
         yield pytest.param(*case, id="-".join(case))
 
@@ -186,6 +200,7 @@ def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, i
         "fastbert+padded-cudagraphs": lambda: padded_graph_runner(name, dtype_name)(ids, mask),
         "transformers-eager": lambda: group["eager"](ids, attention_mask=mask),
         "transformers-sdpa": lambda: group["sdpa"](ids, attention_mask=mask),
+        "fastbert+torch.compile": lambda: compiled_fastbert(name, dtype_name)(ids, attention_mask=mask),
         "torch.compile": lambda: compiled(name, dtype_name, None)(ids, attention_mask=mask),
         "torch.compile-max-autotune": lambda: compiled(name, dtype_name, "max-autotune")(ids, attention_mask=mask),
     }[impl]
