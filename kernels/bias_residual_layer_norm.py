@@ -10,12 +10,14 @@ Grid, blocks and warps (``layer_norm_config``):
 - Rows of ``3 * 2^k`` columns or a little less (``cols <= 3/4`` of the next power of two ``P``; chunk
   ``P / 4`` of at least 32: 96 to 6144, BERT-base's 768 and MiniLM's 384 among them) are held in
   registers as ``CHUNKS = 3`` chunks of ``BLOCK_N = P / 4`` columns: 768 is 3 x 256, where one 1024-wide
-  block would issue every instruction for a quarter of masked lanes. ``BLOCK_M = max(1, 1024 //
-  BLOCK_N)`` rows per program and ``num_warps = BLOCK_M * BLOCK_N / 256``: 8 elements per thread, chunk
-  and tensor (16-byte vectors in 16-bit dtypes). On sm_90 in bf16 this issues 22.7 thread-instructions
-  per element of a 768-wide row against 34.7 for the masked 1024 block (Triton 3.8): at the H200's
-  copy rate an SM has ~48 issue slots per element to spend (4.15 TB/s over 6 bytes per element,
-  132 SMs at 1.98 GHz, 128 lanes a clock), and the kernel ran at 53-71% of that bandwidth there.
+  block would issue every instruction for a quarter of masked lanes. ``BLOCK_M = max(1, 2048 //
+  BLOCK_N)`` rows per program and 16 elements per thread, chunk and tensor (two 16-byte vectors in
+  16-bit dtypes; 8 for 2048-wide chunks): ``num_warps = BLOCK_M * BLOCK_N / 512`` (4; 8 for 2048).
+  On sm_90 in bf16 this issues 19.2 thread-instructions per element of a 768-wide row (8 rows of
+  3 x 256, 4 warps; 19.7 with Triton 3.6) against 34.7 for the masked 1024 block: at the H200's copy
+  rate an SM has ~48 issue slots per element to spend (4.15 TB/s over 6 bytes per element, 132 SMs
+  at 1.98 GHz, 128 lanes a clock), and the masked block ran at 53-71% of that bandwidth there.
+  8 elements per thread (4 rows) took 22.7 and left Triton 3.6 an 8-byte stack frame on sm_90.
 - Other rows up to 8192 wide are held in registers as one block: ``BLOCK_N`` = next power of two
   >= ``cols`` (at least 128; 97 -> 128, 1024 -> 1024, 4096 -> 4096), masked past ``cols``.
   ``BLOCK_M = max(1, 2048 // BLOCK_N)`` rows per program, so that narrow rows still give each program
@@ -163,9 +165,10 @@ def layer_norm_config(n_cols: int) -> Mapping[str, int]:
     docstring). Read-only, shared by every launch."""
     chunk = triton.next_power_of_2(n_cols) // 4
     if chunk >= 32 and n_cols <= 3 * chunk and 4 * chunk <= MAX_SINGLE_BLOCK:
-        block_m = max(1, 1024 // chunk)
+        block_m = max(1, 2048 // chunk)
+        per_thread = 16 if chunk < 2048 else 8  # three 2048-wide chunks at 16 spilled (Triton 3.6, sm_120)
         return MappingProxyType({"BLOCK_M": block_m, "BLOCK_N": chunk, "LOOP": False, "CHUNKS": 3,
-                                 "EVEN": n_cols == 3 * chunk, "num_warps": block_m * chunk // 256})
+                                 "EVEN": n_cols == 3 * chunk, "num_warps": block_m * chunk // (32 * per_thread)})
     cfg = row_block_config(n_cols)
     return MappingProxyType({**cfg, "CHUNKS": 1, "EVEN": not cfg["LOOP"] and n_cols == cfg["BLOCK_N"]})
 

@@ -144,6 +144,7 @@ def linear_activation_fwd(x, weight, bias, activation: str, out, capability: int
 # The default 128 x 128 tile with 8 warps holds one CTA per SM on sm_90 (136 registers, 128 KB of
 # shared memory), so its GELU epilogue (about 30 instructions per element) cannot overlap another
 # tile's MMAs; the last two hold two CTAs per SM (registers and shared memory from the sm_90 cubin).
+# The last is a Hopper candidate: Triton 3.6 spills it on sm_80 (3.8 does not).
 SWEEP = (
     MappingProxyType({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}),
     MappingProxyType({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}),

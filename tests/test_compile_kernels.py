@@ -146,7 +146,7 @@ def test_erf_gelu_costs_little_more_than_the_tanh_form():
 
 
 @pytest.mark.parametrize("module, config", [("bias_activation", "bf16 gelu M=8 N=256"),
-                                            ("bias_residual_layer_norm", "bf16 M=4 3x256 w=4 even"),
+                                            ("bias_residual_layer_norm", "bf16 M=8 3x256 w=4 even"),
                                             ("embeddings", "bf16 M=2 N=1024")])
 def test_memory_bound_kernels_move_rows_in_16_byte_accesses(module, config):
     """The configurations BERT-base runs (intermediate 3072, hidden 768) on sm_90: rows are read and
@@ -160,14 +160,14 @@ def test_memory_bound_kernels_move_rows_in_16_byte_accesses(module, config):
 def test_bert_base_layer_norm_rows_take_three_chunks():
     """768 columns (BERT-base) as three 256-column chunks, 384 (MiniLM) as three of 128, no column mask:
     on sm_90 the bf16 kernel issues at most 0.8x the instructions per real element of the 1024-wide
-    block masked past 768 (which idles a quarter of its lanes): 22.7 against 34.7 with Triton 3.8."""
+    block masked past 768 (which idles a quarter of its lanes): 19.2 against 34.7 with Triton 3.8."""
     from fastbert.kernels import bias_residual_layer_norm as K
 
     for cols, chunk in ((768, 256), (384, 128)):
         cfg = K.layer_norm_config(cols)
         assert (cfg["CHUNKS"], cfg["BLOCK_N"], cfg["EVEN"]) == (3, chunk, True), (cols, dict(cfg))
     jobs = {j["name"]: j for j in K.compile_configs()}
-    chunked, masked = jobs["bf16 M=4 3x256 w=4 even"], jobs["bf16 M=2 N=1024 w=4"]
+    chunked, masked = jobs["bf16 M=8 3x256 w=4 even"], jobs["bf16 M=2 N=1024 w=4"]
     per_element = [_instructions(job) * job["num_warps"] * 32 / (job["constexprs"]["BLOCK_M"] * 768)
                    for job in (chunked, masked)]
     assert per_element[0] <= 0.8 * per_element[1], per_element
