@@ -22,7 +22,6 @@ speed.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -36,6 +35,7 @@ from benchmarks.conftest import DEVICE, SMOKE, device_or_skip, timed
 from tests.helpers import LOW_PRECISION_SLACK, max_abs_diff
 
 from fastbert.cuda_graphs import CUDAGraphRunner, PaddedCUDAGraphRunner
+from fastbert.ops import use_gemm
 from fastbert.optimize import to_fastbert
 
 MODELS = {
@@ -133,20 +133,6 @@ def check_output(output, name: str, dtype_name: str, ids, mask) -> None:
     assert err <= budget, f"fastbert's output is off by {err:.3g} (budget {budget:.3g}): not timed"
 
 
-@contextlib.contextmanager
-def gemm(kind: str):
-    """``FASTBERT_GEMM=kind`` inside the block (read at every op call; a graph keeps what it captured)."""
-    previous = os.environ.get("FASTBERT_GEMM")
-    os.environ["FASTBERT_GEMM"] = kind
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["FASTBERT_GEMM"]
-        else:
-            os.environ["FASTBERT_GEMM"] = previous
-
-
 @functools.cache
 def graph_runner(name: str, dtype_name: str, gemm_kind: str = "cublas"):
     # The default buckets: each case captures only the bucket it needs (one runner per GEMM choice:
@@ -204,7 +190,7 @@ def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, i
         "torch.compile": lambda: compiled(name, dtype_name, None)(ids, attention_mask=mask),
         "torch.compile-max-autotune": lambda: compiled(name, dtype_name, "max-autotune")(ids, attention_mask=mask),
     }[impl]
-    with gemm("triton" if impl.endswith("+triton-gemm") else "cublas"):
+    with use_gemm("triton" if impl.endswith("+triton-gemm") else "cublas"):
         if impl.startswith("fastbert"):
             check_output(fn(), name, dtype_name, ids, mask)
         benchmark.group = f"{name} {dtype_name} {shape}"

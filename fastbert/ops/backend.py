@@ -42,14 +42,30 @@ def backend_setting() -> str:
 
 
 GEMMS = ("cublas", "triton")
+_gemm_override: str | None = None
 
 
 def gemm_setting() -> str:
-    """The configured GEMM choice (``FASTBERT_GEMM``), validated."""
-    name = os.environ.get("FASTBERT_GEMM", "cublas").strip().lower()
+    """The configured GEMM choice (``use_gemm``, else ``FASTBERT_GEMM``), validated."""
+    name = _gemm_override if _gemm_override is not None else os.environ.get("FASTBERT_GEMM", "cublas")
+    name = name.strip().lower()
     if name not in GEMMS:
         raise ValueError(f"FASTBERT_GEMM={name!r} is not one of {', '.join(GEMMS)}")
     return name
+
+
+@contextlib.contextmanager
+def use_gemm(name: str):
+    """Force a GEMM choice inside a ``with`` block (overrides ``FASTBERT_GEMM``). A CUDA graph keeps the
+    kernels it captured: capture inside the block."""
+    global _gemm_override
+    if name not in GEMMS:
+        raise ValueError(f"GEMM {name!r} is not one of {', '.join(GEMMS)}")
+    previous, _gemm_override = _gemm_override, name
+    try:
+        yield
+    finally:
+        _gemm_override = previous
 
 
 @contextlib.contextmanager

@@ -177,9 +177,14 @@ def test_default_is_cublas_then_the_epilogue_kernel(monkeypatch):
     assert A.active_backend("cuda") == ("cublas+triton" if backend.triton_available() else "torch")
     monkeypatch.setenv("FASTBERT_GEMM", "triton")
     assert A.active_backend("cuda") == ("triton" if backend.triton_available() else "torch")
+    with backend.use_gemm("cublas"):  # the context manager overrides the variable, and restores it
+        assert A.active_backend("cuda") in ("cublas+triton", "torch")
+    assert backend.gemm_setting() == "triton"
     monkeypatch.setenv("FASTBERT_GEMM", "cutlass")
     with pytest.raises(ValueError, match="FASTBERT_GEMM='cutlass'"):
         backend.gemm_setting()
+    with pytest.raises(ValueError, match="GEMM 'cutlass'"), backend.use_gemm("cutlass"):
+        pass
 
 
 def test_cpu_takes_the_reference(monkeypatch):
