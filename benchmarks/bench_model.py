@@ -191,6 +191,10 @@ def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, i
         "torch.compile-max-autotune": lambda: compiled(name, dtype_name, "max-autotune")(ids, attention_mask=mask),
     }[impl]
     with use_gemm("triton" if impl.endswith("+triton-gemm") else "cublas"):
+        if impl.endswith("+triton-gemm") and not SMOKE:  # the row times the fused GEMM, or nothing
+            from fastbert.ops.linear_activation import active_backend
+
+            assert active_backend(DEVICE) == "triton", active_backend(DEVICE)
         if impl.startswith("fastbert"):
             check_output(fn(), name, dtype_name, ids, mask)
         benchmark.group = f"{name} {dtype_name} {shape}"

@@ -24,30 +24,31 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("auto", "torch", "triton")
-_override: str | None = None
+GEMMS = ("cublas", "triton")
+# use_backend / use_gemm overrides, per thread (one thread's block leaves the others' settings alone).
+# threading.local rather than a ContextVar: torch.compile traces (and guards on) its reads with torch
+# 2.11, where a ContextVar read breaks a fullgraph compile.
+_overrides = threading.local()
 
 
 def backend_setting() -> str:
-    """The configured backend name, validated."""
-    name = _override if _override is not None else os.environ.get("FASTBERT_BACKEND", "auto")
+    """The configured backend name (``use_backend``, else ``FASTBERT_BACKEND``), validated."""
+    name = getattr(_overrides, "backend", None) or os.environ.get("FASTBERT_BACKEND", "auto")
     name = name.strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"FASTBERT_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
     return name
 
 
-GEMMS = ("cublas", "triton")
-_gemm_override: str | None = None
-
-
 def gemm_setting() -> str:
     """The configured GEMM choice (``use_gemm``, else ``FASTBERT_GEMM``), validated."""
-    name = _gemm_override if _gemm_override is not None else os.environ.get("FASTBERT_GEMM", "cublas")
+    name = getattr(_overrides, "gemm", None) or os.environ.get("FASTBERT_GEMM", "cublas")
     name = name.strip().lower()
     if name not in GEMMS:
         raise ValueError(f"FASTBERT_GEMM={name!r} is not one of {', '.join(GEMMS)}")
@@ -55,30 +56,26 @@ def gemm_setting() -> str:
 
 
 @contextlib.contextmanager
-def use_gemm(name: str):
-    """Force a GEMM choice inside a ``with`` block (overrides ``FASTBERT_GEMM``). A CUDA graph keeps the
-    kernels it captured: capture inside the block."""
-    global _gemm_override
-    if name not in GEMMS:
-        raise ValueError(f"GEMM {name!r} is not one of {', '.join(GEMMS)}")
-    previous, _gemm_override = _gemm_override, name
+def _override(kind: str, name: str, allowed: tuple[str, ...], what: str):
+    if name not in allowed:
+        raise ValueError(f"{what} {name!r} is not one of {', '.join(allowed)}")
+    previous = getattr(_overrides, kind, None)
+    setattr(_overrides, kind, name)
     try:
         yield
     finally:
-        _gemm_override = previous
+        setattr(_overrides, kind, previous)
 
 
-@contextlib.contextmanager
 def use_backend(name: str):
-    """Force a backend inside a ``with`` block (overrides ``FASTBERT_BACKEND``)."""
-    global _override
-    if name not in BACKENDS:
-        raise ValueError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
-    previous, _override = _override, name
-    try:
-        yield
-    finally:
-        _override = previous
+    """Force a backend inside a ``with`` block, in this thread (overrides ``FASTBERT_BACKEND``)."""
+    return _override("backend", name, BACKENDS, "backend")
+
+
+def use_gemm(name: str):
+    """Force a GEMM choice inside a ``with`` block, in this thread (overrides ``FASTBERT_GEMM``). A CUDA
+    graph keeps the kernels it captured: capture inside the block."""
+    return _override("gemm", name, GEMMS, "GEMM")
 
 
 @functools.cache

@@ -118,11 +118,13 @@ def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     fused = (_kernel_takes(x, weight, bias) and not torch.is_autocast_enabled(x.device.type)
              and backend.use_triton(x, weight, bias, differentiable=True) and backend.gemm_setting() == "triton")
     if not fused:
+        pre = F.linear(x, weight)
         if bias is not None and torch.is_autocast_enabled(x.device.type):
-            # As nn.Linear under autocast: the bias joins in autocast's dtype, and so does the result
-            # (transformers' GELU output), not the fp32 a float32 bias would promote it to.
-            bias = bias.to(torch.get_autocast_dtype(x.device.type))
-        return bias_activation(F.linear(x, weight), bias, activation)
+            # As nn.Linear under autocast: the bias joins in the matmul's dtype (autocast's, or fp64,
+            # which autocast leaves alone), and so does the result, not the fp32 a float32 bias would
+            # promote it to.
+            bias = bias.to(pre.dtype)
+        return bias_activation(pre, bias, activation)
     backend.check_kernel_runs_here(_linear_activation_fwd_kernel, x.device)
     if backend.direct_launch(x, weight, bias):
         return _launch(x, weight, bias, activation)

@@ -56,3 +56,33 @@ def test_functorch_transforms_and_subclasses_need_the_op():
     torch.func.vmap(lambda t: (seen.append(backend.direct_launch(t)), t * 2)[1])(torch.randn(2, 3))
     assert seen == [False, False]
     assert not backend.direct_launch(torch.randn(3).as_subclass(Subclass))
+
+
+@pytest.mark.parametrize("force, setting, choices", [(backend.use_backend, backend.backend_setting, ("torch", "triton")),
+                                                     (backend.use_gemm, backend.gemm_setting, ("triton", "cublas"))])
+def test_overrides_are_per_thread_and_restored(force, setting, choices, monkeypatch):
+    """A ``with use_backend / use_gemm`` block in one thread leaves another thread's setting alone,
+    and overlapping blocks in two threads each restore their own."""
+    import threading
+
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    monkeypatch.delenv("FASTBERT_GEMM", raising=False)
+    default = setting()
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    def other():
+        with force(choices[1]):
+            seen["other inside"] = setting()
+            entered.set()
+            release.wait(10)
+        seen["other after"] = setting()
+
+    with force(choices[0]):
+        thread = threading.Thread(target=other)
+        thread.start()
+        entered.wait(10)
+        seen["main inside"] = setting()
+    release.set()
+    thread.join(10)
+    assert seen == {"other inside": choices[1], "main inside": choices[0], "other after": default}
+    assert setting() == default

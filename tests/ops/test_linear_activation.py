@@ -195,6 +195,17 @@ def test_cpu_takes_the_reference(monkeypatch):
                        A.linear_activation_reference(x, weight, bias, "gelu"))
 
 
+def test_autocast_leaves_float64_alone(monkeypatch):
+    """Autocast does not touch float64 matmuls, and neither does the bias: the result is the fp64
+    reference's (a cast of the bias to autocast's dtype would round it)."""
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    x, weight, bias = make_inputs(5, 24, 7, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = A.linear_activation(x, weight, bias, "gelu")
+    assert out.dtype == torch.float64
+    assert_close(out, torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias)), 1e-12, "fp64 autocast")
+
+
 def test_bad_inputs_are_refused():
     x, weight, bias = make_inputs(4, 33, 20)
     with pytest.raises(ValueError, match=r"x of shape \(4, 33\) does not match a weight of shape \(20, 32\)"):
