@@ -195,13 +195,24 @@ def bias_residual_layer_norm_fwd(x, bias, residual, weight, ln_bias, eps: float,
     return out
 
 
+def _config_name(cfg: Mapping) -> str:
+    """A configuration as ``compile_configs`` names it: its rows and block (or chunks, or loop) and
+    warps, ``even`` when it drops the column mask."""
+    if cfg["LOOP"]:
+        block = f"loop N={cfg['BLOCK_N']}"
+    elif cfg.get("CHUNKS", 1) == 3:
+        block = f"M={cfg['BLOCK_M']} 3x{cfg['BLOCK_N']}"
+    else:
+        block = f"M={cfg['BLOCK_M']} N={cfg['BLOCK_N']}"
+    return f"{block} w={cfg['num_warps']}{' even' if cfg.get('EVEN') else ''}"
+
+
 def row_configs():
     """``(name, config)`` of every block ``row_block_config`` can pick (128 to 8192 columns in
     registers, or the chunked loop for wider rows), for the kernels' ``compile_configs``."""
     for n_cols in (128, 256, 512, 1024, 2048, 4096, 8192, 2 * MAX_SINGLE_BLOCK):
         cfg = row_block_config(n_cols)
-        name = f"loop N={cfg['BLOCK_N']}" if cfg["LOOP"] else f"M={cfg['BLOCK_M']} N={cfg['BLOCK_N']}"
-        yield f"{name} w={cfg['num_warps']}", cfg
+        yield _config_name(cfg), cfg
 
 
 def layer_norm_configs():
@@ -211,13 +222,12 @@ def layer_norm_configs():
         for cols in {n_cols - 1, n_cols} if n_cols <= MAX_SINGLE_BLOCK else {n_cols}:
             cfg = layer_norm_config(cols)
             if cfg["CHUNKS"] == 1:  # n_cols - 1 may pick three chunks: listed below
-                name = f"loop N={cfg['BLOCK_N']}" if cfg["LOOP"] else f"M={cfg['BLOCK_M']} N={cfg['BLOCK_N']}"
-                yield f"{name} w={cfg['num_warps']}{' even' if cfg['EVEN'] else ''}", cfg
+                yield _config_name(cfg), cfg
     for chunk in (32, 64, 128, 256, 512, 1024, 2048):
         for n_cols in (3 * chunk - 1, 3 * chunk):
             cfg = layer_norm_config(n_cols)
             assert cfg["CHUNKS"] == 3 and cfg["BLOCK_N"] == chunk, (n_cols, cfg)
-            yield f"M={cfg['BLOCK_M']} 3x{chunk} w={cfg['num_warps']}{' even' if cfg['EVEN'] else ''}", cfg
+            yield _config_name(cfg), cfg
 
 
 def compile_configs() -> list[dict]:

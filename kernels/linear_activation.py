@@ -31,7 +31,6 @@ uses this kernel only when ``FASTBERT_GEMM=triton`` asks for it (``fastbert/ops/
 GPU run shows it beating cuBLAS + the separate epilogue.
 """
 
-import functools
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -91,23 +90,18 @@ def _linear_activation_fwd_kernel(
 _LARGE = MappingProxyType({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4})
 _SMALL = MappingProxyType({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4})
 _FP32 = MappingProxyType({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2})
+_LARGE_3_STAGES = MappingProxyType({**_LARGE, "num_stages": 3})  # GPUs with ~100 KB of shared memory
 
 
 def linear_config(m: int, n: int, fp32: bool, capability: int = 90, num_sms: int = 132) -> Mapping[str, int]:
     """Tiles, warps and stages for an ``m x n`` output (see the module docstring); ``capability`` is
     ``10 * major + minor``. Read-only, shared by every launch. ``m`` may be symbolic (a SymInt while
     torch.compile traces dynamic shapes): it only decides large or small tiles, a guard there."""
-    large = not fp32 and bool(-(-m // 128) * -(-n // 128) >= num_sms)
-    return _tiles(large, fp32, capability in SMALL_SHARED_MEMORY)
-
-
-@functools.cache  # called at every launch: a dict lookup instead of rebuilding (host time)
-def _tiles(large: bool, fp32: bool, small_shared_memory: bool) -> Mapping[str, int]:
     if fp32:
         return _FP32
-    if not large:
+    if -(-m // 128) * -(-n // 128) < num_sms:  # a guard when m is symbolic
         return _SMALL
-    return MappingProxyType({**_LARGE, "num_stages": 3}) if small_shared_memory else _LARGE
+    return _LARGE_3_STAGES if capability in SMALL_SHARED_MEMORY else _LARGE
 
 
 def linear_activation_fwd(x, weight, bias, activation: str, out, capability: int = 90, num_sms: int = 132,
@@ -157,11 +151,11 @@ def compile_configs() -> list[dict]:
     compile jobs, with the GELU epilogue: ``linear_config``'s tiles (the 3-stage variant of GPUs with
     less shared memory included) with K a multiple of ``BLOCK_K`` and not (masked K); the sweep's
     tiles with K a multiple only (BERT's K are multiples of 64)."""
-    large_3 = MappingProxyType({**_LARGE, "num_stages": 3})
     plans = [("fp32", "fp32", _FP32, (True, False)),
              ("fp16", "large", _LARGE, (True, False)), ("fp16", "small", _SMALL, (True, False)),
              ("bf16", "large", _LARGE, (True, False)), ("bf16", "small", _SMALL, (True, False)),
-             ("fp16", "large 3 stages", large_3, (True, False)), ("bf16", "large 3 stages", large_3, (True, False))]
+             ("fp16", "large 3 stages", _LARGE_3_STAGES, (True, False)),
+             ("bf16", "large 3 stages", _LARGE_3_STAGES, (True, False))]
     plans += [("bf16", f"sweep {i}", cfg, (True,)) for i, cfg in enumerate(SWEEP)]
     jobs = []
     for dtype, name, cfg, even_ks in plans:

@@ -37,22 +37,23 @@ GEMMS = ("cublas", "triton")
 _overrides = threading.local()
 
 
+def _setting(kind: str, variable: str, default: str, allowed: tuple[str, ...]) -> str:
+    """This thread's override of ``kind``, else the environment ``variable`` (else ``default``),
+    validated against ``allowed``."""
+    name = (getattr(_overrides, kind, None) or os.environ.get(variable, default)).strip().lower()
+    if name not in allowed:
+        raise ValueError(f"{variable}={name!r} is not one of {', '.join(allowed)}")
+    return name
+
+
 def backend_setting() -> str:
     """The configured backend name (``use_backend``, else ``FASTBERT_BACKEND``), validated."""
-    name = getattr(_overrides, "backend", None) or os.environ.get("FASTBERT_BACKEND", "auto")
-    name = name.strip().lower()
-    if name not in BACKENDS:
-        raise ValueError(f"FASTBERT_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
-    return name
+    return _setting("backend", "FASTBERT_BACKEND", "auto", BACKENDS)
 
 
 def gemm_setting() -> str:
     """The configured GEMM choice (``use_gemm``, else ``FASTBERT_GEMM``), validated."""
-    name = getattr(_overrides, "gemm", None) or os.environ.get("FASTBERT_GEMM", "cublas")
-    name = name.strip().lower()
-    if name not in GEMMS:
-        raise ValueError(f"FASTBERT_GEMM={name!r} is not one of {', '.join(GEMMS)}")
-    return name
+    return _setting("gemm", "FASTBERT_GEMM", "cublas", GEMMS)
 
 
 @contextlib.contextmanager

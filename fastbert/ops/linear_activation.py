@@ -81,15 +81,12 @@ if backend.triton_available():
         gradient taken by autograd, and only the matmul gradients asked for are computed."""
         x, weight, bias = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        pre = F.linear(x, weight)
-        if bias is None:
-            _, vjp = torch.func.vjp(lambda z: bias_activation_reference(z, None, ctx.activation), pre)
-        else:
-            _, vjp = torch.func.vjp(lambda z: bias_activation_reference(z, bias, ctx.activation), pre)
+        _, vjp = torch.func.vjp(lambda z: bias_activation_reference(z, bias, ctx.activation), F.linear(x, weight))
         grad_pre = vjp(grad)[0]
+        rows = grad_pre.reshape(-1, grad_pre.shape[-1])
         grad_x = grad_pre @ weight if need_x else None
-        grad_weight = grad_pre.reshape(-1, grad_pre.shape[-1]).mT @ x.reshape(-1, x.shape[-1]) if need_weight else None
-        grad_bias = grad_pre.reshape(-1, grad_pre.shape[-1]).sum(0) if need_bias and bias is not None else None
+        grad_weight = rows.mT @ x.reshape(-1, x.shape[-1]) if need_weight else None
+        grad_bias = rows.sum(0) if need_bias and bias is not None else None
         return grad_x, grad_weight, grad_bias, None
 
     _linear_activation_triton.register_autograd(_backward, setup_context=_setup_context)
@@ -115,11 +112,12 @@ def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"unknown activation {activation!r}; expected gelu, gelu_tanh or relu")
     # Under autocast the matmul's dtype is autocast's business: F.linear takes it (this op would run
     # the fp32 inputs as an fp32 GEMM).
-    fused = (_kernel_takes(x, weight, bias) and not torch.is_autocast_enabled(x.device.type)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    fused = (not autocast and _kernel_takes(x, weight, bias)
              and backend.use_triton(x, weight, bias, differentiable=True) and backend.gemm_setting() == "triton")
     if not fused:
         pre = F.linear(x, weight)
-        if bias is not None and torch.is_autocast_enabled(x.device.type):
+        if bias is not None and autocast:
             # As nn.Linear under autocast: the bias joins in the matmul's dtype (autocast's, or fp64,
             # which autocast leaves alone), and so does the result, not the fp32 a float32 bias would
             # promote it to.
