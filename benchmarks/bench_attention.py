@@ -40,11 +40,14 @@ SHAPES = {"base": (12, 64), "large-head": (16, 128)}  # heads, head_dim
 SEQLENS = [128, 512]
 BATCH = 32
 IMPLS = ["fastbert-triton", "sdpa-efficient", "sdpa-flash", "sdpa-flash-varlen-bound"]
-# Other block configurations of the same kernel, 16-bit only (the H200 run of 2026-11-26 had the
-# default, BLOCK_M 64 with 4 warps, at SDPA flash's speed while flash computed 2.4x the work). Each
-# compiled for sm_90 without spills (bf16, head dim 64: 112 to 184 registers with Triton 3.8, 119 to
-# 170 with 3.6); the next GPU run picks.
-SWEEP = {"fastbert-triton-M128-N64-w8": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+# Other block configurations of the same kernel, 16-bit only, against the default (64 query rows,
+# 64 keys, 4 warps at head dim 64): the tile of the H200 run of 2026-11-26 (64 rows on 8 warps, which
+# computes every score twice on sm_90, at SDPA flash's speed while flash computed 2.4x the work), and
+# larger ones with fewer instructions per score but fewer programs. Each compiled for sm_90 without
+# spills (bf16, head dim 64, Triton 3.8: 110 to 202 registers); the next GPU run picks.
+SWEEP = {"fastbert-triton-M64-N64-w8": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+         "fastbert-triton-M64-N128-w4": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+         "fastbert-triton-M128-N64-w8": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
          "fastbert-triton-M128-N64-w8-s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
          "fastbert-triton-M128-N128-w8": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)}
 if SMOKE:  # bf16 is not exact under the Triton interpreter

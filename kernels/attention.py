@@ -16,10 +16,15 @@ Grid and program
 ``[m * BLOCK_M, (m + 1) * BLOCK_M)`` of sequence ``b``, head ``h``. A program whose first row lies
 past its sequence's end returns at once (so empty sequences and short ones in a batch with a long
 ``max_seqlen`` cost one load of two offsets). It walks the keys of its sequence ``BLOCK_N`` at a time:
-``S = Q K^T`` (fp32 accumulation), columns past the sequence end set to ``-inf``, running row maximum
-``m``, running denominator ``l`` and output accumulator rescaled by ``exp2(m_old - m_new)``; the
-scale is folded with ``log2(e)`` so the softmax uses ``exp2``. The division by ``l`` happens once at
-the end. Query rows past the end are computed on zero queries (finite, never stored).
+``S = Q K^T`` (fp32 accumulation), running row maximum ``m`` of the raw scores, running denominator
+``l`` and output accumulator rescaled by ``exp2((m_old - m_new) * c)``, where ``c`` is the softmax
+scale times ``log2(e)`` (so the softmax uses ``exp2``, and each probability
+``exp2(s * c - m * c)`` is one fused multiply-add and an exp2; this needs ``c > 0``, and the op
+sends any other scale to the reference). On the tensor-core path with an even head dim the full key
+blocks run without a key mask, and only the partial last block sets columns past the sequence end to
+``-inf`` (a compare and a select per score saved in every other block); the fp32 and masked-head-dim
+paths keep one masked loop (a second loop costs registers they do not have). The division by ``l``
+happens once at the end. Query rows past the end are computed on zero queries (finite, never stored).
 
 Head dims are not padded in memory: ``BLOCK_D`` is the next power of two >= ``head_dim`` (at least 16,
 the smallest ``tl.dot`` operand), and loads/stores are masked on ``d < head_dim`` unless
@@ -38,22 +43,26 @@ Block sizes and warps (``attention_config``)
 Chosen from ``BLOCK_D`` and the dtype only (not from sequence lengths, so a CUDA graph or a compiled
 graph sees one kernel per model):
 
-- 16-bit inputs (tensor cores): ``BLOCK_M = 64`` query rows (32 for ``BLOCK_D = 256``). BERT
-  sequences are short (often <= 128 tokens), and 64 keeps enough programs
-  (``cdiv(L, 64) * batch * heads``) to fill the SMs where 128 would leave many idle and waste work on
-  rows past the end. ``BLOCK_N = 64`` keys up to ``BLOCK_D = 64``, 32 above (the K and V tiles and
-  the fp32 accumulator ``BLOCK_M x BLOCK_D`` must stay in registers); 4 warps up to
-  ``BLOCK_D = 32``, 8 from 64 up.
+- 16-bit inputs (tensor cores): ``BLOCK_M = 64`` query rows on 4 warps, one warpgroup (32 rows for
+  ``BLOCK_D = 256``). sm_90's warpgroup MMA covers 64 rows per warpgroup: 64 rows on 8 warps (the
+  tile of the H200 run of 2026-11-26) had both warpgroups compute the same scores and softmax,
+  24.1 thread-instructions per score in the key loop of head dim 64 against 9.7 now, with the
+  unmasked full blocks and the fused scaling (Triton 3.8, sm_90; a test keeps it at most 12). At
+  ~10 per score the issue rate is close to what the MMAs (128 multiply-adds per score at head dim
+  64) and the exp2 unit need, where 24 made instruction issue the bound. 64 rows keep enough programs
+  (``cdiv(L, 64) * batch * heads``) for short BERT sequences and waste less on rows past the end
+  than 128. ``BLOCK_N`` (keys per block): 64 up to ``BLOCK_D = 64``, except 32 for head dim 32
+  (MiniLM: Triton 3.6 spilled 64 on sm_120; short sentences fit one block of 32) and for masked head
+  dims 33 to 63; 32 for ``BLOCK_D = 128`` (16 when masked) and 256.
 - fp32 inputs (IEEE dots run on CUDA cores with both operands in registers, which costs far more
-  registers per element): ``BLOCK_M = 64, BLOCK_N = 64``, 4 warps for ``BLOCK_D = 16``; from 32 up
+  registers per element): ``BLOCK_M = 64, BLOCK_N = 32``, 4 warps for ``BLOCK_D = 16``; from 32 up
   ``BLOCK_M = 32`` with ``BLOCK_N`` = 64, 32, 16, 16 for ``BLOCK_D`` = 32, 64, 128, 256, 8 warps but
   4 for ``BLOCK_D = 128``. fp32 is the accuracy path (tests, fp32 checkpoints), not the fast one.
 - These were picked with ``fastbert compile-kernels`` (Triton 3.8 and 3.6, the GPU image's, no GPU):
-  no configuration spills on sm_80, sm_90 or sm_120, masked or not; the larger tiles tried first
-  (``BLOCK_M = 64`` in fp32 from ``BLOCK_D = 32``, fp16 ``BLOCK_D = 64`` masked with 4 warps, fp16
-  ``BLOCK_D = 256`` with ``BLOCK_M = 64``) spilled on at least one of them, and Triton 3.6 spilled
-  fp32 ``BLOCK_D = 128`` at 32 x 32 with 8 warps (sm_120) and ``BLOCK_D = 256`` masked with two
-  stages (sm_80). None of this has been timed on a GPU.
+  no configuration spills on sm_80, sm_90 or sm_120, masked or not; larger tiles spilled on at least
+  one of them (16-bit: head dim 64 masked with 64 keys, 128 with 64 keys, 32 with 64 keys under
+  Triton 3.6; fp32: ``BLOCK_D = 16`` with 64 keys). Only the tile of the H200 run has been timed on a
+  GPU; ``benchmarks/bench_attention.py`` sweeps it and larger ones against this default.
 - ``num_stages = 2``: double-buffer the K/V loads of the key loop (1 for fp32 ``BLOCK_D = 256``).
 
 ``compile_configs()`` lists every configuration the launcher can pick (for
@@ -74,11 +83,58 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_key_blocks(
+    acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, end_n, seqlen, step, qk_scale, offs_n, mask_d,
+    BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """The online softmax over the key blocks ``[start_n, end_n)`` (``k_ptrs`` / ``v_ptrs`` at block
+    ``start_n``, advanced by ``step`` per block); returns the updated ``(acc, m_i, l_i)``.
+
+    ``m_i`` is the running maximum of the raw scores ``q . k`` (not scaled): with ``qk_scale > 0`` the
+    scaled maximum is ``m_i * qk_scale``, so each probability is one fused multiply-add and an exp2,
+    ``exp2(s * qk_scale - m * qk_scale)``. ``MASK_N``: keys may lie past ``seqlen`` (the last, partial
+    block only; full blocks skip the compare and select per score)."""
+    for n in range(start_n, end_n, BLOCK_N):
+        if MASK_N:
+            mask_n = n + offs_n < seqlen
+            kv_mask = mask_n[:, None] if EVEN_D else mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if MASK_N:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+        # Every call's first block holds a real key (start_n < seqlen), so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_scaled = m_new * qk_scale
+        alpha = tl.exp2(m_i * qk_scale - m_scaled)
+        p = tl.exp2(s * qk_scale - m_scaled[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if IEEE:
+            acc = tl.dot(p, v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+        k_ptrs += step
+        v_ptrs += step
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attention_fwd_kernel(
     qkv_ptr, cu_seqlens_ptr, out_ptr,
     stride_qkv, stride_out,
     hidden, head_dim,
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e), > 0
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -108,34 +164,22 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, seqlen, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < seqlen
-        kv_rows = cols.to(tl.int64)[:, None] * stride_qkv + offs_d[None, :]
-        if EVEN_D:
-            kv_mask = mask_n[:, None]
-        else:
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(base + hidden + kv_rows, mask=kv_mask, other=0.0)
-        v = tl.load(base + 2 * hidden + kv_rows, mask=kv_mask, other=0.0)
-
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
-
-        # The first key block always holds key 0 (seqlen >= 1 here), so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if IEEE:
-            acc = tl.dot(p, v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+    k_ptrs = base + hidden + offs_n.to(tl.int64)[:, None] * stride_qkv + offs_d[None, :]
+    v_ptrs = k_ptrs + hidden
+    step = BLOCK_N * stride_qkv
+    if EVEN_D and not IEEE:
+        # Full key blocks without a key mask, then the partial last block (if any) with it. Only on
+        # the tensor-core path: a second loop costs registers, and the fp32 and masked-head-dim
+        # configurations would spill.
+        full_end = seqlen - seqlen % BLOCK_N
+        acc, m_i, l_i = _attend_key_blocks(acc, m_i, l_i, q, k_ptrs, v_ptrs, 0, full_end, seqlen, step,
+                                           qk_scale, offs_n, mask_d, BLOCK_N, False, EVEN_D, IEEE)
+        tail = (full_end // BLOCK_N).to(tl.int64) * step
+        acc, m_i, l_i = _attend_key_blocks(acc, m_i, l_i, q, k_ptrs + tail, v_ptrs + tail, full_end, seqlen,
+                                           seqlen, step, qk_scale, offs_n, mask_d, BLOCK_N, True, EVEN_D, IEEE)
+    else:
+        acc, m_i, l_i = _attend_key_blocks(acc, m_i, l_i, q, k_ptrs, v_ptrs, 0, seqlen, seqlen, step,
+                                           qk_scale, offs_n, mask_d, BLOCK_N, True, EVEN_D, IEEE)
 
     out = acc / l_i[:, None]
     o_ptrs = (out_ptr + seq_start.to(tl.int64) * stride_out + head * head_dim
@@ -144,6 +188,15 @@ def _attention_fwd_kernel(
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
     else:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+# 16-bit tiles, (BLOCK_D, even head dim) -> (BLOCK_M, BLOCK_N, num_warps). One warpgroup (4 warps)
+# per 64 query rows: with 8 warps on 64 rows, sm_90's wgmma (64 rows per warpgroup) has both
+# warpgroups compute the same scores and softmax, twice the instructions per score.
+_TENSOR_CORE_TILES = {(16, True): (64, 64, 4), (16, False): (64, 64, 4), (32, True): (64, 32, 4),
+                      (32, False): (64, 64, 4), (64, True): (64, 64, 4), (64, False): (64, 32, 4),
+                      (128, True): (64, 32, 4), (128, False): (64, 16, 4), (256, True): (32, 32, 4),
+                      (256, False): (32, 32, 4)}
 
 
 def block_d(head_dim: int) -> int:
@@ -160,13 +213,11 @@ def attention_config(head_dim: int, fp32: bool) -> Mapping[str, int]:
     stages = 2
     if fp32:
         block_m = 64 if d <= 16 else 32
-        block_n = {16: 64, 32: 64, 64: 32, 128: 16, 256: 16}[d]
+        block_n = {16: 32, 32: 64, 64: 32, 128: 16, 256: 16}[d]
         warps = 4 if d in (16, 128) else 8
         stages = 1 if d == 256 else 2
     else:
-        block_m = 32 if d >= 256 else 64
-        block_n = 64 if d <= 64 else 32
-        warps = 4 if d <= 32 else 8
+        block_m, block_n, warps = _TENSOR_CORE_TILES[d, head_dim == d]
     return MappingProxyType({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": d, "num_warps": warps,
                              "num_stages": stages})
 
@@ -179,6 +230,8 @@ def attention_fwd(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float
     launched directly). ``config``: entries replacing ``attention_config``'s (BLOCK_M, BLOCK_N,
     num_warps, num_stages), for benchmarks/bench_attention.py's sweep. Launches nothing when there is
     no token or no sequence."""
+    if not 0.0 < scale < float("inf"):
+        raise ValueError(f"attention kernel needs a positive finite softmax scale, got {scale}")
     tokens, hidden = out.shape
     batch = cu_seqlens.shape[0] - 1
     if tokens == 0 or batch <= 0 or max_seqlen <= 0:

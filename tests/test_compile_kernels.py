@@ -171,3 +171,31 @@ def test_bert_base_layer_norm_rows_take_three_chunks():
     per_element = [_instructions(job) * job["num_warps"] * 32 / (job["constexprs"]["BLOCK_M"] * 768)
                    for job in (chunked, masked)]
     assert per_element[0] <= 0.8 * per_element[1], per_element
+
+
+def _loop_lengths(code: str) -> list[int]:
+    """Instructions in each loop of a SASS listing, in address order (a loop: a branch backwards)."""
+    addresses = [int(a, 16) for a in re.findall(r"^\s+/\*([0-9a-f]{4})\*/\s", code, flags=re.M)]
+    loops = []
+    for line in re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s.*$", code, flags=re.M):
+        here = int(re.match(r"\s+/\*([0-9a-f]{4})\*/", line).group(1), 16)
+        target = re.search(r"\bBRA\s+`?0x([0-9a-f]+)", line)
+        if target and int(target.group(1), 16) < here:
+            loops.append(addresses.index(here) - addresses.index(int(target.group(1), 16)) + 1)
+    return loops
+
+
+@pytest.mark.parametrize("head_dim", [64, 32])
+def test_attention_key_loop_instructions_per_score(head_dim):
+    """The key loop of BERT's attention (head dim 64: BERT-base and -large; 32: MiniLM) on sm_90 issues
+    at most 12 thread-instructions per score in its full blocks (9.7 and 10.9 with Triton 3.8), so the
+    MMA and exp2 units, not instruction issue, set its pace. The tile of the H200 run (64 rows on 8
+    warps: two warpgroups computing the same scores) with a key mask in every block took 24.1."""
+    from fastbert.kernels import attention
+
+    job = next(j for j in attention.compile_configs() if j["name"].startswith(f"bf16 D={head_dim} M="))
+    loops = _loop_lengths(compile_kernels.sass(compile_kernels.compile_job(job, 90).asm["cubin"]))
+    assert len(loops) == 2, loops  # full key blocks, then the masked partial block
+    c = job["constexprs"]
+    per_score = loops[0] * job["num_warps"] * 32 / (c["BLOCK_M"] * c["BLOCK_N"])
+    assert per_score <= 12, (job["name"], loops, per_score)

@@ -134,10 +134,12 @@ else:
     MAX_HEAD_DIM = 0
 
 
-def _kernel_takes(qkv: torch.Tensor, cu_seqlens: torch.Tensor, head_dim: int) -> bool:
+def _kernel_takes(qkv: torch.Tensor, cu_seqlens: torch.Tensor, head_dim: int, scale: float) -> bool:
     """Whether the Triton kernel takes these inputs (else the reference runs): fp32 / fp16 / bf16,
-    head dims up to 256, both tensors on one device."""
-    return qkv.dtype in _KERNEL_DTYPES and 1 <= head_dim <= MAX_HEAD_DIM and cu_seqlens.device == qkv.device
+    head dims up to 256, both tensors on one device, a positive finite scale (the kernel keeps the
+    running maximum of unscaled scores, which a negative scale would turn into the minimum)."""
+    return (qkv.dtype in _KERNEL_DTYPES and 1 <= head_dim <= MAX_HEAD_DIM and cu_seqlens.device == qkv.device
+            and 0.0 < scale < float("inf"))
 
 
 def varlen_attention(
@@ -154,11 +156,11 @@ def varlen_attention(
     Dropout (training) runs the reference; the Triton op has a backward (the reference's gradient).
     """
     hidden, head_dim = _check(qkv, cu_seqlens, num_heads)
-    if (dropout_p > 0 or not _kernel_takes(qkv, cu_seqlens, head_dim)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if (dropout_p > 0 or not _kernel_takes(qkv, cu_seqlens, head_dim, scale)
             or not backend.use_triton(qkv, differentiable=True)):
         return varlen_attention_reference(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p)
     backend.check_kernel_runs_here(_attention_fwd_kernel, qkv.device)
-    scale = head_dim**-0.5 if scale is None else float(scale)
     if backend.direct_launch(qkv, cu_seqlens):
         return _launch(qkv, cu_seqlens, max_seqlen, num_heads, scale)
     return torch.ops.fastbert.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale)

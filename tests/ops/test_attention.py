@@ -187,6 +187,23 @@ def test_dropout_takes_the_reference(monkeypatch):
     assert counter.count == 0 and out.shape == (7, 32)
 
 
+@pytest.mark.parametrize("scale", [-0.5, 0.0, float("inf"), float("nan")])
+def test_scale_the_kernel_cannot_take_runs_the_reference(monkeypatch, scale):
+    """The kernel keeps the running maximum of unscaled scores, right only for a positive scale: any
+    other scale takes the reference, and the launch helper refuses it."""
+    counter = LaunchCounter(monkeypatch)
+    qkv, cu = make_qkv(7, 2, 16), cu_seqlens_of([3, 4])
+    with backend.use_backend("triton"):
+        out = A.varlen_attention(qkv, cu, 4, 2, scale=scale)
+    assert counter.count == 0
+    torch.testing.assert_close(out, A.varlen_attention_reference(qkv, cu, 4, 2, scale), equal_nan=True)
+    if backend.triton_available():
+        from fastbert.kernels.attention import attention_fwd
+
+        with pytest.raises(ValueError, match="positive finite softmax scale"):
+            attention_fwd(qkv, cu, 4, 2, scale, nan_like((7, 32), qkv.dtype, "cpu"))
+
+
 def test_block_sizes_cover_every_head_dim():
     if not backend.triton_available():
         pytest.skip("triton is not installed")
