@@ -46,7 +46,7 @@ graph sees one kernel per model):
 - 16-bit inputs (tensor cores): ``BLOCK_M = 64`` query rows on 4 warps, one warpgroup (32 rows for
   ``BLOCK_D = 256``). sm_90's warpgroup MMA covers 64 rows per warpgroup: 64 rows on 8 warps (the
   tile of the H200 run of 2026-11-26) had both warpgroups compute the same scores and softmax,
-  24.1 thread-instructions per score in the key loop of head dim 64 against 9.7 now, with the
+  24.1 thread-instructions per score in the key loop of head dim 64 against 9.3 now, with the
   unmasked full blocks and the fused scaling (Triton 3.8, sm_90; a test keeps it at most 12). At
   ~10 per score the issue rate is close to what the MMAs (128 multiply-adds per score at head dim
   64) and the exp2 unit need, where 24 made instruction issue the bound. 64 rows keep enough programs
@@ -166,7 +166,7 @@ def _attention_fwd_kernel(
 
     k_ptrs = base + hidden + offs_n.to(tl.int64)[:, None] * stride_qkv + offs_d[None, :]
     v_ptrs = k_ptrs + hidden
-    step = BLOCK_N * stride_qkv
+    step = stride_qkv * tl.full((), BLOCK_N, tl.int64)  # 64-bit: a view may have a huge row stride
     if EVEN_D and not IEEE:
         # Full key blocks without a key mask, then the partial last block (if any) with it. Only on
         # the tensor-core path: a second loop costs registers, and the fp32 and masked-head-dim

@@ -188,7 +188,7 @@ def _loop_lengths(code: str) -> list[int]:
 @pytest.mark.parametrize("head_dim", [64, 32])
 def test_attention_key_loop_instructions_per_score(head_dim):
     """The key loop of BERT's attention (head dim 64: BERT-base and -large; 32: MiniLM) on sm_90 issues
-    at most 12 thread-instructions per score in its full blocks (9.7 and 10.9 with Triton 3.8), so the
+    at most 12 thread-instructions per score in its full blocks (9.3 and 11.0 with Triton 3.8), so the
     MMA and exp2 units, not instruction issue, set its pace. The tile of the H200 run (64 rows on 8
     warps: two warpgroups computing the same scores) with a key mask in every block took 24.1."""
     from fastbert.kernels import attention
