@@ -199,3 +199,54 @@ def test_attention_key_loop_instructions_per_score(head_dim):
     c = job["constexprs"]
     per_score = loops[0] * job["num_warps"] * 32 / (c["BLOCK_M"] * c["BLOCK_N"])
     assert per_score <= 12, (job["name"], loops, per_score)
+
+
+def _written_by(kernel, kwargs) -> set[str]:
+    """The pointer arguments torch.compile's analysis of ``kernel``'s Triton IR finds written (what
+    functionalization clones before a ``wrap_triton`` launch). That analysis catches its own errors and
+    then reports every tensor written, so a kernel it cannot read shows up here as extra names."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    wrap = importlib.import_module("torch._higher_order_ops.triton_kernel_wrap")
+
+    class Sm90Driver:  # the IR is generated for a target; no GPU here to ask
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cuda")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(triton.runtime.driver), "active", property(lambda self: Sm90Driver()))
+        if hasattr(wrap, "identify_accessed_tensors"):  # torch 2.14
+            writes = wrap.identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes
+            return {dep.name for dep in writes}
+        return set(wrap.identify_mutated_tensors(kernel, kwargs, {}))  # torch 2.11
+
+
+@pytest.mark.parametrize("module", compile_kernels.KERNEL_MODULES + ("embeddings",))
+def test_torch_compile_sees_each_kernel_write_only_its_output(module):
+    """Under torch.compile every fused op is a ``wrap_triton`` launch; what the kernel writes comes from
+    an analysis of its Triton IR. Where that analysis fails, torch.compile assumes every input is
+    written and copies each one before every launch. Every 16-bit configuration (and the fp32 ones)
+    must be read as writing its output alone (and the embeddings kernel its error flag)."""
+    import torch
+
+    kernels = importlib.import_module(f"fastbert.kernels.{module}")
+    values = {"i32": 64, "i64": 64, "fp32": 0.5}
+    for job in kernels.compile_configs():
+        if job["name"].startswith("fp16"):
+            continue  # the same IR as bf16 up to the element type
+        kwargs = {}
+        for name, kind in job["signature"].items():
+            if kind.startswith("*"):
+                dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32,
+                         "i64": torch.int64}[kind[1:]]
+                kwargs[name] = torch.empty(16, dtype=dtype)
+            else:
+                kwargs[name] = values[kind]
+        kwargs.update(job["constexprs"])
+        expected = {"out_ptr", "error_flag_ptr"} if module == "embeddings" else {"out_ptr"}
+        assert _written_by(job["fn"], kwargs) == expected, (module, job["name"])
