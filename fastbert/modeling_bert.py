@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
 from transformers import BertConfig, PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from transformers.models.bert.modeling_bert import BertPreTrainedModel
@@ -29,6 +28,9 @@ def _linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     if type(module) is nn.Linear:
         return nn.functional.linear(x, module.weight), module.bias
     return module(x), None
+
+
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def _dropout_p(module: nn.Dropout) -> float:
@@ -83,32 +85,42 @@ class BertSelfAttention(nn.Module):
 
     def _fused_qkv_parameters(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``[3 * hidden, hidden]`` weight and ``[3 * hidden]`` bias of one QKV GEMM, or None when
-        query / key / value are not plain Linear modules (wrapped by an adapter, say)."""
+        query / key / value are not plain Linear modules (wrapped by an adapter, say).
+
+        Called once per layer and forward, so its host time counts for small eager batches: the
+        parameters are read from ``_parameters`` (``module.weight`` goes through nn.Module's Python
+        ``__getattr__``) and the checks run cheapest first."""
         linears = (self.query, self.key, self.value)
-        if any(type(m) is not nn.Linear or m.bias is None for m in linears):
+        if type(linears[0]) is not nn.Linear or type(linears[1]) is not nn.Linear or type(linears[2]) is not nn.Linear:
             return None
-        tensors = [m.weight for m in linears] + [m.bias for m in linears]
-        if (torch.compiler.is_compiling() or is_fake(tensors[0])
-                or any(t.requires_grad for t in tensors) and torch.is_grad_enabled()
-                or any(t.is_inference() for t in tensors)
+        weights = [m._parameters["weight"] for m in linears]
+        biases = [m._parameters.get("bias") for m in linears]
+        if biases[0] is None or biases[1] is None or biases[2] is None:
+            return None
+        tensors = weights + biases
+        if (torch.compiler.is_compiling()
+                or any(type(t) not in _PLAIN_TENSORS or t.is_inference() for t in tensors)
+                or torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
                 or tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
-            # Training: concatenate every call so that autograd reaches the three weights (and no
-            # cache under tracing: compiled graphs and fake tensors have no storage to key it on;
-            # nor for weights made under torch.inference_mode: they have no version counter, so an
-            # in-place update could not be seen). A CUDA graph records the concatenation itself, so
-            # every replay reads the live weights: a cached copy would go stale (or be freed) when
-            # they change after capture.
-            return torch.cat(tensors[:3]), torch.cat(tensors[3:])
+            # Concatenate at every call:
+            # - under tracing (compiled graphs) and for tensor subclasses (fake tensors, functional
+            #   wrappers): no storage to key a cache on;
+            # - for weights made under torch.inference_mode: they have no version counter, so an
+            #   in-place update could not be seen;
+            # - in training, so that autograd reaches the three weights;
+            # - in CUDA-graph capture: the graph records the concatenation, so every replay reads the
+            #   live weights (a cached copy would go stale, or be freed, when they change).
+            return torch.cat(weights), torch.cat(biases)
         # Inference: concatenate once, again only after a weight changed. An in-place update
         # (optimizer step, load_state_dict) bumps the version counter; .to() or a new .data changes
         # the storage.
-        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        key = [(id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors]
         if self._qkv_cache is None or self._qkv_cache[0] != key:
             # Never an inference tensor, even when the first call runs under torch.inference_mode: a
             # later call with autograd on (gradients to the inputs of frozen weights) must be able to
             # save it for backward.
             with torch.no_grad(), torch.inference_mode(False):
-                self._qkv_cache = (key, torch.cat(tensors[:3]), torch.cat(tensors[3:]))
+                self._qkv_cache = (key, torch.cat(weights), torch.cat(biases))
         return self._qkv_cache[1], self._qkv_cache[2]
 
     def qkv_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:

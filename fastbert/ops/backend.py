@@ -93,7 +93,14 @@ def triton_interpreter() -> bool:
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # Loops rather than any(<generator>) here and below: these run several times per op call, and a
+    # generator costs about a microsecond of host time each (an eager small batch waits on it).
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> bool:
@@ -104,7 +111,7 @@ def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> b
     name = backend_setting()
     if name == "torch" or (not differentiable and needs_autograd(*tensors)):
         return False
-    device = next(t for t in tensors if t is not None).device
+    device = (tensors[0] if tensors[0] is not None else next(t for t in tensors if t is not None)).device
     if name == "triton":
         if not triton_available():
             raise RuntimeError("FASTBERT_BACKEND=triton, but triton is not installed")
@@ -125,14 +132,42 @@ def direct_launch(*tensors: torch.Tensor | None) -> bool:
     makes 48 such calls (4 per layer). The op stays the path whenever something must see it:
     ``torch.compile`` tracing, a functorch transform, a dispatch mode (``FakeTensorMode``, a
     recorder), tensor subclasses, or autograd (its backward is registered on the op)."""
-    return (not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()
-            and _get_current_dispatch_mode() is None
-            and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
-            and not needs_autograd(*tensors))
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or _get_current_dispatch_mode() is not None):
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    return not needs_autograd(*tensors)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+# Launch helpers shared by the ops' ``_launch`` functions. An eager forward of a small batch waits on
+# its host time, and these are the cheap forms (measured on the development VM, one call each):
+# ``torch.empty(shape, dtype=..., device=...)`` and ``x.view(x.shape)`` cost ~3.5 us where
+# ``torch.empty_like`` costs 1.2 and skipping a no-op reshape or view costs nothing.
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, last dim]`` with unit column stride (a view where possible, else a copy)."""
+    if t.dim() != 2:
+        t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def empty_rows(rows: torch.Tensor, dtype: torch.dtype, columns: int | None = None) -> torch.Tensor:
+    """A new contiguous ``[rows.shape[0], columns]`` tensor (default: ``rows``' columns) of ``dtype``
+    on ``rows``' device."""
+    if columns is None and dtype == rows.dtype and rows.is_contiguous():
+        return torch.empty_like(rows)
+    shape = rows.shape if columns is None else (rows.shape[0], columns)
+    return torch.empty(shape, dtype=dtype, device=rows.device)
+
+
+def unrows(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``out`` ``[rows, columns]`` back in ``like``'s leading shape (no-op for 2-D ``like``)."""
+    return out if like.dim() == 2 else out.view(*like.shape[:-1], out.shape[-1])
 
 
 def triton_backend_for(device: torch.device | str) -> bool:

@@ -49,15 +49,12 @@ if backend.triton_available():
     def _launch(x, bias, activation: str, kernel=None) -> torch.Tensor:
         """``activation(x + bias)`` over the last dimension, any leading shape; the result has the
         dtype of ``x + bias``. ``kernel``: the wrapped kernel inside the op, None for a direct launch."""
-        cols = x.shape[-1]
-        x2 = x.reshape(-1, cols)
-        if x2.stride(1) != 1:
-            x2 = x2.contiguous()
-        dtype = x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
-        out = torch.empty(x2.shape, dtype=dtype, device=x.device)
-        bias = x.new_zeros(cols) if bias is None else bias.contiguous()
+        x2 = backend.as_rows(x)
+        dtype = x.dtype if bias is None or bias.dtype == x.dtype else torch.promote_types(x.dtype, bias.dtype)
+        out = backend.empty_rows(x2, dtype)
+        bias = x.new_zeros(x.shape[-1]) if bias is None else bias.contiguous()
         bias_activation_fwd(x2, bias, activation, out, kernel=kernel)
-        return out.view(x.shape)
+        return backend.unrows(out, x)
 
     @torch.library.triton_op(TRITON_OP, mutates_args=())
     def _bias_activation_triton(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:

@@ -39,24 +39,20 @@ if backend.triton_available():
         bias_residual_layer_norm_fwd,
     )
 
-    def _rows(t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(-1, t.shape[-1])
-        return t if t.stride(1) == 1 else t.contiguous()
-
     def _launch(x, bias, residual, weight, ln_bias, eps: float, kernel=None) -> torch.Tensor:
         """``LayerNorm(x + bias + residual)`` over the last dimension, any leading shape, statistics in
         fp32; the result has the dtype of ``x + bias + residual``. ``kernel``: the wrapped kernel
         inside the op, None for a direct launch."""
-        cols = x.shape[-1]
-        x2, r2 = _rows(x), _rows(residual)
-        dtype = torch.promote_types(x.dtype, residual.dtype)
-        if bias is not None:
-            dtype = torch.promote_types(dtype, bias.dtype)
-        out = torch.empty(x2.shape, dtype=dtype, device=x.device)
-        bias = x.new_zeros(cols) if bias is None else bias.contiguous()
+        x2, r2 = backend.as_rows(x), backend.as_rows(residual)
+        dtype = x.dtype
+        if residual.dtype != dtype or (bias is not None and bias.dtype != dtype):
+            dtype = torch.promote_types(dtype, residual.dtype)
+            dtype = dtype if bias is None else torch.promote_types(dtype, bias.dtype)
+        out = backend.empty_rows(x2, dtype)
+        bias = x.new_zeros(x.shape[-1]) if bias is None else bias.contiguous()
         bias_residual_layer_norm_fwd(x2, bias, r2, weight.contiguous(), ln_bias.contiguous(), eps, out,
                                      kernel=kernel)
-        return out.view(x.shape)
+        return backend.unrows(out, x)
 
     @torch.library.triton_op(TRITON_OP, mutates_args=())
     def _bias_residual_layer_norm_triton(
@@ -115,10 +111,11 @@ def bias_residual_layer_norm(
 ) -> torch.Tensor:
     """``LayerNorm(dropout(x + bias) + residual)`` over the last dimension, statistics in fp32.
     Dropout (training) runs the reference; the Triton op has a backward (the reference's gradient)."""
-    if residual.shape != x.shape or weight.shape != x.shape[-1:]:
+    columns = x.shape[-1:]  # () for a 0-d x, which no weight matches
+    if residual.shape != x.shape or weight.shape != columns:
         raise ValueError(f"x {tuple(x.shape)}, residual {tuple(residual.shape)} and LayerNorm weight "
                          f"{tuple(weight.shape)} do not match")
-    if (bias is not None and bias.shape != x.shape[-1:]) or ln_bias.shape != x.shape[-1:]:
+    if (bias is not None and bias.shape != columns) or ln_bias.shape != columns:
         raise ValueError(f"bias {None if bias is None else tuple(bias.shape)} and LayerNorm bias "
                          f"{tuple(ln_bias.shape)} must be [{x.shape[-1]}]")
     tensors = (x, bias, residual, weight, ln_bias)

@@ -54,14 +54,14 @@ if backend.triton_available():
     def _launch(x, weight, bias, activation: str, kernel=None) -> torch.Tensor:
         """``activation(x @ weight.T + bias)`` over the last dimension of ``x``, any leading shape.
         ``kernel``: the wrapped kernel inside the op, None for a direct launch."""
-        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: K may be 0
+        x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: K may be 0
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
         weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-        out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+        out = backend.empty_rows(x2, x.dtype, weight.shape[0])
         bias = x.new_zeros(weight.shape[0]) if bias is None else bias.contiguous()
         capability, num_sms = _describe(x.device)
         linear_activation_fwd(x2, weight, bias, activation, out, capability, num_sms, kernel=kernel)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return backend.unrows(out, x)
 
     @torch.library.triton_op(TRITON_OP, mutates_args=())
     def _linear_activation_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
