@@ -91,12 +91,15 @@ class BertSelfAttention(nn.Module):
         parameters are read from ``_parameters`` (``module.weight`` goes through nn.Module's Python
         ``__getattr__``) and the checks run cheapest first."""
         linears = (self.query, self.key, self.value)
-        if type(linears[0]) is not nn.Linear or type(linears[1]) is not nn.Linear or type(linears[2]) is not nn.Linear:
-            return None
+        for m in linears:
+            # A plain Linear with both parameters registered and no hooks: pruning and the old
+            # weight_norm / spectral_norm keep ``weight`` as an attribute that a forward pre-hook
+            # recomputes, so those (and any hooked module) run as modules, unfused.
+            if (type(m) is not nn.Linear or m._forward_pre_hooks or m._forward_hooks
+                    or m._parameters.get("weight") is None or m._parameters.get("bias") is None):
+                return None
         weights = [m._parameters["weight"] for m in linears]
-        biases = [m._parameters.get("bias") for m in linears]
-        if biases[0] is None or biases[1] is None or biases[2] is None:
-            return None
+        biases = [m._parameters["bias"] for m in linears]
         tensors = weights + biases
         if (torch.compiler.is_compiling()
                 or any(type(t) not in _PLAIN_TENSORS or t.is_inference() for t in tensors)
@@ -113,7 +116,8 @@ class BertSelfAttention(nn.Module):
             return torch.cat(weights), torch.cat(biases)
         # Inference: concatenate once, again only after a weight changed. An in-place update
         # (optimizer step, load_state_dict) bumps the version counter; .to() or a new .data changes
-        # the storage.
+        # the storage. (An in-place write through ``.data`` bumps neither, as in PyTorch's own
+        # caches of derived tensors: write to the parameter under torch.no_grad() instead.)
         key = [(id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors]
         if self._qkv_cache is None or self._qkv_cache[0] != key:
             # Never an inference tensor, even when the first call runs under torch.inference_mode: a

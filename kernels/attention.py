@@ -199,6 +199,16 @@ _TENSOR_CORE_TILES = {(16, True): (64, 64, 4), (16, False): (64, 64, 4), (32, Tr
                       (256, False): (32, 32, 4)}
 
 
+_FP32_MIN_NORMAL, _FP32_MAX = 2.0**-126, (2.0 - 2.0**-23) * 2.0**127
+
+
+def softmax_scale_supported(scale: float) -> bool:
+    """Whether the kernel takes ``scale``: ``scale * log2(e)`` must be a normal positive fp32 number.
+    The running maximum is kept on raw scores, which needs a positive factor, and a factor that
+    rounds to 0 (or flushes to 0 as a denormal) would turn the ``-inf`` of masked keys into NaN."""
+    return _FP32_MIN_NORMAL <= scale * _LOG2E <= _FP32_MAX
+
+
 def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -230,8 +240,9 @@ def attention_fwd(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float
     launched directly). ``config``: entries replacing ``attention_config``'s (BLOCK_M, BLOCK_N,
     num_warps, num_stages), for benchmarks/bench_attention.py's sweep. Launches nothing when there is
     no token or no sequence."""
-    if not 0.0 < scale < float("inf"):
-        raise ValueError(f"attention kernel needs a positive finite softmax scale, got {scale}")
+    if not softmax_scale_supported(scale):
+        raise ValueError(f"attention kernel needs a softmax scale whose product with log2(e) is a normal "
+                         f"positive fp32 number, got {scale}")
     tokens, hidden = out.shape
     batch = cu_seqlens.shape[0] - 1
     if tokens == 0 or batch <= 0 or max_seqlen <= 0:

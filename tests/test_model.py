@@ -249,6 +249,22 @@ def test_qkv_cache_follows_weight_updates():
     _compare(fast, hf, ids, mask)
 
 
+def test_pruned_or_hooked_qkv_run_unfused_and_equal_transformers():
+    """Pruning keeps ``weight`` as an attribute that a forward pre-hook recomputes, and a forward hook
+    changes the module's output: such query / key / value modules run as modules (unfused), as in
+    transformers, even after the fused weight was cached."""
+    from torch.nn.utils import prune
+
+    fast, hf = model_pair(make_config())
+    ids, _ = random_inputs(fast.config, 2, 8)
+    mask = torch.ones_like(ids)
+    _compare(fast, hf, ids, mask)  # fills the fused-QKV cache of every layer
+    for model in (fast, hf):
+        prune.l1_unstructured(model.encoder.layer[0].attention.self.query, "weight", 0.3)
+        model.encoder.layer[1].attention.self.value.register_forward_hook(lambda module, args, out: 2 * out)
+    _compare(fast, hf, ids, mask)
+
+
 def test_qkv_cache_filled_under_inference_mode_serves_a_later_backward():
     """An inference call (a CUDA-graph runner's warm-up, say) fills the fused-QKV cache; a later call with
     autograd on, through frozen weights to the input embeddings, must still run backward."""

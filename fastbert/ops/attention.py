@@ -96,7 +96,12 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 if backend.triton_available():
     from torch.library import wrap_triton
 
-    from fastbert.kernels.attention import MAX_HEAD_DIM, _attention_fwd_kernel, attention_fwd
+    from fastbert.kernels.attention import (
+        MAX_HEAD_DIM,
+        _attention_fwd_kernel,
+        attention_fwd,
+        softmax_scale_supported,
+    )
 
     def _launch(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float, kernel=None) -> torch.Tensor:
         """``[tokens, 3 * hidden]`` -> ``[tokens, hidden]``; ``max_seqlen`` bounds every sequence.
@@ -133,13 +138,16 @@ if backend.triton_available():
 else:
     MAX_HEAD_DIM = 0
 
+    def softmax_scale_supported(scale: float) -> bool:
+        return False
+
 
 def _kernel_takes(qkv: torch.Tensor, cu_seqlens: torch.Tensor, head_dim: int, scale: float) -> bool:
     """Whether the Triton kernel takes these inputs (else the reference runs): fp32 / fp16 / bf16,
-    head dims up to 256, both tensors on one device, a positive finite scale (the kernel keeps the
-    running maximum of unscaled scores, which a negative scale would turn into the minimum)."""
+    head dims up to 256, both tensors on one device, a scale the kernel takes (positive, and not so
+    small or large that it leaves fp32's normal range: ``softmax_scale_supported``)."""
     return (qkv.dtype in _KERNEL_DTYPES and 1 <= head_dim <= MAX_HEAD_DIM and cu_seqlens.device == qkv.device
-            and 0.0 < scale < float("inf"))
+            and softmax_scale_supported(scale))
 
 
 def varlen_attention(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import threading
 
@@ -152,15 +153,15 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``[rows, last dim]`` with unit column stride (a view where possible, else a copy)."""
     if t.dim() != 2:
-        t = t.reshape(-1, t.shape[-1])
+        t = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: there may be no column
     return t if t.stride(1) == 1 else t.contiguous()
 
 
 def empty_rows(rows: torch.Tensor, dtype: torch.dtype, columns: int | None = None) -> torch.Tensor:
     """A new contiguous ``[rows.shape[0], columns]`` tensor (default: ``rows``' columns) of ``dtype``
     on ``rows``' device."""
-    if columns is None and dtype == rows.dtype and rows.is_contiguous():
-        return torch.empty_like(rows)
+    if columns is None and dtype == rows.dtype:
+        return torch.empty_like(rows, memory_format=torch.contiguous_format)
     shape = rows.shape if columns is None else (rows.shape[0], columns)
     return torch.empty(shape, dtype=dtype, device=rows.device)
 

@@ -187,10 +187,12 @@ def test_dropout_takes_the_reference(monkeypatch):
     assert counter.count == 0 and out.shape == (7, 32)
 
 
-@pytest.mark.parametrize("scale", [-0.5, 0.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("scale", [-0.5, 0.0, float("inf"), float("nan"), 1e-46, 1e-300, 1e39])
 def test_scale_the_kernel_cannot_take_runs_the_reference(monkeypatch, scale):
-    """The kernel keeps the running maximum of unscaled scores, right only for a positive scale: any
-    other scale takes the reference, and the launch helper refuses it."""
+    """The kernel keeps the running maximum of unscaled scores, right only for a positive scale, and
+    multiplies the -inf of masked keys by scale * log2(e), NaN if that is 0 in fp32: any scale whose
+    product with log2(e) is not a normal fp32 number takes the reference, and the launch helper
+    refuses it."""
     counter = LaunchCounter(monkeypatch)
     qkv, cu = make_qkv(7, 2, 16), cu_seqlens_of([3, 4])
     with backend.use_backend("triton"):
@@ -200,7 +202,7 @@ def test_scale_the_kernel_cannot_take_runs_the_reference(monkeypatch, scale):
     if backend.triton_available():
         from fastbert.kernels.attention import attention_fwd
 
-        with pytest.raises(ValueError, match="positive finite softmax scale"):
+        with pytest.raises(ValueError, match="normal positive fp32"):
             attention_fwd(qkv, cu, 4, 2, scale, nan_like((7, 32), qkv.dtype, "cpu"))
 
 
@@ -254,6 +256,17 @@ if IN_CHILD:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
     def test_interpreter_case_op(dtype, monkeypatch):
         case_op("cpu", dtype, monkeypatch)
+
+    def test_interpreter_case_tiny_scale(monkeypatch):
+        """A scale far below 1 that fp32 still holds as a normal number runs the kernel."""
+        counter = LaunchCounter(monkeypatch)
+        lengths, heads = [5, 64, 70], 2
+        cu = cu_seqlens_of(lengths)
+        qkv = make_qkv(sum(lengths), heads, 32, torch.float16)
+        with backend.use_backend("triton"):
+            out = A.varlen_attention(qkv, cu, max(lengths), heads, scale=1e-30)
+        assert counter.count == 1
+        check(out, qkv, cu, max(lengths), heads, "scale 1e-30", scale=1e-30)
 
     def test_interpreter_case_strided_qkv_and_loose_bound():
         case_strided_qkv_and_loose_bound("cpu")
