@@ -19,8 +19,8 @@ past its sequence's end returns at once (so empty sequences and short ones in a 
 ``S = Q K^T`` (fp32 accumulation), running row maximum ``m`` of the raw scores, running denominator
 ``l`` and output accumulator rescaled by ``exp2((m_old - m_new) * c)``, where ``c`` is the softmax
 scale times ``log2(e)`` (so the softmax uses ``exp2``, and each probability
-``exp2(s * c - m * c)`` is one fused multiply-add and an exp2; this needs ``c > 0``, and the op
-sends any other scale to the reference). On the tensor-core path with an even head dim the full key
+``exp2(s * c - m * c)`` is one fused multiply-add and an exp2; this needs ``c`` a normal positive
+fp32 number, ``softmax_scale_supported``, and the op sends any other scale to the reference). On the tensor-core path with an even head dim the full key
 blocks run without a key mask, and only the partial last block sets columns past the sequence end to
 ``-inf`` (a compare and a select per score saved in every other block); the fp32 and masked-head-dim
 paths keep one masked loop (a second loop costs registers they do not have). The division by ``l``
