@@ -18,13 +18,14 @@ past its sequence's end returns at once (so empty sequences and short ones in a 
 ``max_seqlen`` cost one load of two offsets). It walks the keys of its sequence ``BLOCK_N`` at a time:
 ``S = Q K^T`` (fp32 accumulation), running row maximum ``m`` of the raw scores, running denominator
 ``l`` and output accumulator rescaled by ``exp2((m_old - m_new) * c)``, where ``c`` is the softmax
-scale times ``log2(e)`` (so the softmax uses ``exp2``, and each probability
-``exp2(s * c - m * c)`` is one fused multiply-add and an exp2; this needs ``c`` a normal positive
-fp32 number, ``softmax_scale_supported``, and the op sends any other scale to the reference). On the tensor-core path with an even head dim the full key
-blocks run without a key mask, and only the partial last block sets columns past the sequence end to
-``-inf`` (a compare and a select per score saved in every other block); the fp32 and masked-head-dim
-paths keep one masked loop (a second loop costs registers they do not have). The division by ``l``
-happens once at the end. Query rows past the end are computed on zero queries (finite, never stored).
+scale times ``log2(e)``. So the softmax uses ``exp2``, and each probability ``exp2(s * c - m * c)``
+is one fused multiply-add and an exp2; this needs ``c`` to be a normal positive fp32 number
+(``softmax_scale_supported``), and the op sends any other scale to the reference. On the
+tensor-core path with an even head dim the full key blocks run without a key mask, and only the
+partial last block sets columns past the sequence end to ``-inf`` (a compare and a select per score
+saved in every other block); the fp32 and masked-head-dim paths keep one masked loop (a second loop
+costs registers they do not have). The division by ``l`` happens once at the end. Query rows past
+the end are computed on zero queries (finite, never stored).
 
 Head dims are not padded in memory: ``BLOCK_D`` is the next power of two >= ``head_dim`` (at least 16,
 the smallest ``tl.dot`` operand), and loads/stores are masked on ``d < head_dim`` unless
@@ -112,7 +113,7 @@ def _attend_key_blocks(
             s = tl.dot(q, tl.trans(k))
         if MASK_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))
-        # Every call's first block holds a real key (start_n < seqlen), so m_new is finite.
+        # The first block a call runs holds a real key (n < seqlen), so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_scaled = m_new * qk_scale
         alpha = tl.exp2(m_i * qk_scale - m_scaled)
