@@ -20,13 +20,20 @@ from .loading import check_loading_info, check_model_type
 from .validation import check_config, check_inputs
 
 
-def _linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``module(x)`` split as (matmul, bias) so that the bias joins the next fused op.
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` whose weight the fused ops may read directly: registered
+    weight and bias parameters (or no bias), no forward hooks. Anything else (an adapter's wrapper,
+    pruning or the old weight_norm, whose pre-hook recomputes ``weight``, a hook that reads or changes
+    the output) is called as a module, so it behaves as it does in transformers."""
+    return (type(module) is nn.Linear and not module._forward_pre_hooks and not module._forward_hooks
+            and module._parameters.get("weight") is not None)
 
-    A wrapped Linear (a LoRA adapter, say) is called as it is, with no bias left over.
-    """
-    if type(module) is nn.Linear:
-        return nn.functional.linear(x, module.weight), module.bias
+
+def _linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``module(x)`` split as (matmul, bias) so that the bias joins the next fused op; any other module
+    (``_plain_linear``) is called as it is, with no bias left over."""
+    if _plain_linear(module):
+        return nn.functional.linear(x, module._parameters["weight"]), module._parameters.get("bias")
     return module(x), None
 
 
@@ -92,11 +99,7 @@ class BertSelfAttention(nn.Module):
         ``__getattr__``) and the checks run cheapest first."""
         linears = (self.query, self.key, self.value)
         for m in linears:
-            # A plain Linear with both parameters registered and no hooks: pruning and the old
-            # weight_norm / spectral_norm keep ``weight`` as an attribute that a forward pre-hook
-            # recomputes, so those (and any hooked module) run as modules, unfused.
-            if (type(m) is not nn.Linear or m._forward_pre_hooks or m._forward_hooks
-                    or m._parameters.get("weight") is None or m._parameters.get("bias") is None):
+            if not _plain_linear(m) or m._parameters.get("bias") is None:
                 return None
         weights = [m._parameters["weight"] for m in linears]
         biases = [m._parameters["bias"] for m in linears]
@@ -176,9 +179,11 @@ class BertIntermediate(nn.Module):
         self.activation = ops.activation_kind(config.hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if type(self.dense) is nn.Linear:  # the matmul and its epilogue, fused or not (FASTBERT_GEMM)
-            return ops.linear_activation(hidden_states, self.dense.weight, self.dense.bias, self.activation)
-        return ops.bias_activation(self.dense(hidden_states), None, self.activation)  # a wrapped Linear
+        dense = self.dense
+        if _plain_linear(dense):  # the matmul and its epilogue, fused or not (FASTBERT_GEMM)
+            return ops.linear_activation(hidden_states, dense._parameters["weight"], dense._parameters.get("bias"),
+                                         self.activation)
+        return ops.bias_activation(dense(hidden_states), None, self.activation)  # wrapped, pruned or hooked
 
 
 class BertOutput(BertSelfOutput):

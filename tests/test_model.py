@@ -265,6 +265,31 @@ def test_pruned_or_hooked_qkv_run_unfused_and_equal_transformers():
     _compare(fast, hf, ids, mask)
 
 
+def test_hooks_and_pruning_on_the_dense_layers_behave_as_in_transformers():
+    """A forward hook on a dense layer fires with that layer's output (bias included) and may change
+    it; a pruned dense layer uses its pruned weight, also after the pruned weight changes."""
+    from torch.nn.utils import prune
+
+    fast, hf = model_pair(make_config())
+    ids, _ = random_inputs(fast.config, 2, 8)
+    mask = make_mask("right", 2, 8)
+    seen = {}
+    for name, model in (("fast", fast), ("hf", hf)):
+        layer = model.encoder.layer[0]
+        layer.attention.output.dense.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, out))
+        layer.intermediate.dense.register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))
+        layer.output.dense.register_forward_hook(lambda m, args, out: out + 0.25)
+        prune.l1_unstructured(model.encoder.layer[1].output.dense, "weight", 0.5)
+    _compare(fast, hf, ids, mask)
+    keep = mask.bool()
+    # The hooked layer saw the same output in both (packed rows in fastbert, padded in transformers).
+    assert_close(seen["fast"], seen["hf"][keep], FP32_MODEL_RANDOM, "hooked dense output")
+    with torch.no_grad():
+        for model in (fast, hf):
+            model.encoder.layer[1].output.dense.weight_orig.mul_(1.5)
+    _compare(fast, hf, ids, mask)
+
+
 def test_qkv_cache_filled_under_inference_mode_serves_a_later_backward():
     """An inference call (a CUDA-graph runner's warm-up, say) fills the fused-QKV cache; a later call with
     autograd on, through frozen weights to the input embeddings, must still run backward."""
