@@ -20,13 +20,17 @@ from .loading import check_loading_info, check_model_type
 from .validation import check_config, check_inputs
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Linear`` whose weight the fused ops may read directly: registered
-    weight and bias parameters (or no bias), no forward hooks. Anything else (an adapter's wrapper,
-    pruning or the old weight_norm, whose pre-hook recomputes ``weight``, a hook that reads or changes
-    the output) is called as a module, so it behaves as it does in transformers."""
-    return (type(module) is nn.Linear and not module._forward_pre_hooks and not module._forward_hooks
+def _plain(module: nn.Module, cls: type) -> bool:
+    """Whether ``module`` is exactly a ``cls`` whose weight the fused ops may read directly: a
+    registered weight parameter, no forward hooks. Anything else (an adapter's wrapper, pruning or the
+    old weight_norm, whose pre-hook recomputes ``weight``, a hook that reads or changes the output) is
+    called as a module, so it behaves as it does in transformers."""
+    return (type(module) is cls and not module._forward_pre_hooks and not module._forward_hooks
             and module._parameters.get("weight") is not None)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return _plain(module, nn.Linear)
 
 
 def _linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -62,8 +66,15 @@ class BertEmbeddings(nn.Module):
                              persistent=False)
 
     def forward(self, input_ids, position_ids, token_type_ids, inputs_embeds=None) -> torch.Tensor:
-        if inputs_embeds is None and type(self.word_embeddings) is not nn.Embedding:
-            inputs_embeds = self.word_embeddings(input_ids)  # a wrapped or resized table
+        if inputs_embeds is None and not _plain(self.word_embeddings, nn.Embedding):
+            inputs_embeds = self.word_embeddings(input_ids)  # a wrapped, resized or hooked table
+        if not (_plain(self.position_embeddings, nn.Embedding) and _plain(self.token_type_embeddings, nn.Embedding)
+                and _plain(self.LayerNorm, nn.LayerNorm)):
+            # As transformers computes it, module by module, so that their hooks and wrappers run.
+            if inputs_embeds is None:
+                inputs_embeds = self.word_embeddings(input_ids)
+            x = inputs_embeds + self.token_type_embeddings(token_type_ids)
+            return self.dropout(self.LayerNorm(x + self.position_embeddings(position_ids)))
         return ops.embeddings(
             input_ids, position_ids, token_type_ids,
             self.word_embeddings.weight if inputs_embeds is None else None,
@@ -155,6 +166,8 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         x, bias = _linear_without_bias(self.dense, hidden_states)
+        if not _plain(self.LayerNorm, nn.LayerNorm):  # wrapped or hooked: called as a module
+            return self.LayerNorm(self.dropout(x if bias is None else x + bias) + input_tensor)
         return ops.bias_residual_layer_norm(x, bias, input_tensor, self.LayerNorm.weight, self.LayerNorm.bias,
                                             self.LayerNorm.eps, _dropout_p(self.dropout))
 

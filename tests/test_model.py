@@ -290,6 +290,28 @@ def test_hooks_and_pruning_on_the_dense_layers_behave_as_in_transformers():
     _compare(fast, hf, ids, mask)
 
 
+def test_hooks_on_embeddings_and_layer_norms_behave_as_in_transformers():
+    """Hooks on the embedding tables and on every LayerNorm fire and may change outputs: those modules
+    then run as modules (the fused embeddings and bias + residual + LayerNorm ops would skip them)."""
+    fast, hf = model_pair(make_config())
+    ids, _ = random_inputs(fast.config, 2, 8)
+    mask = make_mask("left", 2, 8)
+    calls = {"fast": 0, "hf": 0}
+
+    def count(name):
+        def hook(module, args, out):
+            calls[name] += 1
+        return hook
+
+    for name, model in (("fast", fast), ("hf", hf)):
+        model.embeddings.position_embeddings.register_forward_hook(lambda m, args, out: 0.5 * out)
+        model.embeddings.LayerNorm.register_forward_hook(count(name))
+        model.encoder.layer[0].attention.output.LayerNorm.register_forward_hook(lambda m, args, out: out - 0.1)
+        model.encoder.layer[1].output.LayerNorm.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    _compare(fast, hf, ids, mask)
+    assert calls == {"fast": 1, "hf": 1}
+
+
 def test_qkv_cache_filled_under_inference_mode_serves_a_later_backward():
     """An inference call (a CUDA-graph runner's warm-up, say) fills the fused-QKV cache; a later call with
     autograd on, through frozen weights to the input embeddings, must still run backward."""
