@@ -109,6 +109,48 @@ def run_interpreter_cases(test_file: str, min_passed: int, **env: str) -> None:
     assert passed and int(passed.group(1)) >= min_passed and "skipped" not in summary, tail
 
 
+def interpreter_parent_test(test_file: str, min_passed: int, **env: str):
+    """The parent-process test of a file with interpreter cases: ``run_interpreter_cases`` on it
+    (skipped in the child itself and without triton). Assign it to ``test_..._in_subprocess``."""
+    from fastbert.ops import backend
+
+    @pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="the parent of the interpreter tests")
+    @pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
+    def test_triton_interpreter_in_subprocess():
+        run_interpreter_cases(test_file, min_passed, **env)
+
+    return test_triton_interpreter_in_subprocess
+
+
+def interpreted_kernel_fixture(module: str, kernel: str):
+    """An autouse fixture for the interpreter child: ``module.kernel`` must be an interpreted kernel
+    (a case that ran the compiled one, or none, would prove nothing)."""
+
+    @pytest.fixture(autouse=True)
+    def _kernel_is_interpreted():
+        import importlib
+
+        from fastbert.ops import backend
+
+        fn = getattr(importlib.import_module(module), kernel)
+        assert backend.is_interpreted(fn), f"{kernel} is not running in the interpreter"
+
+    return _kernel_is_interpreted
+
+
+def registered_schema_test(op: str, schema: str):
+    """A test that ``torch.ops.fastbert.<op>`` is registered with ``schema`` (skipped without triton)."""
+
+    def test_fused_op_is_registered():
+        from fastbert.ops import backend
+
+        if not backend.triton_available():
+            pytest.skip("triton is not installed")
+        assert str(getattr(torch.ops.fastbert, op).default._schema) == schema
+
+    return test_fused_op_is_registered
+
+
 class RecordFastbertOps:
     """``with RecordFastbertOps() as ops:`` collects the names of the ``torch.ops.fastbert.*`` ops
     called inside (proof that a model ran the fused kernels, not the PyTorch fallback)."""

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from fastbert.ops import backend
-from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD, run_interpreter_cases
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
+from tests.helpers import interpreter_parent_test
 from tests.helpers import FP32_INTERPRETER, RecordFastbertOps, assert_close, assert_gradients_match
 from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
@@ -28,10 +29,7 @@ OPS = {  # op module -> the launch helper it calls
 }
 
 
-@pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
-@pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
-def test_model_on_triton_interpreter_in_subprocess():
-    run_interpreter_cases(__file__, 25, FASTBERT_BACKEND="triton")
+test_model_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 25, FASTBERT_BACKEND="triton")
 
 
 if IN_CHILD:

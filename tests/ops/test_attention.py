@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from fastbert.ops import backend
-from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD, run_interpreter_cases
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
+from tests.helpers import interpreter_parent_test, interpreted_kernel_fixture, registered_schema_test
 from tests.helpers import FP32_OP, assert_close, assert_low_precision_within_budget, max_abs_diff, nan_like
 
 A = importlib.import_module("fastbert.ops.attention")  # the module (fastbert.ops.attention is not a function)
@@ -219,29 +220,22 @@ def test_block_sizes_cover_every_head_dim():
         K.attention_config(K.MAX_HEAD_DIM + 1, True)
 
 
-def test_fused_op_is_registered():
-    if not backend.triton_available():
-        pytest.skip("triton is not installed")
-    schema = str(torch.ops.fastbert.varlen_attention.default._schema)
-    assert schema == ("fastbert::varlen_attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, "
-                      "SymInt num_heads, float scale) -> Tensor")
+test_fused_op_is_registered = registered_schema_test(
+    "varlen_attention",
+    "fastbert::varlen_attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, "
+    "SymInt num_heads, float scale) -> Tensor",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The interpreter: these cases are defined only in the child process.
 
-@pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
-@pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
-def test_triton_interpreter_in_subprocess():
-    run_interpreter_cases(__file__, 30)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 30)
 
 
 if IN_CHILD:
-    @pytest.fixture(autouse=True)
-    def _kernel_is_interpreted():
-        from fastbert.kernels.attention import _attention_fwd_kernel
-
-        assert backend.is_interpreted(_attention_fwd_kernel), "the kernel is not running in the interpreter"
+    _kernel_is_interpreted = interpreted_kernel_fixture(
+        "fastbert.kernels.attention", "_attention_fwd_kernel")
 
     @pytest.mark.parametrize("head_dim", HEAD_DIMS + [8, 40, 200])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

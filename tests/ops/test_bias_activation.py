@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from fastbert.ops import backend
-from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD, run_interpreter_cases
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
+from tests.helpers import interpreter_parent_test, interpreted_kernel_fixture, registered_schema_test
 from tests.helpers import FP32_OP, assert_close, assert_low_precision_within_budget, nan_like
 
 A = importlib.import_module("fastbert.ops.bias_activation")  # the module, not the same-named function
@@ -194,28 +195,21 @@ def test_float64_takes_the_reference():
     assert torch.equal(out, A.bias_activation_reference(x, bias, "gelu_tanh"))
 
 
-def test_fused_op_is_registered():
-    if not backend.triton_available():
-        pytest.skip("triton is not installed")
-    schema = str(torch.ops.fastbert.bias_activation.default._schema)
-    assert schema == "fastbert::bias_activation(Tensor x, Tensor? bias, str activation) -> Tensor"
+test_fused_op_is_registered = registered_schema_test(
+    "bias_activation",
+    "fastbert::bias_activation(Tensor x, Tensor? bias, str activation) -> Tensor",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The interpreter: these cases are defined only in the child process.
 
-@pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
-@pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
-def test_triton_interpreter_in_subprocess():
-    run_interpreter_cases(__file__, 40)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 40)
 
 
 if IN_CHILD:
-    @pytest.fixture(autouse=True)
-    def _kernel_is_interpreted():
-        from fastbert.kernels.bias_activation import _bias_activation_fwd_kernel
-
-        assert backend.is_interpreted(_bias_activation_fwd_kernel), "the kernel is not running in the interpreter"
+    _kernel_is_interpreted = interpreted_kernel_fixture(
+        "fastbert.kernels.bias_activation", "_bias_activation_fwd_kernel")
 
     @pytest.mark.parametrize("shape", SHAPES, ids=str)
     @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from fastbert.ops import backend
-from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD, run_interpreter_cases
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
+from tests.helpers import interpreter_parent_test, interpreted_kernel_fixture, registered_schema_test
 from tests.helpers import FP32_OP, assert_close, assert_low_precision_within_budget, max_abs_diff, nan_like
 
 L = importlib.import_module("fastbert.ops.bias_residual_layer_norm")  # the module, not the function
@@ -176,29 +177,22 @@ def test_dropout_takes_the_reference(monkeypatch):
     assert counter.count == 0 and out.shape == inputs[0].shape
 
 
-def test_fused_op_is_registered():
-    if not backend.triton_available():
-        pytest.skip("triton is not installed")
-    schema = str(torch.ops.fastbert.bias_residual_layer_norm.default._schema)
-    assert schema == ("fastbert::bias_residual_layer_norm(Tensor x, Tensor? bias, Tensor residual, Tensor weight, "
-                      "Tensor ln_bias, float eps) -> Tensor")
+test_fused_op_is_registered = registered_schema_test(
+    "bias_residual_layer_norm",
+    "fastbert::bias_residual_layer_norm(Tensor x, Tensor? bias, Tensor residual, Tensor weight, "
+    "Tensor ln_bias, float eps) -> Tensor",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The interpreter: these cases are defined only in the child process.
 
-@pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
-@pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
-def test_triton_interpreter_in_subprocess():
-    run_interpreter_cases(__file__, 30)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 30)
 
 
 if IN_CHILD:
-    @pytest.fixture(autouse=True)
-    def _kernel_is_interpreted():
-        from fastbert.kernels.bias_residual_layer_norm import _bias_residual_layer_norm_fwd_kernel
-
-        assert backend.is_interpreted(_bias_residual_layer_norm_fwd_kernel), "the kernel is not interpreted"
+    _kernel_is_interpreted = interpreted_kernel_fixture(
+        "fastbert.kernels.bias_residual_layer_norm", "_bias_residual_layer_norm_fwd_kernel")
 
     @pytest.mark.parametrize("eps", EPS)
     @pytest.mark.parametrize("rows", ROWS)

@@ -23,7 +23,8 @@ import torch
 
 from fastbert import _extension
 from fastbert.ops import backend
-from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD, run_interpreter_cases
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
+from tests.helpers import interpreter_parent_test
 from tests.helpers import (FP32_INTERPRETER, FP32_OP, assert_close, assert_low_precision_within_budget,
                            nan_like)
 
@@ -281,10 +282,7 @@ def test_compiled_embeddings_on_cpu_has_no_graph_break():
 
 
 
-@pytest.mark.skipif(IN_CHILD, reason="the parent of the interpreter tests")
-@pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
-def test_triton_interpreter_in_subprocess():
-    run_interpreter_cases(__file__, 39)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 39)
 
 
 if IN_CHILD:  # collected only in the child, so the parent's report does not list them as skipped
