@@ -29,19 +29,12 @@ def _plain(module: nn.Module, cls: type) -> bool:
             and module._parameters.get("weight") is not None)
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    return _plain(module, nn.Linear)
-
-
 def _linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``module(x)`` split as (matmul, bias) so that the bias joins the next fused op; any other module
-    (``_plain_linear``) is called as it is, with no bias left over."""
-    if _plain_linear(module):
+    (``_plain``) is called as it is, with no bias left over."""
+    if _plain(module, nn.Linear):
         return nn.functional.linear(x, module._parameters["weight"]), module._parameters.get("bias")
     return module(x), None
-
-
-_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def _dropout_p(module: nn.Dropout) -> float:
@@ -110,13 +103,14 @@ class BertSelfAttention(nn.Module):
         ``__getattr__``) and the checks run cheapest first."""
         linears = (self.query, self.key, self.value)
         for m in linears:
-            if not _plain_linear(m) or m._parameters.get("bias") is None:
+            if not _plain(m, nn.Linear) or m._parameters.get("bias") is None:
                 return None
         weights = [m._parameters["weight"] for m in linears]
         biases = [m._parameters["bias"] for m in linears]
         tensors = weights + biases
+        plain = ops.backend.PLAIN_TENSOR_TYPES
         if (torch.compiler.is_compiling()
-                or any(type(t) not in _PLAIN_TENSORS or t.is_inference() for t in tensors)
+                or any(type(t) not in plain or t.is_inference() for t in tensors)
                 or torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
                 or tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
             # Concatenate at every call:
@@ -193,7 +187,7 @@ class BertIntermediate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dense = self.dense
-        if _plain_linear(dense):  # the matmul and its epilogue, fused or not (FASTBERT_GEMM)
+        if _plain(dense, nn.Linear):  # the matmul and its epilogue, fused or not (FASTBERT_GEMM)
             return ops.linear_activation(hidden_states, dense._parameters["weight"], dense._parameters.get("bias"),
                                          self.activation)
         return ops.bias_activation(dense(hidden_states), None, self.activation)  # wrapped, pruned or hooked

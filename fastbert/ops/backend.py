@@ -137,12 +137,13 @@ def direct_launch(*tensors: torch.Tensor | None) -> bool:
             or _get_current_dispatch_mode() is not None):
         return False
     for t in tensors:
-        if t is not None and type(t) not in _PLAIN_TENSORS:
+        if t is not None and type(t) not in PLAIN_TENSOR_TYPES:
             return False
     return not needs_autograd(*tensors)
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# Tensors that are not subclasses: no fake, functional or other wrapper tensor.
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 # Launch helpers shared by the ops' ``_launch`` functions. An eager forward of a small batch waits on
