@@ -9,7 +9,6 @@ active: ``cublas`` (default) runs PyTorch's matmul and then the ``bias_activatio
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +53,7 @@ if backend.triton_available():
     def _launch(x, weight, bias, activation: str, kernel=None) -> torch.Tensor:
         """``activation(x @ weight.T + bias)`` over the last dimension of ``x``, any leading shape.
         ``kernel``: the wrapped kernel inside the op, None for a direct launch."""
-        x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: K may be 0
-        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        x2 = backend.as_rows(x)
         weight = weight if weight.stride(-1) == 1 else weight.contiguous()
         out = backend.empty_rows(x2, x.dtype, weight.shape[0])
         bias = x.new_zeros(weight.shape[0]) if bias is None else bias.contiguous()
