@@ -135,6 +135,14 @@ class BertSelfAttention(nn.Module):
                 self._qkv_cache = (key, torch.cat(weights), torch.cat(biases))
         return self._qkv_cache[1], self._qkv_cache[2]
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), .cuda() and the like convert each weight in place of its Parameter (same id,
+        # same version), and the caching allocator may hand the converted weight the block of an
+        # earlier one: after half() then float(), the cache key could match and serve the unrounded
+        # weights. Drop the cache instead of trusting the key.
+        self._qkv_cache = None
+        return super()._apply(fn, recurse)
+
     def qkv_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[tokens, hidden]`` -> ``[tokens, 3 * hidden]`` (queries | keys | values)."""
         fused = self._fused_qkv_parameters()

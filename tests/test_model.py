@@ -249,6 +249,24 @@ def test_qkv_cache_follows_weight_updates():
     _compare(fast, hf, ids, mask)
 
 
+def test_qkv_cache_dropped_by_dtype_and_device_conversions():
+    """half() then float() converts each weight in place of its Parameter (same id and version); the
+    caching allocator on a GPU may give the float weight its old block back, so the cache key alone
+    could serve the unrounded weights. Every conversion drops the cache."""
+    fast, hf = model_pair(make_config())
+    ids, _ = random_inputs(fast.config, 2, 8)
+    mask = torch.ones_like(ids)
+    _compare(fast, hf, ids, mask)  # fills the cache
+    attentions = [layer.attention.self for layer in fast.encoder.layer]
+    assert all(a._qkv_cache is not None for a in attentions)
+    for model in (fast, hf):
+        model.half().float()  # rounds every weight to fp16
+    assert all(a._qkv_cache is None for a in attentions)
+    _compare(fast, hf, ids, mask)
+    fast.to("cpu")  # any _apply, even one that changes nothing
+    assert all(a._qkv_cache is None for a in attentions)
+
+
 def test_pruned_or_hooked_qkv_run_unfused_and_equal_transformers():
     """Pruning keeps ``weight`` as an attribute that a forward pre-hook recomputes, and a forward hook
     changes the module's output: such query / key / value modules run as modules (unfused), as in
