@@ -2,12 +2,15 @@
 every Triton launch is stubbed out (a no-op), so only the work around the kernels is timed. Small
 batches on a GPU wait on this time (without CUDA graphs), so it is worth measuring where no GPU is.
 
-Two implementations of the same forward (12 layers, hidden 64, 16 tokens, one CPU thread; the GEMMs
-are tiny and still run, on the CPU):
+Three implementations of the same forward (12 layers, hidden 64, 16 tokens, one CPU thread; the
+GEMMs are tiny and still run, on the CPU):
 
-- ``fastbert``: plain eager calls launch the Triton kernels directly (``backend.direct_launch``);
+- ``fastbert``: each layer's kernels launched from one function (``ops.encoder_layer``, the eager
+  fast path);
+- ``module-path``: each layer through its modules and fused ops, which launch their kernels
+  directly (``backend.direct_launch``), as without the fast path;
 - ``torch.library-ops``: every fused op goes through its ``torch.library`` op (dispatcher,
-  ``wrap_triton``, the kernel-wrapper higher-order op), as it would without that shortcut.
+  ``wrap_triton``, the kernel-wrapper higher-order op), as it would without either shortcut.
 
 The embeddings take their PyTorch reference in both (the CUDA extension is not the subject here).
 Needs triton; runs on any machine.
@@ -41,14 +44,16 @@ def stubbed_launches(monkeypatch):
     return backend
 
 
-@pytest.mark.parametrize("impl", ["fastbert", "torch.library-ops"])
+@pytest.mark.parametrize("impl", ["fastbert", "module-path", "torch.library-ops"])
 @torch.no_grad()  # not inference_mode: the model is built here, and its weights would be inference tensors
 def test_host_time_per_forward(benchmark, record, stubbed_launches, monkeypatch, impl):
     import transformers
 
     import fastbert
 
-    if impl != "fastbert":
+    if impl == "module-path":
+        monkeypatch.setattr(importlib.import_module("fastbert.modeling_bert"), "fast_path_ready", lambda h: False)
+    if impl == "torch.library-ops":
         monkeypatch.setattr(stubbed_launches, "direct_launch", lambda *tensors: False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,0 +1,118 @@
+"""One BERT encoder layer's eight device operations, launched from one function: the eager fast path.
+
+``BertLayer``'s module path calls five ``nn.Module``s and four fused ops, and each op checks its
+inputs and picks its backend again. With the launches stubbed out that costs ~175 us of host time
+per layer on the development VM, and a small eager batch on a GPU waits on host time (the H200 run
+of 2026-11-26: every eager case under ~16k tokens was host-bound). ``encoder_layer`` launches the
+same kernels on the same arguments, so its output is bitwise the module path's, from one function:
+~65 us per layer.
+
+The model takes it only where nothing could tell the difference: ``fast_path_ready`` here (an eager
+inference call on the Triton backend) and ``BertLayer``'s own check (plain modules, no hooks, no
+active dropout, one dtype and device). Everything else runs the module path.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+from .padding import Packing
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class EncoderLayerWeights(NamedTuple):
+    """What one layer reads. Every tensor has the hidden states' dtype and device; the biases and
+    LayerNorm parameters are contiguous."""
+
+    qkv_weight: torch.Tensor  # [3 * hidden, hidden]: query | key | value
+    qkv_bias: torch.Tensor
+    num_heads: int
+    scale: float
+    attention_output_weight: torch.Tensor  # [hidden, hidden]
+    attention_output_bias: torch.Tensor
+    attention_norm: tuple[torch.Tensor, torch.Tensor, float]  # LayerNorm weight, bias, eps
+    intermediate_weight: torch.Tensor  # [intermediate, hidden]
+    intermediate_bias: torch.Tensor
+    activation: str  # bias_activation's kind
+    output_weight: torch.Tensor  # [hidden, intermediate]
+    output_bias: torch.Tensor
+    output_norm: tuple[torch.Tensor, torch.Tensor, float]
+
+
+def fast_path_ready(hidden_states: torch.Tensor) -> bool:
+    """Whether an encoder forward on ``hidden_states`` may take the fast path: the Triton backend on
+    their device, the cuBLAS GEMM setting, gradients off (inference), no autocast, a plain 2-D
+    contiguous tensor of a kernel dtype, and nothing that must see the ops (``backend.direct_launch``:
+    torch.compile tracing, a functorch transform, a dispatch mode)."""
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or hidden_states.dtype not in _DTYPES
+            or hidden_states.dim() != 2 or not hidden_states.is_contiguous() or not backend.triton_available()):
+        return False
+    if torch.is_autocast_enabled(hidden_states.device.type) or backend.gemm_setting() != "cublas":
+        return False
+    if not (backend.use_triton(hidden_states) and backend.direct_launch(hidden_states)):
+        return False
+    for kernel in _KERNELS:  # CPU tensors need kernels defined under TRITON_INTERPRET=1: else say so
+        backend.check_kernel_runs_here(kernel, hidden_states.device)
+    return True
+
+
+def weights_ready(weights: EncoderLayerWeights, hidden_states: torch.Tensor) -> bool:
+    """Whether ``weights`` fit ``hidden_states`` ``[tokens, hidden]`` as the kernels need, where the
+    module path would check, promote or fail instead: every tensor of the hidden states' dtype and
+    device, the GEMM and bias shapes chained (``[3 * hidden, hidden]`` QKV, ``[hidden, hidden]``,
+    ``[intermediate, hidden]``, ``[hidden, intermediate]``), 1-D tensors contiguous, and heads and
+    scale the attention kernel takes."""
+    dtype, device, hidden = hidden_states.dtype, hidden_states.get_device(), hidden_states.shape[1]
+    intermediate = weights.intermediate_weight.shape[0]
+    shapes = ((weights.qkv_weight, (3 * hidden, hidden)), (weights.qkv_bias, (3 * hidden,)),
+              (weights.attention_output_weight, (hidden, hidden)), (weights.attention_output_bias, (hidden,)),
+              (weights.attention_norm[0], (hidden,)), (weights.attention_norm[1], (hidden,)),
+              (weights.intermediate_weight, (intermediate, hidden)), (weights.intermediate_bias, (intermediate,)),
+              (weights.output_weight, (hidden, intermediate)), (weights.output_bias, (hidden,)),
+              (weights.output_norm[0], (hidden,)), (weights.output_norm[1], (hidden,)))
+    for t, shape in shapes:
+        if (t.dtype is not dtype or t.get_device() != device or t.shape != shape
+                or (len(shape) == 1 and not t.is_contiguous())):
+            return False
+    if hidden % weights.num_heads:
+        return False
+    return hidden // weights.num_heads <= _attention.MAX_HEAD_DIM and _attention.softmax_scale_supported(weights.scale)
+
+
+def encoder_layer(hidden_states: torch.Tensor, packing: Packing, weights: EncoderLayerWeights) -> torch.Tensor:
+    """``[tokens, hidden]`` -> ``[tokens, hidden]``: QKV GEMM, attention, output projection, bias +
+    residual + LayerNorm, FFN GEMM, bias + activation (in place), FFN GEMM, bias + residual +
+    LayerNorm. Call only where ``fast_path_ready`` and ``weights_ready`` hold."""
+    x = hidden_states
+    qkv = F.linear(x, weights.qkv_weight, weights.qkv_bias)
+    context = torch.empty_like(x)
+    _attention.attention_fwd(qkv, packing.cu_seqlens.contiguous(), packing.max_seqlen, weights.num_heads,
+                             weights.scale, context)
+    attention_output = torch.empty_like(x)
+    _layer_norm.bias_residual_layer_norm_fwd(F.linear(context, weights.attention_output_weight),
+                                             weights.attention_output_bias, x, *weights.attention_norm,
+                                             attention_output)
+    intermediate = F.linear(attention_output, weights.intermediate_weight)
+    # In place: the kernel reads each element once, then writes it (saves a [tokens, intermediate] buffer).
+    _activation.bias_activation_fwd(intermediate, weights.intermediate_bias, weights.activation, intermediate)
+    out = torch.empty_like(x)
+    _layer_norm.bias_residual_layer_norm_fwd(F.linear(intermediate, weights.output_weight), weights.output_bias,
+                                             attention_output, *weights.output_norm, out)
+    return out
+
+
+if backend.triton_available():
+    # The launch helpers as the ops call them (tests count launches there), from the ops' modules
+    # (importlib: the package exports functions of the same names).
+    _attention = importlib.import_module(f"{__package__}.attention")
+    _activation = importlib.import_module(f"{__package__}.bias_activation")
+    _layer_norm = importlib.import_module(f"{__package__}.bias_residual_layer_norm")
+
+    _KERNELS = (_attention._attention_fwd_kernel, _activation._bias_activation_fwd_kernel,
+                _layer_norm._bias_residual_layer_norm_fwd_kernel)

@@ -1,0 +1,210 @@
+"""The encoder's eager fast path (``ops.encoder_layer``): each layer's kernels launched from one
+function instead of through its modules and ops.
+
+- Under ``TRITON_INTERPRET=1`` (``FASTBERT_BACKEND=triton``, a child pytest process): the fast path
+  gives the module path's output bit for bit (same kernels, same arguments) at fp32 and fp16, odd
+  shapes and every mask kind, and matches transformers; every layer takes it in a plain inference
+  call; anything that must see the modules or the ops sends the affected layers (or the whole
+  encoder) down the module path, which then gives what transformers gives: hooks on a sub-module, a
+  global module hook, a sub-module of another class, mixed dtypes, autograd, output_attentions,
+  first_token_only's last layer, the fused GEMM setting.
+- Here: CPU calls under the default backend never take it; ``weights_ready`` refuses shapes and
+  dtypes the kernels cannot take.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastbert import modeling_bert
+from fastbert.ops import backend
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
+from tests.helpers import FP32_INTERPRETER, assert_close, interpreter_parent_test
+from tests.model_utils import make_config, make_mask, model_pair, random_inputs
+
+needs_triton = pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
+
+test_fast_path_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 20, FASTBERT_BACKEND="triton")
+
+
+@pytest.fixture
+def fast_layers(monkeypatch):
+    """Counts the layers that took the fast path."""
+    calls = []
+    original = modeling_bert.encoder_layer
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(modeling_bert, "encoder_layer", counted)
+    return calls
+
+
+def forward(model, ids, mask, types, fast=True, **kwargs):
+    """``model``'s last_hidden_state (and pooler output), the fast path allowed or not."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not fast:
+            patch.setattr(modeling_bert, "fast_path_ready", lambda hidden_states: False)
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, token_type_ids=types, **kwargs)
+    return out.last_hidden_state, out.pooler_output
+
+
+def assert_fast_equals_module_path(model, ids, mask, types, **kwargs):
+    fast = forward(model, ids, mask, types, **kwargs)
+    slow = forward(model, ids, mask, types, fast=False, **kwargs)
+    for a, b, what in zip(fast, slow, ("last_hidden_state", "pooler_output")):
+        assert torch.equal(a, b), f"{what}: the fast path differs from the module path by {(a - b).abs().max()}"
+    return fast
+
+
+if IN_CHILD:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    @pytest.mark.parametrize("mask_kind", ["none", "right", "holes"])
+    @pytest.mark.parametrize("shape", ["h144", "h312", "h96"])
+    def test_interpreter_case_fast_path_is_the_module_path_bit_for_bit(shape, mask_kind, dtype, fast_layers):
+        fast, hf = model_pair(make_config(shape, layers=2))
+        fast.to(dtype)
+        ids, types = random_inputs(fast.config, 3, 11)
+        mask = make_mask(mask_kind, 3, 11)
+        hidden, pooled = assert_fast_equals_module_path(fast, ids, mask, types)
+        assert len(fast_layers) == 2, fast_layers
+        if dtype == torch.float32:
+            with torch.no_grad():
+                theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+            keep = mask.bool()
+            assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, "last_hidden_state against transformers")
+
+    def test_interpreter_case_long_sequences(fast_layers):
+        """Several key blocks per sequence, holes."""
+        fast, _ = model_pair(make_config("h144", layers=1, max_positions=160))
+        ids, types = random_inputs(fast.config, 2, 150)
+        assert_fast_equals_module_path(fast, ids, make_mask("holes", 2, 150), types)
+        assert len(fast_layers) == 1
+
+    def hooked_pair(where: str, pre: bool = False):
+        """A model pair with the same hook (output x 1.5, or input x 1.5 for a pre-hook) on the
+        sub-module at ``where`` of both."""
+        fast, hf = model_pair(make_config("h144", layers=2))
+        for model in (fast, hf):
+            module = model.get_submodule(where)
+            if pre:
+                module.register_forward_pre_hook(lambda m, args: (1.5 * args[0], *args[1:]))
+            else:
+                module.register_forward_hook(lambda m, args, out: 1.5 * out)
+        return fast, hf
+
+    @pytest.mark.parametrize("where, pre, fast_count", [
+        ("encoder.layer.0.attention.output.dense", False, 1),
+        ("encoder.layer.1.intermediate.dense", True, 1),
+        ("encoder.layer.1.output.LayerNorm", False, 1),
+        ("encoder.layer.0.attention.self.query", False, 1),
+    ])
+    def test_interpreter_case_hooked_leaf_module_runs_its_layer_as_modules(where, pre, fast_count, fast_layers):
+        fast, hf = hooked_pair(where, pre)
+        ids, types = random_inputs(fast.config, 3, 11)
+        mask = make_mask("right", 3, 11)
+        hidden, _ = assert_fast_equals_module_path(fast, ids, mask, types)
+        assert len(fast_layers) == fast_count, fast_layers
+        with torch.no_grad():
+            theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        keep = mask.bool()
+        assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, f"hook on {where}")
+
+    def test_interpreter_case_hooked_container_module_fires(fast_layers):
+        """A hook on BertSelfOutput, BertIntermediate, ...: the module path calls them as modules."""
+        fast, _ = model_pair(make_config("h144", layers=2))
+        seen = []
+        fast.encoder.layer[1].intermediate.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+        ids, types = random_inputs(fast.config, 2, 7)
+        forward(fast, ids, None, types)
+        assert len(seen) == 1 and len(fast_layers) == 1, (seen, fast_layers)
+
+    def test_interpreter_case_global_module_hook_turns_the_fast_path_off(fast_layers):
+        fast, _ = model_pair(make_config("h144", layers=2))
+        seen = []
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m)))
+        try:
+            ids, types = random_inputs(fast.config, 2, 7)
+            forward(fast, ids, None, types)
+        finally:
+            handle.remove()
+        assert fast_layers == [] and modeling_bert.BertIntermediate in seen, (fast_layers, seen)
+
+    def test_interpreter_case_subclassed_sub_module_runs_as_a_module(fast_layers):
+        class Doubled(modeling_bert.BertIntermediate):
+            def forward(self, hidden_states):
+                return 2 * super().forward(hidden_states)
+
+        fast, _ = model_pair(make_config("h144", layers=2))
+        ids, types = random_inputs(fast.config, 2, 7)
+        before, _ = forward(fast, ids, None, types)
+        replacement = Doubled(fast.config)
+        replacement.load_state_dict(fast.encoder.layer[0].intermediate.state_dict())
+        fast.encoder.layer[0].intermediate = replacement
+        fast_layers.clear()
+        after, _ = assert_fast_equals_module_path(fast, ids, None, types)
+        assert len(fast_layers) == 1 and not torch.equal(before, after)
+
+    def test_interpreter_case_mixed_dtypes_run_as_modules(fast_layers):
+        """fp16 model with one fp32 LayerNorm: the module path promotes, the kernels would not."""
+        fast, _ = model_pair(make_config("h144", layers=2))
+        fast.half()
+        fast.encoder.layer[1].output.LayerNorm.float()
+        ids, types = random_inputs(fast.config, 2, 7)
+        assert_fast_equals_module_path(fast, ids, None, types)
+        assert len(fast_layers) == 1
+
+    def test_interpreter_case_what_the_fast_path_leaves_alone(fast_layers, monkeypatch):
+        fast, _ = model_pair(make_config("h144", layers=2))
+        ids, types = random_inputs(fast.config, 2, 7)
+        out = fast(ids, token_type_ids=types)  # gradients on: autograd must see the ops
+        assert out.last_hidden_state.requires_grad and fast_layers == []
+        forward(fast, ids, None, types, output_attentions=True)
+        assert fast_layers == []
+        forward(fast, ids, None, types, first_token_only=True)  # the last layer computes first rows only
+        assert len(fast_layers) == 1
+        fast_layers.clear()
+        monkeypatch.setenv("FASTBERT_GEMM", "triton")  # the fused GEMM runs in the module path
+        forward(fast, ids, None, types)
+        assert fast_layers == []
+
+    def test_interpreter_case_training_with_dropout_runs_as_modules(fast_layers):
+        config = make_config("h144", layers=2)
+        config.hidden_dropout_prob = 0.1
+        fast, _ = model_pair(config)
+        fast.train()
+        ids, types = random_inputs(fast.config, 2, 7)
+        forward(fast, ids, None, types)
+        assert fast_layers == []
+
+
+def test_cpu_default_backend_never_takes_the_fast_path(fast_layers, monkeypatch):
+    monkeypatch.setenv("FASTBERT_BACKEND", "auto")
+    fast, _ = model_pair(make_config("h144", layers=2))
+    ids, types = random_inputs(fast.config, 2, 7)
+    forward(fast, ids, None, types)
+    assert fast_layers == []
+
+
+@needs_triton
+def test_weights_ready_refuses_what_the_kernels_cannot_take():
+    from fastbert.ops.encoder_layer import weights_ready
+
+    fast, _ = model_pair(make_config("h144", layers=1))
+    layer = fast.encoder.layer[0]
+    hidden = torch.randn(5, 144)
+    weights = layer._fast_path_weights()
+    assert weights is not None and weights_ready(weights, hidden)
+    assert not weights_ready(weights, hidden.half()), "another dtype"
+    assert not weights_ready(weights, torch.randn(5, 96)), "another hidden size"
+    short = weights._replace(output_bias=weights.output_bias[:-1])
+    assert not weights_ready(short, hidden), "a bias shorter than the GEMM's columns"
+    wide = weights._replace(intermediate_bias=torch.randn(289))
+    assert not weights_ready(wide, hidden), "an intermediate bias of another width"
+    strided = weights._replace(attention_norm=(torch.randn(288)[::2], *weights.attention_norm[1:]))
+    assert not weights_ready(strided, hidden), "a strided LayerNorm weight"
+    assert not weights_ready(weights._replace(scale=0.0), hidden), "a scale the attention kernel refuses"
+    assert not weights_ready(weights._replace(num_heads=5), hidden), "heads that do not divide hidden"
