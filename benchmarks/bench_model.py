@@ -7,7 +7,9 @@ padded batch through the same API (it unpads inside), eagerly and through its tw
 (``CUDAGraphRunner``: eager validation and unpadding around a replay per token-count bucket;
 ``PaddedCUDAGraphRunner``: the whole forward in a graph per batch-shape bucket). On BERT-base bf16,
 ``+triton-gemm`` rows run the same with ``FASTBERT_GEMM=triton`` (the FFN's first matmul and its
-GELU as one Triton GEMM instead of cuBLAS + the epilogue kernel). On the headline cases,
+GELU as one Triton GEMM instead of cuBLAS + the epilogue kernel), and ``module-path`` rows time eager
+fastbert without the encoder's fast path (each layer through its modules and ops: what the fast
+path saves in host time, measured as a peer). On the headline cases,
 ``fastbert+torch.compile`` is ``torch.compile(fastbert model, fullgraph=True)`` (the fused ops as
 custom ops inside Inductor's graph, static-size unpadding). For every case: median time, tokens/s (real
 tokens), TFLOP/s of the useful work, its fraction of the matmul peak measured in this run, and (at
@@ -34,6 +36,7 @@ import transformers
 from benchmarks.conftest import DEVICE, SMOKE, device_or_skip, timed
 from tests.helpers import LOW_PRECISION_SLACK, max_abs_diff
 
+from fastbert import modeling_bert
 from fastbert.cuda_graphs import CUDAGraphRunner, PaddedCUDAGraphRunner
 from fastbert.ops import use_gemm
 from fastbert.optimize import to_fastbert
@@ -146,11 +149,12 @@ def padded_graph_runner(name: str, dtype_name: str):
 
 
 IMPLS = ["fastbert", "fastbert+cudagraphs", "fastbert+padded-cudagraphs", "fastbert+triton-gemm",
-         "fastbert+cudagraphs+triton-gemm", "fastbert+torch.compile", "transformers-eager", "transformers-sdpa",
-         "torch.compile", "torch.compile-max-autotune"]
+         "fastbert+cudagraphs+triton-gemm", "fastbert+torch.compile", "module-path", "transformers-eager",
+         "transformers-sdpa", "torch.compile", "torch.compile-max-autotune"]
+ON_HEADLINE_MODEL = ("triton-gemm", "module-path")  # rows run on HEADLINE_MODEL only (time)
 # Rows that compile for minutes: only on the headline cases, after everything else.
 HEADLINE_ONLY = ("fastbert+torch.compile", "torch.compile-max-autotune")
-HEADLINE_MODEL = ("bert-base", "bf16")  # QUICK's only model and dtype; the +triton-gemm rows' too (time)
+HEADLINE_MODEL = ("bert-base", "bf16")  # QUICK's only model and dtype; ON_HEADLINE_MODEL's rows' too
 
 
 def cases():
@@ -161,7 +165,8 @@ def cases():
                   for name in MODELS for dtype_name in DTYPES for shape in [*DENSE, *SETS] for impl in IMPLS
                   if not (QUICK and (name, dtype_name) != HEADLINE_MODEL)
                   and (impl not in HEADLINE_ONLY or (name, dtype_name, shape) in HEADLINE)
-                  and ("triton-gemm" not in impl or (name, dtype_name) == HEADLINE_MODEL or SMOKE)]
+                  and (not any(k in impl for k in ON_HEADLINE_MODEL) or (name, dtype_name) == HEADLINE_MODEL
+                       or SMOKE)]
     # Stable: the order is kept otherwise.
     order = {"fastbert+torch.compile": 2, "torch.compile-max-autotune": 3}
     everything.sort(key=lambda case: order.get(case[3], "triton-gemm" in case[3]))
@@ -171,8 +176,10 @@ def cases():
 
 @pytest.mark.parametrize("name, dtype_name, shape, impl", list(cases()))
 @torch.inference_mode()
-def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, impl):
+def test_model(benchmark, record, matmul_peak_tflops, monkeypatch, name, dtype_name, shape, impl):
     device_or_skip()
+    if impl == "module-path":
+        monkeypatch.setattr(modeling_bert, "fast_path_ready", lambda hidden_states: False)
     if SMOKE and ("cudagraphs" in impl or impl == "torch.compile-max-autotune"):
         pytest.skip("CUDA graphs and max-autotune need a GPU")
     lengths = lengths_of(shape)
@@ -184,6 +191,7 @@ def test_model(benchmark, record, matmul_peak_tflops, name, dtype_name, shape, i
         "fastbert+triton-gemm": lambda: group["fastbert"](ids, attention_mask=mask),
         "fastbert+cudagraphs+triton-gemm": lambda: graph_runner(name, dtype_name, "triton")(ids, mask),
         "fastbert+padded-cudagraphs": lambda: padded_graph_runner(name, dtype_name)(ids, mask),
+        "module-path": lambda: group["fastbert"](ids, attention_mask=mask),
         "transformers-eager": lambda: group["eager"](ids, attention_mask=mask),
         "transformers-sdpa": lambda: group["sdpa"](ids, attention_mask=mask),
         "fastbert+torch.compile": lambda: compiled_fastbert(name, dtype_name)(ids, attention_mask=mask),

@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-PEERS = {"transformers-eager", "transformers-sdpa", "torch.compile"}
+PEERS = {"transformers-eager", "transformers-sdpa", "torch.compile", "module-path"}
 
 
 @pytest.fixture(scope="module")
