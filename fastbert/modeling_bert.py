@@ -21,13 +21,21 @@ from .loading import check_loading_info, check_model_type
 from .validation import check_config, check_inputs
 
 
+def _called_as_defined(module: nn.Module) -> bool:
+    """Whether calling ``module`` would just run its class's ``forward``: no forward hook or pre-hook,
+    no ``forward`` replaced on the instance (accelerate's offloading hooks do that), no
+    ``module.compile()``."""
+    return (not module._forward_pre_hooks and not module._forward_hooks and "forward" not in module.__dict__
+            and module._compiled_call_impl is None)
+
+
 def _plain(module: nn.Module, cls: type) -> bool:
     """Whether ``module`` is exactly a ``cls`` whose weight the fused ops may read directly: a
-    registered weight parameter, no forward hooks. Anything else (an adapter's wrapper, pruning or the
-    old weight_norm, whose pre-hook recomputes ``weight``, a hook that reads or changes the output) is
-    called as a module, so it behaves as it does in transformers."""
-    return (type(module) is cls and not module._forward_pre_hooks and not module._forward_hooks
-            and module._parameters.get("weight") is not None)
+    registered weight parameter, called as defined. Anything else (an adapter's wrapper, pruning or the
+    old weight_norm, whose pre-hook recomputes ``weight``, a hook that reads or changes the output, an
+    instance whose ``forward`` was replaced) is called as a module, so it behaves as it does in
+    transformers."""
+    return type(module) is cls and _called_as_defined(module) and module._parameters.get("weight") is not None
 
 
 def _linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -236,8 +244,9 @@ class BertLayer(nn.Module):
 
     def _fast_path_weights(self) -> EncoderLayerWeights | None:
         """What ``encoder_layer`` reads, or None where the module path must run: a sub-module of another
-        class (a subclass, an adapter's wrapper), a hook on any sub-module, a Linear or LayerNorm that
-        is not ``_plain``, a missing bias or LayerNorm affine, or an active dropout. Reads ``_modules``
+        class (a subclass, an adapter's wrapper), a sub-module not ``_called_as_defined`` (a hook, a
+        replaced ``forward``), a Linear or LayerNorm that is not ``_plain``, a missing bias or
+        LayerNorm affine, or an active dropout. Reads ``_modules``
         and ``_parameters`` directly (host time: this runs per layer and forward)."""
         attention, intermediate, output = (self._modules[k] for k in ("attention", "intermediate", "output"))
         if type(attention) is not BertAttention or type(intermediate) is not BertIntermediate \
@@ -247,7 +256,7 @@ class BertLayer(nn.Module):
         if type(self_attention) is not BertSelfAttention or type(self_output) is not BertSelfOutput:
             return None
         for module in (attention, self_attention, self_output, intermediate, output):
-            if module._forward_hooks or module._forward_pre_hooks:
+            if not _called_as_defined(module):
                 return None
         for module in (self_attention, self_output, output):
             if _dropout_p(module._modules["dropout"]):
@@ -287,10 +296,13 @@ class BertEncoder(nn.Module):
         all_hidden_states = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         # Checked once per forward; each layer then checks its own modules (BertLayer.forward).
-        fast_path = not output_attentions and fast_path_ready(hidden_states) and _no_global_hooks()
+        fast_path = not output_attentions and fast_path_ready(hidden_states, packing) and _no_global_hooks()
         for i, layer in enumerate(self.layer):
             rows = last_layer_rows if i == len(self.layer) - 1 else None
-            hidden_states, probs = layer(hidden_states, packing, output_attentions, rows, fast_path)
+            if fast_path and type(layer) is BertLayer:  # a subclass keeps its own forward's signature
+                hidden_states, probs = layer(hidden_states, packing, output_attentions, rows, fast_path=True)
+            else:
+                hidden_states, probs = layer(hidden_states, packing, output_attentions, rows)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             if output_attentions:

@@ -6,10 +6,11 @@ function instead of through its modules and ops.
   shapes and every mask kind, and matches transformers; every layer takes it in a plain inference
   call; anything that must see the modules or the ops sends the affected layers (or the whole
   encoder) down the module path, which then gives what transformers gives: hooks on a sub-module, a
-  global module hook, a sub-module of another class, mixed dtypes, autograd, output_attentions,
-  first_token_only's last layer, the fused GEMM setting.
-- Here: CPU calls under the default backend never take it; ``weights_ready`` refuses shapes and
-  dtypes the kernels cannot take.
+  global module hook, a ``forward`` replaced on an instance, a sub-module of another class, a weight
+  of a tensor subclass, a layer input in another layout, mixed dtypes, autograd, output_attentions,
+  first_token_only's last layer, the fused GEMM setting, bad ``cu_seqlens`` (the op's error).
+- Here: CPU calls under the default backend never take it; a BertLayer subclass keeps its forward's
+  signature; ``weights_ready`` refuses shapes and dtypes the kernels cannot take.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def forward(model, ids, mask, types, fast=True, **kwargs):
     """``model``'s last_hidden_state (and pooler output), the fast path allowed or not."""
     with pytest.MonkeyPatch.context() as patch:
         if not fast:
-            patch.setattr(modeling_bert, "fast_path_ready", lambda hidden_states: False)
+            patch.setattr(modeling_bert, "fast_path_ready", lambda *args: False)
         with torch.no_grad():
             out = model(ids, attention_mask=mask, token_type_ids=types, **kwargs)
     return out.last_hidden_state, out.pooler_output
@@ -171,6 +172,71 @@ if IN_CHILD:
         forward(fast, ids, None, types)
         assert fast_layers == []
 
+    def test_interpreter_case_layer_hook_returning_another_layout(fast_layers):
+        """A hook on a whole layer may return any layout (here column-major): the next layer checks
+        its own input, and the module path copies it to rows."""
+        fast, hf = model_pair(make_config("h144", layers=2))
+        for model in (fast, hf):
+            model.encoder.layer[0].register_forward_hook(
+                lambda m, args, out: (out[0].t().contiguous().t(), *out[1:]) if isinstance(out, tuple) else out)
+        ids, types = random_inputs(fast.config, 2, 7)
+        hidden, _ = assert_fast_equals_module_path(fast, ids, None, types)
+        assert len(fast_layers) == 1, fast_layers  # layer 0 only: layer 1's input is column-major
+        with torch.no_grad():
+            plain = forward(model_pair(make_config("h144", layers=2))[0], ids, None, types)[0]
+        assert torch.equal(hidden, plain), "a layout change must not change the numbers"
+
+    @pytest.mark.parametrize("where", ["encoder.layer.0.intermediate", "encoder.layer.0.output.dense",
+                                       "encoder.layer.0.attention.output.LayerNorm"])
+    def test_interpreter_case_replaced_forward_is_called(where, fast_layers):
+        """``module.forward = ...`` on the instance (accelerate's offloading hooks do that): the module
+        is called, as in transformers."""
+        fast, hf = model_pair(make_config("h144", layers=2))
+        calls = []
+        for model in (fast, hf):
+            module = model.get_submodule(where)
+            original = module.forward
+
+            def replaced(*args, _original=original, **kwargs):
+                calls.append(where)
+                return 1.25 * _original(*args, **kwargs)
+
+            module.forward = replaced
+        ids, types = random_inputs(fast.config, 2, 7)
+        hidden, _ = assert_fast_equals_module_path(fast, ids, None, types)
+        assert len(fast_layers) == 1 and calls, (fast_layers, calls)
+        with torch.no_grad():
+            theirs = hf(ids, token_type_ids=types).last_hidden_state
+        assert_close(hidden, theirs, FP32_INTERPRETER, f"forward replaced on {where}")
+
+    def test_interpreter_case_weight_subclass_runs_as_modules(fast_layers):
+        """A tensor subclass as a weight must see the ops (the module path's torch.library ops)."""
+        seen = []
+
+        class Traced(torch.Tensor):
+            @classmethod
+            def __torch_function__(cls, func, types, args=(), kwargs=None):
+                seen.append(str(func))
+                return super().__torch_function__(func, types, args, kwargs or {})
+
+        fast, _ = model_pair(make_config("h144", layers=2))
+        norm = fast.encoder.layer[1].output.LayerNorm
+        norm.weight = torch.nn.Parameter(norm.weight.detach().as_subclass(Traced), requires_grad=False)
+        ids, types = random_inputs(fast.config, 2, 7)
+        forward(fast, ids, None, types)
+        assert len(fast_layers) == 1 and any("bias_residual_layer_norm" in name for name in seen), seen
+
+    def test_interpreter_case_bad_cu_seqlens_raise_as_in_the_module_path(fast_layers):
+        """The encoder called directly with int64 offsets: the attention op's error, not a kernel run."""
+        from fastbert.ops import Packing
+
+        fast, _ = model_pair(make_config("h144", layers=2))
+        hidden = torch.randn(7, 144)
+        packing = Packing(None, torch.tensor([0, 3, 7]), 4, 2, 4)
+        with torch.no_grad(), pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32"):
+            fast.encoder(hidden, packing)
+        assert fast_layers == []
+
     def test_interpreter_case_training_with_dropout_runs_as_modules(fast_layers):
         config = make_config("h144", layers=2)
         config.hidden_dropout_prob = 0.1
@@ -179,6 +245,26 @@ if IN_CHILD:
         ids, types = random_inputs(fast.config, 2, 7)
         forward(fast, ids, None, types)
         assert fast_layers == []
+
+
+def test_layer_subclass_keeps_its_forward_signature(monkeypatch):
+    """A BertLayer subclass written against ``forward(hidden_states, packing, output_attentions, rows)``
+    is called that way, fast path or not."""
+    class LoggedLayer(modeling_bert.BertLayer):
+        def forward(self, hidden_states, packing, output_attentions=False, rows=None):
+            return super().forward(hidden_states, packing, output_attentions, rows)
+
+    monkeypatch.setattr(modeling_bert, "fast_path_ready", lambda *args: True)  # as on a GPU
+    fast, hf = model_pair(make_config("h144", layers=2))
+    for i in range(2):
+        layer = LoggedLayer(fast.config)
+        layer.load_state_dict(fast.encoder.layer[i].state_dict())
+        fast.encoder.layer[i] = layer
+    ids, types = random_inputs(fast.config, 2, 7)
+    with torch.no_grad(), backend.use_backend("torch"):
+        ours = fast(ids, token_type_ids=types).last_hidden_state
+        theirs = hf(ids, token_type_ids=types).last_hidden_state
+    assert_close(ours, theirs, 2e-5, "a BertLayer subclass")
 
 
 def test_cpu_default_backend_never_takes_the_fast_path(fast_layers, monkeypatch):

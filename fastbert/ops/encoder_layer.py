@@ -45,17 +45,20 @@ class EncoderLayerWeights(NamedTuple):
     output_norm: tuple[torch.Tensor, torch.Tensor, float]
 
 
-def fast_path_ready(hidden_states: torch.Tensor) -> bool:
+def fast_path_ready(hidden_states: torch.Tensor, packing: Packing) -> bool:
     """Whether an encoder forward on ``hidden_states`` may take the fast path: the Triton backend on
-    their device, the cuBLAS GEMM setting, gradients off (inference), no autocast, a plain 2-D
-    contiguous tensor of a kernel dtype, and nothing that must see the ops (``backend.direct_launch``:
-    torch.compile tracing, a functorch transform, a dispatch mode)."""
+    their device, the cuBLAS GEMM setting, gradients off (inference), no autocast, a kernel dtype,
+    ``cu_seqlens`` as the attention op takes it (1-D int32 on the same device; else the op says what
+    is wrong), and nothing that must see the ops (``backend.direct_launch``: torch.compile tracing, a
+    functorch transform, a dispatch mode, a tensor subclass)."""
+    cu_seqlens = packing.cu_seqlens
     if (torch.is_grad_enabled() or torch.compiler.is_compiling() or hidden_states.dtype not in _DTYPES
-            or hidden_states.dim() != 2 or not hidden_states.is_contiguous() or not backend.triton_available()):
+            or not backend.triton_available() or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1
+            or cu_seqlens.numel() < 1 or cu_seqlens.get_device() != hidden_states.get_device()):
         return False
     if torch.is_autocast_enabled(hidden_states.device.type) or backend.gemm_setting() != "cublas":
         return False
-    if not (backend.use_triton(hidden_states) and backend.direct_launch(hidden_states)):
+    if not (backend.use_triton(hidden_states) and backend.direct_launch(hidden_states, cu_seqlens)):
         return False
     for kernel in _KERNELS:  # CPU tensors need kernels defined under TRITON_INTERPRET=1: else say so
         backend.check_kernel_runs_here(kernel, hidden_states.device)
@@ -63,11 +66,15 @@ def fast_path_ready(hidden_states: torch.Tensor) -> bool:
 
 
 def weights_ready(weights: EncoderLayerWeights, hidden_states: torch.Tensor) -> bool:
-    """Whether ``weights`` fit ``hidden_states`` ``[tokens, hidden]`` as the kernels need, where the
-    module path would check, promote or fail instead: every tensor of the hidden states' dtype and
-    device, the GEMM and bias shapes chained (``[3 * hidden, hidden]`` QKV, ``[hidden, hidden]``,
-    ``[intermediate, hidden]``, ``[hidden, intermediate]``), 1-D tensors contiguous, and heads and
-    scale the attention kernel takes."""
+    """Whether this layer's input and ``weights`` are what the kernels take, where the module path
+    would check, copy, promote or fail instead: plain tensors (no subclass: it would see the ops),
+    ``hidden_states`` 2-D and contiguous (a hook on the layer before may have returned any layout),
+    every weight of its dtype and device, the GEMM and bias shapes chained (``[3 * hidden, hidden]``
+    QKV, ``[hidden, hidden]``, ``[intermediate, hidden]``, ``[hidden, intermediate]``), 1-D tensors
+    contiguous, and heads and scale the attention kernel takes. Checked per layer and forward."""
+    plain = backend.PLAIN_TENSOR_TYPES
+    if type(hidden_states) not in plain or hidden_states.dim() != 2 or not hidden_states.is_contiguous():
+        return False
     dtype, device, hidden = hidden_states.dtype, hidden_states.get_device(), hidden_states.shape[1]
     intermediate = weights.intermediate_weight.shape[0]
     shapes = ((weights.qkv_weight, (3 * hidden, hidden)), (weights.qkv_bias, (3 * hidden,)),
@@ -77,7 +84,7 @@ def weights_ready(weights: EncoderLayerWeights, hidden_states: torch.Tensor) -> 
               (weights.output_weight, (hidden, intermediate)), (weights.output_bias, (hidden,)),
               (weights.output_norm[0], (hidden,)), (weights.output_norm[1], (hidden,)))
     for t, shape in shapes:
-        if (t.dtype is not dtype or t.get_device() != device or t.shape != shape
+        if (type(t) not in plain or t.dtype is not dtype or t.get_device() != device or t.shape != shape
                 or (len(shape) == 1 and not t.is_contiguous())):
             return False
     if hidden % weights.num_heads:
