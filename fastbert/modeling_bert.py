@@ -232,13 +232,14 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, packing, output_attentions=False, rows=None, fast_path=False):
-        """``fast_path``: the encoder found the call eligible (``fast_path_ready``); the layer then
+    def forward(self, hidden_states, packing, output_attentions=False, rows=None, fast_path=None):
+        """``fast_path``: None, or the encoder found the call eligible (``fast_path_ready``) and says
+        whether the FFN's GEMM is the fused one (``"triton"``) or cuBLAS (``"cublas"``); the layer then
         launches its kernels from one function (``ops.encoder_layer``) if its own modules allow."""
-        if fast_path and not output_attentions and rows is None:
+        if fast_path is not None and not output_attentions and rows is None:
             weights = self._fast_path_weights()
             if weights is not None and weights_ready(weights, hidden_states):
-                return encoder_layer(hidden_states, packing, weights), None
+                return encoder_layer(hidden_states, packing, weights, fast_path == "triton"), None
         attention_output, probs = self.attention(hidden_states, packing, output_attentions, rows)
         return self.output(self.intermediate(attention_output), attention_output), probs
 
@@ -296,11 +297,12 @@ class BertEncoder(nn.Module):
         all_hidden_states = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         # Checked once per forward; each layer then checks its own modules (BertLayer.forward).
-        fast_path = not output_attentions and fast_path_ready(hidden_states, packing) and _no_global_hooks()
+        fast = not output_attentions and fast_path_ready(hidden_states, packing) and _no_global_hooks()
+        fast_path = ops.gemm_setting() if fast else None
         for i, layer in enumerate(self.layer):
             rows = last_layer_rows if i == len(self.layer) - 1 else None
             if fast_path and type(layer) is BertLayer:  # a subclass keeps its own forward's signature
-                hidden_states, probs = layer(hidden_states, packing, output_attentions, rows, fast_path=True)
+                hidden_states, probs = layer(hidden_states, packing, output_attentions, rows, fast_path=fast_path)
             else:
                 hidden_states, probs = layer(hidden_states, packing, output_attentions, rows)
             if output_hidden_states:

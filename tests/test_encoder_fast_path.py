@@ -8,12 +8,15 @@ function instead of through its modules and ops.
   encoder) down the module path, which then gives what transformers gives: hooks on a sub-module, a
   global module hook, a ``forward`` replaced on an instance, a sub-module of another class, a weight
   of a tensor subclass, a layer input in another layout, mixed dtypes, autograd, output_attentions,
-  first_token_only's last layer, the fused GEMM setting, bad ``cu_seqlens`` (the op's error).
+  first_token_only's last layer, bad ``cu_seqlens`` (the op's error). Under ``FASTBERT_GEMM=triton``
+  the fast path launches the fused GEMM, as the module path does.
 - Here: CPU calls under the default backend never take it; a BertLayer subclass keeps its forward's
   signature; ``weights_ready`` refuses shapes and dtypes the kernels cannot take.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -77,6 +80,24 @@ if IN_CHILD:
                 theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
             keep = mask.bool()
             assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, "last_hidden_state against transformers")
+
+    @pytest.mark.parametrize("mask_kind", ["none", "holes"])
+    def test_interpreter_case_fused_gemm_setting(mask_kind, fast_layers, monkeypatch):
+        """FASTBERT_GEMM=triton: the fast path launches the fused GEMM as ops.linear_activation does."""
+        monkeypatch.setenv("FASTBERT_GEMM", "triton")
+        fast, hf = model_pair(make_config("h144", layers=2))
+        ids, types = random_inputs(fast.config, 3, 11)
+        mask = make_mask(mask_kind, 3, 11)
+        launches = []
+        gemm = importlib.import_module("fastbert.ops.linear_activation")
+        original = gemm.linear_activation_fwd
+        monkeypatch.setattr(gemm, "linear_activation_fwd", lambda *a, **k: launches.append(1) or original(*a, **k))
+        hidden, _ = assert_fast_equals_module_path(fast, ids, mask, types)
+        assert len(fast_layers) == 2 and len(launches) == 4, (fast_layers, launches)  # 2 layers, 2 forwards
+        with torch.no_grad():
+            theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        keep = mask.bool()
+        assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, "fused GEMM against transformers")
 
     def test_interpreter_case_long_sequences(fast_layers):
         """Several key blocks per sequence, holes."""
@@ -167,10 +188,6 @@ if IN_CHILD:
         assert fast_layers == []
         forward(fast, ids, None, types, first_token_only=True)  # the last layer computes first rows only
         assert len(fast_layers) == 1
-        fast_layers.clear()
-        monkeypatch.setenv("FASTBERT_GEMM", "triton")  # the fused GEMM runs in the module path
-        forward(fast, ids, None, types)
-        assert fast_layers == []
 
     def test_interpreter_case_layer_hook_returning_another_layout(fast_layers):
         """A hook on a whole layer may return any layout (here column-major): the next layer checks

@@ -47,7 +47,7 @@ class EncoderLayerWeights(NamedTuple):
 
 def fast_path_ready(hidden_states: torch.Tensor, packing: Packing) -> bool:
     """Whether an encoder forward on ``hidden_states`` may take the fast path: the Triton backend on
-    their device, the cuBLAS GEMM setting, gradients off (inference), no autocast, a kernel dtype,
+    their device, gradients off (inference), no autocast, a kernel dtype,
     ``cu_seqlens`` as the attention op takes it (1-D int32 on the same device; else the op says what
     is wrong), and nothing that must see the ops (``backend.direct_launch``: torch.compile tracing, a
     functorch transform, a dispatch mode, a tensor subclass)."""
@@ -56,11 +56,12 @@ def fast_path_ready(hidden_states: torch.Tensor, packing: Packing) -> bool:
             or not backend.triton_available() or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1
             or cu_seqlens.numel() < 1 or cu_seqlens.get_device() != hidden_states.get_device()):
         return False
-    if torch.is_autocast_enabled(hidden_states.device.type) or backend.gemm_setting() != "cublas":
+    if torch.is_autocast_enabled(hidden_states.device.type):
         return False
     if not (backend.use_triton(hidden_states) and backend.direct_launch(hidden_states, cu_seqlens)):
         return False
-    for kernel in _KERNELS:  # CPU tensors need kernels defined under TRITON_INTERPRET=1: else say so
+    kernels = _KERNELS + ((_gemm._linear_activation_fwd_kernel,) if backend.gemm_setting() == "triton" else ())
+    for kernel in kernels:  # CPU tensors need kernels defined under TRITON_INTERPRET=1: else say so
         backend.check_kernel_runs_here(kernel, hidden_states.device)
     return True
 
@@ -92,9 +93,11 @@ def weights_ready(weights: EncoderLayerWeights, hidden_states: torch.Tensor) -> 
     return hidden // weights.num_heads <= _attention.MAX_HEAD_DIM and _attention.softmax_scale_supported(weights.scale)
 
 
-def encoder_layer(hidden_states: torch.Tensor, packing: Packing, weights: EncoderLayerWeights) -> torch.Tensor:
+def encoder_layer(hidden_states: torch.Tensor, packing: Packing, weights: EncoderLayerWeights,
+                  fused_gemm: bool = False) -> torch.Tensor:
     """``[tokens, hidden]`` -> ``[tokens, hidden]``: QKV GEMM, attention, output projection, bias +
-    residual + LayerNorm, FFN GEMM, bias + activation (in place), FFN GEMM, bias + residual +
+    residual + LayerNorm, FFN GEMM, bias + activation (in place; ``fused_gemm``, the setting
+    ``FASTBERT_GEMM=triton``: in the Triton GEMM's epilogue instead), FFN GEMM, bias + residual +
     LayerNorm. Call only where ``fast_path_ready`` and ``weights_ready`` hold."""
     x = hidden_states
     qkv = F.linear(x, weights.qkv_weight, weights.qkv_bias)
@@ -105,9 +108,13 @@ def encoder_layer(hidden_states: torch.Tensor, packing: Packing, weights: Encode
     _layer_norm.bias_residual_layer_norm_fwd(F.linear(context, weights.attention_output_weight),
                                              weights.attention_output_bias, x, *weights.attention_norm,
                                              attention_output)
-    intermediate = F.linear(attention_output, weights.intermediate_weight)
-    # In place: the kernel reads each element once, then writes it (saves a [tokens, intermediate] buffer).
-    _activation.bias_activation_fwd(intermediate, weights.intermediate_bias, weights.activation, intermediate)
+    if fused_gemm:  # as ops.linear_activation launches it under FASTBERT_GEMM=triton
+        intermediate = _gemm._launch(attention_output, weights.intermediate_weight, weights.intermediate_bias,
+                                     weights.activation)
+    else:
+        intermediate = F.linear(attention_output, weights.intermediate_weight)
+        # In place: the kernel reads each element once, then writes it (saves a [tokens, intermediate] buffer).
+        _activation.bias_activation_fwd(intermediate, weights.intermediate_bias, weights.activation, intermediate)
     out = torch.empty_like(x)
     _layer_norm.bias_residual_layer_norm_fwd(F.linear(intermediate, weights.output_weight), weights.output_bias,
                                              attention_output, *weights.output_norm, out)
@@ -120,6 +127,7 @@ if backend.triton_available():
     _attention = importlib.import_module(f"{__package__}.attention")
     _activation = importlib.import_module(f"{__package__}.bias_activation")
     _layer_norm = importlib.import_module(f"{__package__}.bias_residual_layer_norm")
+    _gemm = importlib.import_module(f"{__package__}.linear_activation")
 
     _KERNELS = (_attention._attention_fwd_kernel, _activation._bias_activation_fwd_kernel,
                 _layer_norm._bias_residual_layer_norm_fwd_kernel)
