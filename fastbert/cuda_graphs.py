@@ -20,6 +20,7 @@ bucketing is tested on the CPU.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 
 import torch
@@ -42,6 +43,13 @@ def _plain_call(model, kwargs, allowed=()) -> bool:
     config = model.config
     return (not model.training and not config.output_attentions and not config.output_hidden_states
             and getattr(config, "return_dict", True) and all(key in allowed for key in kwargs))
+
+
+def _on_device(device: torch.device, capture: bool):
+    """The model's GPU as the current device while graphs are captured and replayed: capture records
+    the current device's streams, and replay launches on them (a model on ``cuda:1`` with ``cuda:0``
+    current would capture nothing of its kernels)."""
+    return torch.cuda.device(device) if capture else contextlib.nullcontext()
 
 
 def capture_graph(work, pool=None, warmup: int = 2):
@@ -141,7 +149,7 @@ class CUDAGraphRunner:
                                   position_ids=position_ids, **kwargs)
         if not _plain_call(self.model, kwargs, ("cu_seq_lens_q", "max_length_q")):
             return eager()
-        with torch.no_grad():
+        with torch.no_grad(), _on_device(self.device, self.capture):
             output = self._replay(input_ids, attention_mask, token_type_ids, position_ids, kwargs)
         return eager() if output is None else output
 
@@ -271,7 +279,7 @@ class PaddedCUDAGraphRunner:
                  **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:
         if not self._takes(input_ids, attention_mask, token_type_ids, kwargs):
             return self.model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
-        with torch.no_grad():  # ordinary output tensors, not inference tensors
+        with torch.no_grad(), _on_device(self.device, self.capture):  # ordinary tensors, not inference tensors
             return self._replay(input_ids, attention_mask, token_type_ids)
 
     def _replay(self, input_ids, attention_mask, token_type_ids) -> BaseModelOutputWithPoolingAndCrossAttentions:

@@ -99,6 +99,18 @@ if IN_CHILD:
         keep = mask.bool()
         assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, "fused GEMM against transformers")
 
+    def test_interpreter_case_each_layer_runs_on_its_tensors_gpu(fast_layers, monkeypatch):
+        """The fast path makes its hidden states' GPU current (``backend.device_guard``) around each
+        layer's launches, as the ops do around theirs: Triton launches on the current device."""
+        guarded = []
+        original = backend.device_guard
+        monkeypatch.setattr(backend, "device_guard", lambda t: guarded.append(t.shape) or original(t))
+        fast, _ = model_pair(make_config("h144", layers=2))
+        ids, types = random_inputs(fast.config, 2, 7)
+        forward(fast, ids, None, types)
+        # The embeddings' Triton op (on its word table), then each layer (on its hidden states).
+        assert len(fast_layers) == 2 and guarded == [(512, 144), (14, 144), (14, 144)], guarded
+
     def test_interpreter_case_long_sequences(fast_layers):
         """Several key blocks per sequence, holes."""
         fast, _ = model_pair(make_config("h144", layers=1, max_positions=160))

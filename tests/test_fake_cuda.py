@@ -149,6 +149,58 @@ def test_ops_take_the_triton_path_on_cuda(dtype, launches):
     ]
 
 
+def test_triton_launches_make_their_tensors_gpu_current(monkeypatch):
+    """Triton launches on the current CUDA device: each op makes its tensors' GPU current around its
+    launch, and restores the previous one after. Here the tensors are on cuda:1 while cuda:0 is
+    current; the three CUDA calls involved are stand-ins (no GPU here), which record the current
+    device at each launch."""
+    from fastbert import ops
+
+    current = [0]
+
+    class DeviceContext:  # torch.cuda.device's role, on the stand-in current device
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", DeviceContext)
+    seen = []
+    helpers = {**{f"fastbert.ops.{op}": helper for op, helper in LAUNCH_HELPERS.items() if op != "linear_activation"},
+               "fastbert.kernels.embeddings": "embeddings_fwd"}
+    for module_name, helper in helpers.items():
+        module = importlib.import_module(module_name)
+        original = getattr(module, helper)
+
+        def spy(*args, _helper=helper, _original=original, **kwargs):
+            seen.append((_helper, current[0], {a.get_device() for a in args if isinstance(a, torch.Tensor)}))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, helper, spy)
+    monkeypatch.setenv("FASTBERT_BACKEND", "triton")  # the embeddings' Triton op (the extension guards itself)
+    mode = FakeTensorMode()
+    with mode:
+        qkv, cu, x, b, table, ids = (mode.from_tensor(t).to("cuda:1") for t in (
+            torch.randn(11, 3 * 78), torch.tensor([0, 4, 11], dtype=torch.int32), torch.randn(11, 78),
+            torch.randn(78), torch.randn(10, 78), torch.tensor([1, 2, 3])))
+        att = ops.varlen_attention(qkv, cu, 7, 3, 0.2)
+        ops.bias_residual_layer_norm(x, b, att, b, b, 1e-12)
+        ops.bias_activation(x, b, "gelu")
+        ops.embeddings(ids, ids, ids * 0, table, table, table, b, b, 1e-12, validate_indices=False)
+    assert seen == [("attention_fwd", 1, {1}), ("bias_residual_layer_norm_fwd", 1, {1}),
+                    ("bias_activation_fwd", 1, {1}), ("embeddings_fwd", 1, {1})], seen
+    assert current == [0]
+    assert backend.device_guard(x) is not backend.device_guard(torch.zeros(1))  # cuda:1 needs a switch
+    current[0] = 1
+    assert backend.device_guard(x) is backend.device_guard(torch.zeros(1))  # the shared no-op context
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_gemm_takes_the_triton_path_on_cuda(dtype, launches, monkeypatch):
     """FASTBERT_GEMM=triton: one fused op and one launch, with linear_config's tiles (no GPU to ask:

@@ -109,7 +109,8 @@ if backend.triton_available():
         if qkv.stride(1) != 1:
             qkv = qkv.contiguous()
         out = qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))
-        attention_fwd(qkv, cu_seqlens.contiguous(), max_seqlen, num_heads, scale, out, kernel=kernel)
+        with backend.device_guard(qkv):
+            attention_fwd(qkv, cu_seqlens.contiguous(), max_seqlen, num_heads, scale, out, kernel=kernel)
         return out
 
     @torch.library.triton_op(TRITON_OP, mutates_args=())

@@ -145,6 +145,22 @@ def direct_launch(*tensors: torch.Tensor | None) -> bool:
 # Tensors that are not subclasses: no fake, functional or other wrapper tensor.
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def device_guard(t: torch.Tensor):
+    """A context that makes ``t``'s GPU the current CUDA device around a Triton launch. Triton launches
+    on the current device (and its current stream), so tensors on another GPU (a model moved to
+    ``cuda:1`` while ``cuda:0`` is current) would fail ("cannot be accessed from Triton") or run on the
+    wrong device; PyTorch's own ops switch devices themselves. A shared no-op context for CPU tensors,
+    for tensors on the current device, and where there is no CUDA device (fake CUDA tensors traced
+    without a GPU)."""
+    if t.is_cuda and torch.cuda.is_available():
+        index = t.get_device()
+        if index != torch.cuda.current_device():
+            return torch.cuda.device(index)
+    return _SAME_DEVICE
+
 
 # Launch helpers shared by the ops' ``_launch`` functions. An eager forward of a small batch waits on
 # its host time, and these are the cheap forms (measured on the development VM, one call each):

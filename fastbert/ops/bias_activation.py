@@ -53,7 +53,8 @@ if backend.triton_available():
         dtype = x.dtype if bias is None or bias.dtype == x.dtype else torch.promote_types(x.dtype, bias.dtype)
         out = backend.empty_rows(x2, dtype)
         bias = x.new_zeros(x.shape[-1]) if bias is None else bias.contiguous()
-        bias_activation_fwd(x2, bias, activation, out, kernel=kernel)
+        with backend.device_guard(x2):
+            bias_activation_fwd(x2, bias, activation, out, kernel=kernel)
         return backend.unrows(out, x)
 
     @torch.library.triton_op(TRITON_OP, mutates_args=())

@@ -50,8 +50,9 @@ if backend.triton_available():
             dtype = dtype if bias is None else torch.promote_types(dtype, bias.dtype)
         out = backend.empty_rows(x2, dtype)
         bias = x.new_zeros(x.shape[-1]) if bias is None else bias.contiguous()
-        bias_residual_layer_norm_fwd(x2, bias, r2, weight.contiguous(), ln_bias.contiguous(), eps, out,
-                                     kernel=kernel)
+        with backend.device_guard(x2):
+            bias_residual_layer_norm_fwd(x2, bias, r2, weight.contiguous(), ln_bias.contiguous(), eps, out,
+                                         kernel=kernel)
         return backend.unrows(out, x)
 
     @torch.library.triton_op(TRITON_OP, mutates_args=())

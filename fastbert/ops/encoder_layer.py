@@ -99,7 +99,11 @@ def encoder_layer(hidden_states: torch.Tensor, packing: Packing, weights: Encode
     residual + LayerNorm, FFN GEMM, bias + activation (in place; ``fused_gemm``, the setting
     ``FASTBERT_GEMM=triton``: in the Triton GEMM's epilogue instead), FFN GEMM, bias + residual +
     LayerNorm. Call only where ``fast_path_ready`` and ``weights_ready`` hold."""
-    x = hidden_states
+    with backend.device_guard(hidden_states):
+        return _encoder_layer(hidden_states, packing, weights, fused_gemm)
+
+
+def _encoder_layer(x: torch.Tensor, packing: Packing, weights: EncoderLayerWeights, fused_gemm: bool) -> torch.Tensor:
     qkv = F.linear(x, weights.qkv_weight, weights.qkv_bias)
     context = torch.empty_like(x)
     _attention.attention_fwd(qkv, packing.cu_seqlens.contiguous(), packing.max_seqlen, weights.num_heads,

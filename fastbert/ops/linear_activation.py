@@ -58,7 +58,8 @@ if backend.triton_available():
         out = backend.empty_rows(x2, x.dtype, weight.shape[0])
         bias = x.new_zeros(weight.shape[0]) if bias is None else bias.contiguous()
         capability, num_sms = _describe(x.device)
-        linear_activation_fwd(x2, weight, bias, activation, out, capability, num_sms, kernel=kernel)
+        with backend.device_guard(x2):
+            linear_activation_fwd(x2, weight, bias, activation, out, capability, num_sms, kernel=kernel)
         return backend.unrows(out, x)
 
     @torch.library.triton_op(TRITON_OP, mutates_args=())
