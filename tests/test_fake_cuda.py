@@ -168,6 +168,11 @@ def test_triton_launches_make_their_tensors_gpu_current(monkeypatch):
         def __exit__(self, *exc):
             current[0] = self.previous
 
+    mode = FakeTensorMode()
+    with mode:  # made before the stand-ins: with CUDA "available", torch 2.11's fake .to() inits CUDA
+        qkv, cu, x, b, table, ids = (mode.from_tensor(t).to("cuda:1") for t in (
+            torch.randn(11, 3 * 78), torch.tensor([0, 4, 11], dtype=torch.int32), torch.randn(11, 78),
+            torch.randn(78), torch.randn(10, 78), torch.tensor([1, 2, 3])))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", DeviceContext)
@@ -184,11 +189,7 @@ def test_triton_launches_make_their_tensors_gpu_current(monkeypatch):
 
         monkeypatch.setattr(module, helper, spy)
     monkeypatch.setenv("FASTBERT_BACKEND", "triton")  # the embeddings' Triton op (the extension guards itself)
-    mode = FakeTensorMode()
     with mode:
-        qkv, cu, x, b, table, ids = (mode.from_tensor(t).to("cuda:1") for t in (
-            torch.randn(11, 3 * 78), torch.tensor([0, 4, 11], dtype=torch.int32), torch.randn(11, 78),
-            torch.randn(78), torch.randn(10, 78), torch.tensor([1, 2, 3])))
         att = ops.varlen_attention(qkv, cu, 7, 3, 0.2)
         ops.bias_residual_layer_norm(x, b, att, b, b, 1e-12)
         ops.bias_activation(x, b, "gelu")
