@@ -16,8 +16,8 @@ from transformers.models.bert.modeling_bert import BertPreTrainedModel
 from transformers.utils import logging
 
 from . import ops
-from .ops.encoder_layer import EncoderLayerWeights, encoder_layer, fast_path_ready, weights_ready
 from .loading import check_loading_info, check_model_type
+from .ops.encoder_layer import EncoderLayerWeights, encoder_layer, fast_path_ready, weights_ready
 from .validation import check_config, check_inputs
 
 
@@ -236,10 +236,10 @@ class BertLayer(nn.Module):
         """``fast_path``: None, or the encoder found the call eligible (``fast_path_ready``) and says
         whether the FFN's GEMM is the fused one (``"triton"``) or cuBLAS (``"cublas"``); the layer then
         launches its kernels from one function (``ops.encoder_layer``) if its own modules allow."""
-        if fast_path is not None and not output_attentions and rows is None:
+        if fast_path is not None and not output_attentions:
             weights = self._fast_path_weights()
             if weights is not None and weights_ready(weights, hidden_states):
-                return encoder_layer(hidden_states, packing, weights, fast_path == "triton"), None
+                return encoder_layer(hidden_states, packing, weights, fast_path == "triton", rows), None
         attention_output, probs = self.attention(hidden_states, packing, output_attentions, rows)
         return self.output(self.intermediate(attention_output), attention_output), probs
 

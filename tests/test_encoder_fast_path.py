@@ -8,8 +8,8 @@ function instead of through its modules and ops.
   encoder) down the module path, which then gives what transformers gives: hooks on a sub-module, a
   global module hook, a ``forward`` replaced on an instance, a sub-module of another class, a weight
   of a tensor subclass, a layer input in another layout, mixed dtypes, autograd, output_attentions,
-  first_token_only's last layer, bad ``cu_seqlens`` (the op's error). Under ``FASTBERT_GEMM=triton``
-  the fast path launches the fused GEMM, as the module path does.
+  bad ``cu_seqlens`` (the op's error). first_token_only's last layer takes it too. Under
+  ``FASTBERT_GEMM=triton`` the fast path launches the fused GEMM, as the module path does.
 - Here: CPU calls under the default backend never take it; a BertLayer subclass keeps its forward's
   signature; ``weights_ready`` refuses shapes and dtypes the kernels cannot take.
 """
@@ -23,8 +23,8 @@ import torch
 
 from fastbert import modeling_bert
 from fastbert.ops import backend
-from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
 from tests.helpers import FP32_INTERPRETER, assert_close, interpreter_parent_test
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
 from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
 needs_triton = pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
@@ -73,7 +73,7 @@ if IN_CHILD:
         fast.to(dtype)
         ids, types = random_inputs(fast.config, 3, 11)
         mask = make_mask(mask_kind, 3, 11)
-        hidden, pooled = assert_fast_equals_module_path(fast, ids, mask, types)
+        hidden, _ = assert_fast_equals_module_path(fast, ids, mask, types)
         assert len(fast_layers) == 2, fast_layers
         if dtype == torch.float32:
             with torch.no_grad():
@@ -110,6 +110,20 @@ if IN_CHILD:
         forward(fast, ids, None, types)
         # The embeddings' Triton op (on its word table), then each layer (on its hidden states).
         assert len(fast_layers) == 2 and guarded == [(512, 144), (14, 144), (14, 144)], guarded
+
+    @pytest.mark.parametrize("mask_kind", ["none", "left", "holes"])
+    def test_interpreter_case_first_token_only(mask_kind, fast_layers):
+        """The last layer computes only each row's first token after attention, on the fast path too."""
+        fast, hf = model_pair(make_config("h144", layers=2))
+        ids, types = random_inputs(fast.config, 3, 11)
+        mask = make_mask(mask_kind, 3, 11)
+        hidden, pooled = assert_fast_equals_module_path(fast, ids, mask, types, first_token_only=True)
+        assert len(fast_layers) == 2 and hidden.shape == (3, 1, 144), (fast_layers, hidden.shape)
+        with torch.no_grad():
+            theirs = hf(ids, attention_mask=mask, token_type_ids=types)
+        first_real = mask.bool()[:, 0]
+        assert_close(hidden[first_real, 0], theirs.last_hidden_state[first_real, 0], FP32_INTERPRETER, "[CLS]")
+        assert_close(pooled[first_real], theirs.pooler_output[first_real], FP32_INTERPRETER, "pooler")
 
     def test_interpreter_case_long_sequences(fast_layers):
         """Several key blocks per sequence, holes."""
@@ -198,8 +212,6 @@ if IN_CHILD:
         assert out.last_hidden_state.requires_grad and fast_layers == []
         forward(fast, ids, None, types, output_attentions=True)
         assert fast_layers == []
-        forward(fast, ids, None, types, first_token_only=True)  # the last layer computes first rows only
-        assert len(fast_layers) == 1
 
     def test_interpreter_case_layer_hook_returning_another_layout(fast_layers):
         """A hook on a whole layer may return any layout (here column-major): the next layer checks

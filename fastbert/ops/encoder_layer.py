@@ -94,20 +94,24 @@ def weights_ready(weights: EncoderLayerWeights, hidden_states: torch.Tensor) -> 
 
 
 def encoder_layer(hidden_states: torch.Tensor, packing: Packing, weights: EncoderLayerWeights,
-                  fused_gemm: bool = False) -> torch.Tensor:
+                  fused_gemm: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
     """``[tokens, hidden]`` -> ``[tokens, hidden]``: QKV GEMM, attention, output projection, bias +
     residual + LayerNorm, FFN GEMM, bias + activation (in place; ``fused_gemm``, the setting
     ``FASTBERT_GEMM=triton``: in the Triton GEMM's epilogue instead), FFN GEMM, bias + residual +
-    LayerNorm. Call only where ``fast_path_ready`` and ``weights_ready`` hold."""
+    LayerNorm. ``rows``: only these rows go on after attention (``[len(rows), hidden]`` out), as in
+    BertAttention. Call only where ``fast_path_ready`` and ``weights_ready`` hold."""
     with backend.device_guard(hidden_states):
-        return _encoder_layer(hidden_states, packing, weights, fused_gemm)
+        return _encoder_layer(hidden_states, packing, weights, fused_gemm, rows)
 
 
-def _encoder_layer(x: torch.Tensor, packing: Packing, weights: EncoderLayerWeights, fused_gemm: bool) -> torch.Tensor:
+def _encoder_layer(x: torch.Tensor, packing: Packing, weights: EncoderLayerWeights, fused_gemm: bool,
+                   rows: torch.Tensor | None) -> torch.Tensor:
     qkv = F.linear(x, weights.qkv_weight, weights.qkv_bias)
     context = torch.empty_like(x)
     _attention.attention_fwd(qkv, packing.cu_seqlens.contiguous(), packing.max_seqlen, weights.num_heads,
                              weights.scale, context)
+    if rows is not None:  # every row was needed as a key and value; only these go on
+        context, x = context[rows], x[rows]
     attention_output = torch.empty_like(x)
     _layer_norm.bias_residual_layer_norm_fwd(F.linear(context, weights.attention_output_weight),
                                              weights.attention_output_bias, x, *weights.attention_norm,
