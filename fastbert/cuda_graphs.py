@@ -54,7 +54,10 @@ def _on_device(device: torch.device, capture: bool):
 
 def capture_graph(work, pool=None, warmup: int = 2):
     """``work()`` run ``warmup`` times on a side stream (kernel compilation, autotuning, lazy init stay
-    out of the graph), then captured: (the graph, what the captured call returned)."""
+    out of the graph), then captured on that stream: (the graph, what the captured call returned).
+    The side stream is the current device's; torch.cuda.graph's default capture stream is one per
+    process, made on whichever GPU was current at the first capture, so a runner on another GPU
+    would capture nothing of its kernels."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -62,7 +65,7 @@ def capture_graph(work, pool=None, warmup: int = 2):
             work()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=side):
         outputs = work()
     return graph, outputs
 

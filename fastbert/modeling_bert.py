@@ -233,10 +233,10 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, hidden_states, packing, output_attentions=False, rows=None, fast_path=None):
-        """``fast_path``: None, or the encoder found the call eligible (``fast_path_ready``) and says
-        whether the FFN's GEMM is the fused one (``"triton"``) or cuBLAS (``"cublas"``); the layer then
+        """``fast_path``: ``"cublas"`` or ``"triton"`` when the encoder found the call eligible
+        (``fast_path_ready``), saying which GEMM the FFN uses (anything else: off); the layer then
         launches its kernels from one function (``ops.encoder_layer``) if its own modules allow."""
-        if fast_path is not None and not output_attentions:
+        if fast_path in ("cublas", "triton") and not output_attentions:
             weights = self._fast_path_weights()
             if weights is not None and weights_ready(weights, hidden_states):
                 return encoder_layer(hidden_states, packing, weights, fast_path == "triton", rows), None

@@ -73,6 +73,38 @@ def test_first_token_only_per_packed_sequence(pair):
     assert_close(first.last_hidden_state[0], full.last_hidden_state[0, [0, 4, 6]], 1e-5)
 
 
+def test_graphs_are_captured_on_the_models_gpu(monkeypatch):
+    """The runners make the model's GPU current around capture and replay, and capture on a side
+    stream of that GPU: torch.cuda.graph's default capture stream is one per process, made on
+    whichever GPU was current at the first capture, so a second runner on another GPU would capture
+    nothing of its kernels. The CUDA calls are stand-ins (no GPU here; one per GPU test machine)."""
+    import contextlib
+
+    from fastbert import cuda_graphs
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    side, captures = Stream(), []
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, pool=None, stream=None):
+        captures.append((cuda_graph, pool, stream))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "a graph")
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    assert cuda_graphs.capture_graph(lambda: 7, pool="a pool") == ("a graph", 7)
+    assert captures == [("a graph", "a pool", side)]
+    monkeypatch.setattr(torch.cuda, "device", lambda device: ("device context", device))
+    assert cuda_graphs._on_device(torch.device("cuda", 1), capture=True) == ("device context", torch.device("cuda", 1))
+    assert isinstance(cuda_graphs._on_device(torch.device("cpu"), capture=False), contextlib.nullcontext)
+
+
 def test_default_buckets_bound_the_padding():
     """Every token count from 1 to 16384 has a bucket that computes at most 1.5x its tokens, and past
     1024 at most 512 tokens more (the work a replay wastes on padding)."""

@@ -309,10 +309,19 @@ def test_layer_subclass_keeps_its_forward_signature(monkeypatch):
 
 
 def test_cpu_default_backend_never_takes_the_fast_path(fast_layers, monkeypatch):
+    from fastbert.validation import check_inputs
+
     monkeypatch.setenv("FASTBERT_BACKEND", "auto")
     fast, _ = model_pair(make_config("h144", layers=2))
     ids, types = random_inputs(fast.config, 2, 7)
     forward(fast, ids, None, types)
+    assert fast_layers == []
+    # A layer called with fast_path off (None, False): the module path, whatever the value's type.
+    packing = check_inputs(fast.config, ids, None, None, None, None).packing
+    hidden = torch.randn(14, 144)
+    with torch.no_grad():
+        for off in (None, False):
+            fast.encoder.layer[0](hidden, packing, fast_path=off)
     assert fast_layers == []
 
 

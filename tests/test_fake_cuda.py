@@ -170,14 +170,16 @@ def test_triton_launches_make_their_tensors_gpu_current(monkeypatch):
 
     mode = FakeTensorMode()
     with mode:  # made before the stand-ins: with CUDA "available", torch 2.11's fake .to() inits CUDA
-        qkv, cu, x, b, table, ids = (mode.from_tensor(t).to("cuda:1") for t in (
+        qkv, cu, x, b, table, ids, w = (mode.from_tensor(t).to("cuda:1") for t in (
             torch.randn(11, 3 * 78), torch.tensor([0, 4, 11], dtype=torch.int32), torch.randn(11, 78),
-            torch.randn(78), torch.randn(10, 78), torch.tensor([1, 2, 3])))
+            torch.randn(78), torch.randn(10, 78), torch.tensor([1, 2, 3]), torch.randn(78, 78)))
+    gemm = importlib.import_module("fastbert.ops.linear_activation")
+    monkeypatch.setattr(gemm, "_gpu", lambda index: (90, 132))  # the fused GEMM's tiles ask the GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", DeviceContext)
     seen = []
-    helpers = {**{f"fastbert.ops.{op}": helper for op, helper in LAUNCH_HELPERS.items() if op != "linear_activation"},
+    helpers = {**{f"fastbert.ops.{op}": helper for op, helper in LAUNCH_HELPERS.items()},
                "fastbert.kernels.embeddings": "embeddings_fwd"}
     for module_name, helper in helpers.items():
         module = importlib.import_module(module_name)
@@ -194,8 +196,11 @@ def test_triton_launches_make_their_tensors_gpu_current(monkeypatch):
         ops.bias_residual_layer_norm(x, b, att, b, b, 1e-12)
         ops.bias_activation(x, b, "gelu")
         ops.embeddings(ids, ids, ids * 0, table, table, table, b, b, 1e-12, validate_indices=False)
+        with ops.use_gemm("triton"):
+            ops.linear_activation(x, w, b, "gelu")
     assert seen == [("attention_fwd", 1, {1}), ("bias_residual_layer_norm_fwd", 1, {1}),
-                    ("bias_activation_fwd", 1, {1}), ("embeddings_fwd", 1, {1})], seen
+                    ("bias_activation_fwd", 1, {1}), ("embeddings_fwd", 1, {1}),
+                    ("linear_activation_fwd", 1, {1})], seen
     assert current == [0]
     assert backend.device_guard(x) is not backend.device_guard(torch.zeros(1))  # cuda:1 needs a switch
     current[0] = 1
