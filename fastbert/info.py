@@ -42,6 +42,11 @@ def report() -> list[tuple[str, str]]:
                  "bias_residual_layer_norm"):
         op = importlib.import_module(f"fastbert.ops.{name}")  # the module: ops re-exports same-named functions
         rows.append((f"op {name}", ", ".join(f"{d}: {op.active_backend(d)}" for d in devices)))
+    if backend.triton_available():
+        from .ops.encoder_layer import fast_path_active
+
+        rows.append(("encoder eager fast path", ", ".join(
+            f"{d}: {'on' if fast_path_active(d) else 'off'}" for d in devices)))
     return rows
 
 

@@ -1,6 +1,7 @@
 """The ``fastbert`` command: embed equals sentence-transformers' pipeline; info reports."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -116,3 +117,4 @@ def test_info_lists_backends():
     for expected in ("torch", "transformers", "FASTBERT_BACKEND", "op attention", "op embeddings",
                      "op bias_activation", "op bias_residual_layer_norm", "CUDA extension"):
         assert expected in out, out
+    assert re.search(r"encoder eager fast path +cpu: off", out), out  # the CPU runs PyTorch's ops

@@ -66,6 +66,15 @@ def fast_path_ready(hidden_states: torch.Tensor, packing: Packing) -> bool:
     return True
 
 
+def fast_path_active(device: torch.device | str) -> bool:
+    """Whether an eager inference forward on ``device`` takes the fast path under the current settings
+    (for layers of plain modules: see ``BertLayer._fast_path_weights``), for ``fastbert info``."""
+    device = torch.device(device)
+    if not backend.triton_backend_for(device):
+        return False
+    return device.type == "cuda" or backend.is_interpreted(_KERNELS[0])
+
+
 def weights_ready(weights: EncoderLayerWeights, hidden_states: torch.Tensor) -> bool:
     """Whether this layer's input and ``weights`` are what the kernels take, where the module path
     would check, copy, promote or fail instead: plain tensors (no subclass: it would see the ops),
