@@ -20,8 +20,8 @@ left() { local t=$(( $1 - (SECONDS - start) )); echo $(( t > 5 ? t : 5 )); }
 cd "$(dirname "$0")/.."
 
 OUT=$OUT_ROOT/test SANITIZER=0 TEST_TIMEOUT=200 benchmarks/run_gpu.sh test \
-  tests/ops tests/test_model.py tests/test_model_triton.py tests/test_compile_and_graphs.py \
-  tests/test_optimize.py tests/test_cli.py tests/test_bad_inputs.py
+  tests/ops tests/test_model.py tests/test_model_triton.py tests/test_encoder_fast_path.py \
+  tests/test_compile_and_graphs.py tests/test_optimize.py tests/test_cli.py tests/test_bad_inputs.py
 echo "gpu_session.sh: tests exit $? at $((SECONDS - start)) s"
 
 # On the first H200 run (2026-11-26) any exception thrown by the C++ extension crashed the process.

@@ -10,6 +10,8 @@ function instead of through its modules and ops.
   of a tensor subclass, a layer input in another layout, mixed dtypes, autograd, output_attentions,
   bad ``cu_seqlens`` (the op's error). first_token_only's last layer takes it too. Under
   ``FASTBERT_GEMM=triton`` the fast path launches the fused GEMM, as the module path does.
+- On a GPU (skipped without one): the same bit-for-bit check at fp32, fp16 and bf16, first-token-only
+  too, and fp32 against transformers.
 - Here: CPU calls under the default backend never take it; a BertLayer subclass keeps its forward's
   signature; ``weights_ready`` refuses shapes and dtypes the kernels cannot take.
 """
@@ -23,7 +25,7 @@ import torch
 
 from fastbert import modeling_bert
 from fastbert.ops import backend
-from tests.helpers import FP32_INTERPRETER, assert_close, interpreter_parent_test
+from tests.helpers import FP32_INTERPRETER, FP32_MODEL_RANDOM, assert_close, interpreter_parent_test, needs_cuda
 from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
 from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
@@ -286,6 +288,27 @@ if IN_CHILD:
         ids, types = random_inputs(fast.config, 2, 7)
         forward(fast, ids, None, types)
         assert fast_layers == []
+
+
+@needs_cuda
+@pytest.mark.parametrize("first_token_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "right", "holes"])
+def test_cuda_fast_path_is_the_module_path_bit_for_bit(mask_kind, dtype, first_token_only, fast_layers, monkeypatch):
+    """On a GPU (the default backend): every layer takes the fast path in an inference call, and gives
+    the module path's output bit for bit; fp32 also matches transformers on the GPU."""
+    monkeypatch.setenv("FASTBERT_BACKEND", "auto")
+    fast, hf = model_pair(make_config("h144", layers=2), device="cuda")
+    fast.to(dtype)
+    ids, types = random_inputs(fast.config, 3, 37, device="cuda")
+    mask = make_mask(mask_kind, 3, 37).cuda()
+    hidden, _ = assert_fast_equals_module_path(fast, ids, mask, types, first_token_only=first_token_only)
+    assert len(fast_layers) == 2, fast_layers
+    if dtype == torch.float32 and not first_token_only:
+        with torch.no_grad():
+            theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        keep = mask.bool()
+        assert_close(hidden[keep], theirs[keep], FP32_MODEL_RANDOM, "last_hidden_state against transformers")
 
 
 def test_layer_subclass_keeps_its_forward_signature(monkeypatch):
