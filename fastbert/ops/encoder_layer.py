@@ -1,15 +1,16 @@
 """One BERT encoder layer's eight device operations, launched from one function: the eager fast path.
 
 ``BertLayer``'s module path calls five ``nn.Module``s and four fused ops, and each op checks its
-inputs and picks its backend again. With the launches stubbed out that costs ~175 us of host time
-per layer on the development VM, and a small eager batch on a GPU waits on host time (the H200 run
-of 2026-11-26: every eager case under ~16k tokens was host-bound). ``encoder_layer`` launches the
-same kernels on the same arguments, so its output is bitwise the module path's, from one function:
-~65 us per layer.
+inputs and picks its backend again. With the launches stubbed out (and the CPU's GEMMs replaced by
+allocations) a layer cost ~155 us of host time on the development VM, and a small eager batch on a
+GPU waits on host time (the H200 run of 2026-11-26: every eager case under ~16k tokens was
+host-bound). ``encoder_layer`` launches the same kernels on the same arguments, so its output is
+bitwise the module path's, from one function: ~70 us per layer, checks included.
 
 The model takes it only where nothing could tell the difference: ``fast_path_ready`` here (an eager
-inference call on the Triton backend) and ``BertLayer``'s own check (plain modules, no hooks, no
-active dropout, one dtype and device). Everything else runs the module path.
+inference call on the Triton backend), ``weights_ready`` and ``BertLayer._fast_path_weights`` (plain
+modules called as defined, no active dropout, plain tensors of one dtype and device in the shapes
+the kernels take). Everything else runs the module path.
 """
 
 from __future__ import annotations
