@@ -114,13 +114,18 @@ def _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_le
     return ops.Packing(None, cu_seqlens, longest, batch, total)
 
 
-def _value_checks(config, input_ids, token_type_ids, position_ids, keep):
-    """The range checks of a padded batch: [(name, values, limit, what)] and, for each, where its values
-    are out of range at real tokens (padding is never looked up, so its ids do not matter)."""
-    checks = [(name, values, limit, what) for name, values, limit, what in (
+def _range_checks(config, input_ids, token_type_ids, position_ids):
+    """The range checks of a padded batch: [(name, values, limit, what)], one per given tensor."""
+    return [(name, values, limit, what) for name, values, limit, what in (
         ("input_ids", input_ids, config.vocab_size, "the vocabulary is"),
         ("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings is"),
         ("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size is")) if values is not None]
+
+
+def _value_checks(config, input_ids, token_type_ids, position_ids, keep):
+    """The range checks of a padded batch: [(name, values, limit, what)] and, for each, where its values
+    are out of range at real tokens (padding is never looked up, so its ids do not matter)."""
+    checks = _range_checks(config, input_ids, token_type_ids, position_ids)
     bad = [(values < 0) | (values >= limit) for _, values, limit, _ in checks]
     if keep is not None:
         bad = [b & keep for b in bad]
@@ -143,33 +148,46 @@ def value_flags(config, input_ids, attention_mask, token_type_ids=None, position
     return torch.stack([f.to(torch.int64) for f in flags])
 
 
+def _extremes(values: torch.Tensor, keep: torch.Tensor | None) -> list[torch.Tensor]:
+    """The smallest and largest of ``values`` at real tokens (padding read as 0, which every range
+    takes): two kernels, where comparing with both bounds, masking and reducing take five (each
+    launch costs an eager small batch host time)."""
+    return list(torch.aminmax(values if keep is None else torch.where(keep, values, 0)))
+
+
 def _checked_unpad(config, shape, device, attention_mask, input_ids, token_type_ids, position_ids) -> ops.Packing:
     """Validate a padded batch's values and unpad it with one host sync (on CUDA tensors every
     sync stalls the launch queue): the mask's 0/1 values, the ranges of ids, positions and token
     types at real tokens (padding is never looked up, so its ids do not matter), and the mask's
-    statistics all come back in one ``tolist()``."""
+    statistics all come back in one ``tolist()``; only a batch that fails is searched for where."""
     batch, seqlen = shape
     if batch == 0:
         return ops.unpad_input(None, 0, seqlen, device)
     keep = attention_mask.bool() if attention_mask is not None else None
-    checks, bad = _value_checks(config, input_ids, token_type_ids, position_ids, keep)
-    flags = [b.any() for b in bad]
+    checks = _range_checks(config, input_ids, token_type_ids, position_ids)
+    stats = [e for _, values, _, _ in checks for e in _extremes(values, keep)]
     if keep is not None:
-        seqlens = keep.sum(dim=1, dtype=torch.int32)
-        flags += [seqlens.max(), seqlens.sum()]
-        if attention_mask.dtype != torch.bool:
-            flags.append(_mask_not_0_1(attention_mask))
-    host = torch.stack([f.to(torch.int64) for f in flags]).tolist() if flags else []
-    if keep is not None and attention_mask.dtype != torch.bool and host[-1]:
-        raise ValueError("attention_mask must hold only 0 and 1 (1 = a real token, 0 = padding)")
-    for (name, values, limit, what), b, found in zip(checks, bad, host):
-        if found:
-            row, column = torch.nonzero(b)[0].tolist()
+        seqlens = keep.sum(dim=1)
+        stats += [seqlens.max(), seqlens.sum()]
+        if attention_mask.is_floating_point():
+            stats.append(_mask_not_0_1(attention_mask))
+        elif attention_mask.dtype != torch.bool:
+            stats += _extremes(attention_mask, None)  # an integer mask outside [0, 1] holds another value
+    host = torch.stack([t.to(torch.int64) for t in stats]).tolist() if stats else []
+    n = 2 * len(checks)
+    if keep is not None and attention_mask.dtype != torch.bool:
+        mask_stats = host[n + 2:]  # [found a value not 0 or 1] for a float mask, [smallest, largest] else
+        if mask_stats[0] if len(mask_stats) == 1 else (mask_stats[0] < 0 or mask_stats[1] > 1):
+            raise ValueError("attention_mask must hold only 0 and 1 (1 = a real token, 0 = padding)")
+    for (name, values, limit, what), smallest, largest in zip(checks, host[0:n:2], host[1:n:2]):
+        if smallest < 0 or largest >= limit:
+            bad = (values < 0) | (values >= limit)
+            row, column = torch.nonzero(bad if keep is None else bad & keep)[0].tolist()
             raise ValueError(f"{name}[{row}, {column}] = {int(values[row, column])} is out of range: "
                              f"{what} [0, {limit})")
     if keep is None:
         return ops.unpad_input(None, batch, seqlen, device)
-    longest, total = host[len(checks):len(checks) + 2]
+    longest, total = host[n:n + 2]
     return ops.padding.packing_of(keep, seqlens, longest, total, batch, seqlen, device)
 
 

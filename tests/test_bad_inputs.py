@@ -53,9 +53,40 @@ def test_mask_shape_mismatch(model):
         model(ids(2, 5), attention_mask=torch.ones(2, 4))
 
 
-def test_mask_values_must_be_zero_or_one(model):
+@pytest.mark.parametrize("mask", [[[1, 2, 0]], [[1, -1, 1]], [[1.0, 0.5, 0.0]], [[1.0, 2.0, 1.0]]],
+                         ids=["int 2", "int -1", "float 0.5", "float 2"])
+def test_mask_values_must_be_zero_or_one(model, mask):
     with pytest.raises(ValueError, match="only 0 and 1"):
-        model(ids(1, 3), attention_mask=torch.tensor([[1, 2, 0]]))
+        model(ids(1, 3), attention_mask=torch.tensor(mask))
+
+
+def test_float_and_bool_masks_of_zeros_and_ones_are_taken(model):
+    x = ids(2, 5)
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    expected = model(x, attention_mask=mask.long()).last_hidden_state
+    for same in (mask, mask.bool()):
+        assert torch.equal(model(x, attention_mask=same).last_hidden_state, expected)
+
+
+@pytest.mark.parametrize("name", ["input_ids", "token_type_ids"])
+def test_out_of_range_at_a_real_token_of_a_masked_batch(model, name):
+    """With a mask, the range checks look at real tokens only: a bad value at a padded position is
+    ignored, one at a real position is named (a token type row broadcast over the batch too)."""
+    x, types = ids(3, 6), torch.zeros(1, 6, dtype=torch.long)
+    mask = torch.ones_like(x)
+    mask[2, 4:] = 0
+    bad = x if name == "input_ids" else types
+    bad[-1, 5] = -7  # padding in row 2; for the broadcast token types, row 0 and 1 are real there
+    kwargs = {"attention_mask": mask, "token_type_ids": types}
+    if name == "input_ids":
+        assert torch.isfinite(model(x, **kwargs).last_hidden_state).all()
+        x[2, 1] = 100
+        match = r"input_ids\[2, 1\] = 100 is out of range"
+    else:
+        match = r"token_type_ids\[0, 5\] = -7 is out of range"
+    with pytest.raises(ValueError, match=match):
+        model(x, **kwargs)
 
 
 def test_float_ids(model):
