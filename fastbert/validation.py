@@ -257,14 +257,15 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
 
     if ranges_checked:
         return ModelInputs(packed_ids, packed_embeds, packed_positions, packed_types, packing)
-    # Packed input: one host sync for all range checks; the search runs only when something is wrong.
+    # Packed input: one host sync for all range checks (each tensor's extremes); the search runs only
+    # when something is wrong.
     checks = [("position_ids", packed_positions, config.max_position_embeddings, "max_position_embeddings is"),
               ("token_type_ids", packed_types, config.type_vocab_size, "type_vocab_size is")]
     if packed_ids is not None:
         checks.insert(0, ("input_ids", packed_ids, config.vocab_size, "the vocabulary is"))
-    bad = [(values < 0) | (values >= limit) for _, values, limit, _ in checks]
-    if tokens and any(torch.stack([b.any() for b in bad]).tolist()):
-        for (name, values, limit, what), b in zip(checks, bad):
-            if bool(b.any()):
-                _raise_out_of_range(name, values, b, limit, packing, what)
+    if tokens:
+        host = torch.stack([e.to(torch.int64) for _, values, _, _ in checks for e in _extremes(values, None)]).tolist()
+        for (name, values, limit, what), smallest, largest in zip(checks, host[0::2], host[1::2]):
+            if smallest < 0 or largest >= limit:
+                _raise_out_of_range(name, values, (values < 0) | (values >= limit), limit, packing, what)
     return ModelInputs(packed_ids, packed_embeds, packed_positions, packed_types, packing)

@@ -119,3 +119,16 @@ def test_unknown_backend(model, monkeypatch):
         model(ids(1, 3))
     monkeypatch.setenv("FASTBERT_BACKEND", "torch")
     assert backend.backend_setting() == "torch"
+
+
+@pytest.mark.parametrize("name, value", [("input_ids", 100), ("position_ids", 16), ("token_type_ids", -1)])
+def test_out_of_range_in_packed_input(model, name, value):
+    """Packed input (DataCollatorWithFlattening's form, with cu_seq_lens_q): the same checks, named
+    at the input's [row, column]."""
+    packed = {"input_ids": ids(1, 9), "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]]),
+              "token_type_ids": torch.zeros(1, 9, dtype=torch.long)}
+    cu_seq_lens_q = torch.tensor([0, 4, 7, 9])
+    assert torch.isfinite(model(**packed, cu_seq_lens_q=cu_seq_lens_q, max_length_q=4).last_hidden_state).all()
+    packed[name][0, 5] = value
+    with pytest.raises(ValueError, match=rf"{name}\[0, 5\] = {value} is out of range"):
+        model(**packed, cu_seq_lens_q=cu_seq_lens_q, max_length_q=4)
