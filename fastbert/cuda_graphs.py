@@ -243,11 +243,12 @@ class PaddedCUDAGraphRunner:
         The ids and token types are clamped into their tables first: a batch that fails a check is
         thrown away, but its lookups must not read outside a table (a device-side assert on CUDA)."""
         config = self.model.config
-        flags = validation.value_flags(config, bucket.input_ids, bucket.attention_mask, bucket.token_type_ids)
+        extremes, limits = validation.value_extremes(config, bucket.input_ids, bucket.attention_mask,
+                                                     bucket.token_type_ids)
         with validation.static_forms():
             out = self.model(bucket.input_ids.clamp(0, config.vocab_size - 1), attention_mask=bucket.attention_mask,
                              token_type_ids=bucket.token_type_ids.clamp(0, config.type_vocab_size - 1))
-        return out.last_hidden_state, out.pooler_output, flags
+        return out.last_hidden_state, out.pooler_output, extremes, limits
 
     def _bucket(self, batch: int, seqlen: int) -> _PaddedBucket:
         shape = (self.batch_buckets[bisect.bisect_left(self.batch_buckets, batch)],
@@ -303,10 +304,10 @@ class PaddedCUDAGraphRunner:
         bucket.input_ids[:batch, :seqlen].copy_(input_ids)
         if bucket.graph is not None:
             bucket.graph.replay()
-            hidden, pooled, flags = bucket.outputs
+            hidden, pooled, extremes, limits = bucket.outputs
         else:
-            hidden, pooled, flags = self._forward(bucket)
-        if any(flags.tolist()):  # one sync: a value check failed, and the eager model says which
+            hidden, pooled, extremes, limits = self._forward(bucket)
+        if validation.refused(extremes.tolist(), limits):  # one sync: a value is out of range; the model says which
             self.model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
             raise RuntimeError("a value check failed in the CUDA graph but not in the eager model")
         hidden = hidden[:batch, :seqlen] if hidden.shape[1] == bucket.shape[1] else hidden[:batch]

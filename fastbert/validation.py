@@ -37,7 +37,7 @@ _STATIC_FORMS: contextvars.ContextVar[bool] = contextvars.ContextVar("fastbert_s
 def static_forms():
     """Inside, check_inputs takes the static-size, sync-free forms it takes under torch.compile and
     skips the value checks (they need a host sync): what capturing a whole forward in a CUDA graph
-    needs. The caller checks the values itself, with value_flags."""
+    needs. The caller checks the values itself, with value_extremes."""
     token = _STATIC_FORMS.set(True)
     try:
         yield
@@ -122,30 +122,33 @@ def _range_checks(config, input_ids, token_type_ids, position_ids):
         ("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size is")) if values is not None]
 
 
-def _value_checks(config, input_ids, token_type_ids, position_ids, keep):
-    """The range checks of a padded batch: [(name, values, limit, what)] and, for each, where its values
-    are out of range at real tokens (padding is never looked up, so its ids do not matter)."""
-    checks = _range_checks(config, input_ids, token_type_ids, position_ids)
-    bad = [(values < 0) | (values >= limit) for _, values, limit, _ in checks]
-    if keep is not None:
-        bad = [b & keep for b in bad]
-    return checks, bad
-
-
 def _mask_not_0_1(attention_mask: torch.Tensor) -> torch.Tensor:
     """True where an integer mask holds something other than 0 and 1 (a 0-dim tensor: no sync)."""
     return ((attention_mask != 0) & (attention_mask != 1)).any()
 
 
-def value_flags(config, input_ids, attention_mask, token_type_ids=None, position_ids=None) -> torch.Tensor:
-    """Without a host sync: an int64 tensor, nonzero where check_inputs would refuse a value of this
-    padded batch (an id, position or token type out of range at a real token; a mask value other than
-    0 and 1). For a CUDA graph of the whole forward, which reads it back after the replay."""
+def value_extremes(config, input_ids, attention_mask, token_type_ids=None,
+                   position_ids=None) -> tuple[torch.Tensor, list[int]]:
+    """Without a host sync, for a CUDA graph of the whole forward (which reads them back after the
+    replay): an int64 tensor of the smallest and largest id, position and token type at real tokens
+    and of the mask's values, and each pair's exclusive upper bound (the mask's: 2). ``refused`` says
+    from them whether check_inputs would refuse the batch. Integer or bool masks only (a float mask's
+    0.5 has no extreme outside [0, 1])."""
+    if attention_mask is not None and attention_mask.is_floating_point():
+        raise TypeError("value_extremes takes an integer or bool attention_mask")
     keep = attention_mask.bool() if attention_mask is not None else None
-    flags = [b.any() for b in _value_checks(config, input_ids, token_type_ids, position_ids, keep)[1]]
+    checks = _range_checks(config, input_ids, token_type_ids, position_ids)
+    stats = [e for _, values, _, _ in checks for e in _extremes(values, keep)]
+    limits = [limit for _, _, limit, _ in checks]
     if attention_mask is not None and attention_mask.dtype != torch.bool:
-        flags.append(_mask_not_0_1(attention_mask))
-    return torch.stack([f.to(torch.int64) for f in flags])
+        stats += _extremes(attention_mask, None)
+        limits.append(2)
+    return torch.stack([t.to(torch.int64) for t in stats]), limits
+
+
+def refused(extremes: list[int], limits: list[int]) -> bool:
+    """Whether ``value_extremes``' read-back values hold one outside its range."""
+    return any(low < 0 or high >= limit for low, high, limit in zip(extremes[0::2], extremes[1::2], limits))
 
 
 def _extremes(values: torch.Tensor, keep: torch.Tensor | None) -> list[torch.Tensor]:

@@ -211,6 +211,35 @@ def test_padded_graph_runner_refuses_bad_values_like_the_model(capture):
     assert set(long_runner._buckets) == {(2, 64)}
 
 
+def test_value_extremes_refuse_what_check_inputs_refuses():
+    """The padded runner's in-graph checks (read back after the replay): extremes at real tokens, so
+    a bad value under padding passes, as in the model; the mask's own values too."""
+    from fastbert import validation
+
+    config = make_config("h144")
+    ids, types = random_inputs(config, 2, 6)
+    mask = make_mask("right", 2, 6, torch.Generator().manual_seed(3))
+    mask[1, 4:] = 0
+
+    def refused(i, m, t):
+        extremes, limits = validation.value_extremes(config, i, m, t)
+        return validation.refused(extremes.tolist(), limits)
+
+    assert not refused(ids, mask, types) and not refused(ids, mask.bool(), types) and not refused(ids, None, None)
+    for which, limit in ((0, config.vocab_size), (1, config.type_vocab_size)):
+        for value in (limit, -1):
+            for (row, column), expected in (((0, 2), True), ((1, 5), False)):  # a real token; padding
+                tensors = [ids.clone(), types.clone()]
+                tensors[which][row, column] = value
+                assert refused(tensors[0], mask, tensors[1]) == expected, (which, value, row, column)
+    for value in (2, -1):
+        bad_mask = mask.clone()
+        bad_mask[0, 0] = value
+        assert refused(ids, bad_mask, types)
+    with pytest.raises(TypeError, match="integer or bool attention_mask"):
+        validation.value_extremes(config, ids, mask.float(), types)
+
+
 def test_padded_graph_runner_call_is_a_few_copies_around_the_replay():
     """What a PaddedCUDAGraphRunner call does besides its replay (the replay stubbed out here): the mask
     zeroed and copied, ids copied, token types zeroed, two output slices cloned, no more. Each of these is

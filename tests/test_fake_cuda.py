@@ -395,9 +395,11 @@ def test_padded_graph_runner_body_is_sync_free(dtype, launches):
             return runner._forward(bucket)
 
     with mode, record, torch.no_grad():
-        hidden, pooled, flags = torch.func.functional_call(Body(), state, ())
+        hidden, pooled, extremes, limits = torch.func.functional_call(Body(), state, ())
     assert hidden.shape == (4, 32, 144) and hidden.dtype == dtype and hidden.device.type == "cuda"
-    assert pooled.shape == (4, 144) and flags.shape == (3,) and flags.dtype == torch.int64  # ids, types, mask
+    # Smallest and largest id, token type and mask value, and their bounds.
+    assert pooled.shape == (4, 144) and extremes.shape == (6,) and extremes.dtype == torch.int64
+    assert limits == [config.vocab_size, config.type_vocab_size, 2]
     assert record.mine() == expected_layer_calls(2, 4 * 32, 144, 3, 288, 2 * 4, dtype)
 
 
