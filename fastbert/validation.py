@@ -127,6 +127,32 @@ def _mask_not_0_1(attention_mask: torch.Tensor) -> torch.Tensor:
     return ((attention_mask != 0) & (attention_mask != 1)).any()
 
 
+def _extremes(checks, keep: torch.Tensor | None) -> list[torch.Tensor]:
+    """The smallest and largest value of each check's tensor at real tokens (padding read as 0, which
+    every range takes), 0-dim: two kernels a check, where comparing with both bounds, masking and
+    reducing take five (each launch costs an eager small batch host time)."""
+    return [e for _, values, _, _ in checks
+            for e in torch.aminmax(values if keep is None else torch.where(keep, values, 0))]
+
+
+def _refused_at(extremes: list[int], limits: list[int]) -> int | None:
+    """The index of the first read-back (smallest, largest) pair outside its ``[0, limit)``, or None."""
+    for i, limit in enumerate(limits):
+        if extremes[2 * i] < 0 or extremes[2 * i + 1] >= limit:
+            return i
+    return None
+
+
+def _stacked(stats: list[torch.Tensor]) -> torch.Tensor:
+    """0-dim integer tensors as one int64 tensor (read back, or kept in a graph, as one)."""
+    return torch.stack([t.to(torch.int64) for t in stats])
+
+
+def _host(stats: list[torch.Tensor]) -> list[int]:
+    """0-dim tensors read back in one sync."""
+    return _stacked(stats).tolist() if stats else []
+
+
 def value_extremes(config, input_ids, attention_mask, token_type_ids=None,
                    position_ids=None) -> tuple[torch.Tensor, list[int]]:
     """Without a host sync, for a CUDA graph of the whole forward (which reads them back after the
@@ -138,24 +164,16 @@ def value_extremes(config, input_ids, attention_mask, token_type_ids=None,
         raise TypeError("value_extremes takes an integer or bool attention_mask")
     keep = attention_mask.bool() if attention_mask is not None else None
     checks = _range_checks(config, input_ids, token_type_ids, position_ids)
-    stats = [e for _, values, _, _ in checks for e in _extremes(values, keep)]
-    limits = [limit for _, _, limit, _ in checks]
+    stats, limits = _extremes(checks, keep), [limit for _, _, limit, _ in checks]
     if attention_mask is not None and attention_mask.dtype != torch.bool:
-        stats += _extremes(attention_mask, None)
+        stats += torch.aminmax(attention_mask)
         limits.append(2)
-    return torch.stack([t.to(torch.int64) for t in stats]), limits
+    return _stacked(stats), limits
 
 
 def refused(extremes: list[int], limits: list[int]) -> bool:
     """Whether ``value_extremes``' read-back values hold one outside its range."""
-    return any(low < 0 or high >= limit for low, high, limit in zip(extremes[0::2], extremes[1::2], limits))
-
-
-def _extremes(values: torch.Tensor, keep: torch.Tensor | None) -> list[torch.Tensor]:
-    """The smallest and largest of ``values`` at real tokens (padding read as 0, which every range
-    takes): two kernels, where comparing with both bounds, masking and reducing take five (each
-    launch costs an eager small batch host time)."""
-    return list(torch.aminmax(values if keep is None else torch.where(keep, values, 0)))
+    return _refused_at(extremes, limits) is not None
 
 
 def _checked_unpad(config, shape, device, attention_mask, input_ids, token_type_ids, position_ids) -> ops.Packing:
@@ -168,26 +186,27 @@ def _checked_unpad(config, shape, device, attention_mask, input_ids, token_type_
         return ops.unpad_input(None, 0, seqlen, device)
     keep = attention_mask.bool() if attention_mask is not None else None
     checks = _range_checks(config, input_ids, token_type_ids, position_ids)
-    stats = [e for _, values, _, _ in checks for e in _extremes(values, keep)]
+    stats = _extremes(checks, keep)
     if keep is not None:
         seqlens = keep.sum(dim=1)
         stats += [seqlens.max(), seqlens.sum()]
         if attention_mask.is_floating_point():
             stats.append(_mask_not_0_1(attention_mask))
         elif attention_mask.dtype != torch.bool:
-            stats += _extremes(attention_mask, None)  # an integer mask outside [0, 1] holds another value
-    host = torch.stack([t.to(torch.int64) for t in stats]).tolist() if stats else []
+            stats += torch.aminmax(attention_mask)  # an integer mask outside [0, 1] holds another value
+    host = _host(stats)
     n = 2 * len(checks)
     if keep is not None and attention_mask.dtype != torch.bool:
         mask_stats = host[n + 2:]  # [found a value not 0 or 1] for a float mask, [smallest, largest] else
-        if mask_stats[0] if len(mask_stats) == 1 else (mask_stats[0] < 0 or mask_stats[1] > 1):
+        if mask_stats[0] if len(mask_stats) == 1 else _refused_at(mask_stats, [2]) is not None:
             raise ValueError("attention_mask must hold only 0 and 1 (1 = a real token, 0 = padding)")
-    for (name, values, limit, what), smallest, largest in zip(checks, host[0:n:2], host[1:n:2]):
-        if smallest < 0 or largest >= limit:
-            bad = (values < 0) | (values >= limit)
-            row, column = torch.nonzero(bad if keep is None else bad & keep)[0].tolist()
-            raise ValueError(f"{name}[{row}, {column}] = {int(values[row, column])} is out of range: "
-                             f"{what} [0, {limit})")
+    failed = _refused_at(host, [limit for _, _, limit, _ in checks])
+    if failed is not None:
+        name, values, limit, what = checks[failed]
+        bad = (values < 0) | (values >= limit)
+        row, column = torch.nonzero(bad if keep is None else bad & keep)[0].tolist()
+        raise ValueError(f"{name}[{row}, {column}] = {int(values[row, column])} is out of range: "
+                         f"{what} [0, {limit})")
     if keep is None:
         return ops.unpad_input(None, batch, seqlen, device)
     longest, total = host[n:n + 2]
@@ -266,9 +285,8 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
               ("token_type_ids", packed_types, config.type_vocab_size, "type_vocab_size is")]
     if packed_ids is not None:
         checks.insert(0, ("input_ids", packed_ids, config.vocab_size, "the vocabulary is"))
-    if tokens:
-        host = torch.stack([e.to(torch.int64) for _, values, _, _ in checks for e in _extremes(values, None)]).tolist()
-        for (name, values, limit, what), smallest, largest in zip(checks, host[0::2], host[1::2]):
-            if smallest < 0 or largest >= limit:
-                _raise_out_of_range(name, values, (values < 0) | (values >= limit), limit, packing, what)
+    failed = _refused_at(_host(_extremes(checks, None)), [limit for _, _, limit, _ in checks]) if tokens else None
+    if failed is not None:
+        name, values, limit, what = checks[failed]
+        _raise_out_of_range(name, values, (values < 0) | (values >= limit), limit, packing, what)
     return ModelInputs(packed_ids, packed_embeds, packed_positions, packed_types, packing)
