@@ -297,8 +297,7 @@ class BertEncoder(nn.Module):
         all_hidden_states = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         # Checked once per forward; each layer then checks its own modules (BertLayer.forward).
-        fast = not output_attentions and fast_path_ready(hidden_states, packing) and _no_global_hooks()
-        fast_path = ops.gemm_setting() if fast else None
+        fast_path = None if output_attentions or not _no_global_hooks() else fast_path_ready(hidden_states, packing)
         for i, layer in enumerate(self.layer):
             rows = last_layer_rows if i == len(self.layer) - 1 else None
             if fast_path and type(layer) is BertLayer:  # a subclass keeps its own forward's signature

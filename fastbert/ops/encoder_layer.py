@@ -46,8 +46,9 @@ class EncoderLayerWeights(NamedTuple):
     output_norm: tuple[torch.Tensor, torch.Tensor, float]
 
 
-def fast_path_ready(hidden_states: torch.Tensor, packing: Packing) -> bool:
-    """Whether an encoder forward on ``hidden_states`` may take the fast path: the Triton backend on
+def fast_path_ready(hidden_states: torch.Tensor, packing: Packing) -> str | None:
+    """The GEMM setting (``"cublas"`` or ``"triton"``, ``encoder_layer``'s ``fused_gemm``) when an
+    encoder forward on ``hidden_states`` may take the fast path, else None: the Triton backend on
     their device, gradients off (inference), no autocast, a kernel dtype,
     ``cu_seqlens`` as the attention op takes it (1-D int32 on the same device; else the op says what
     is wrong), and nothing that must see the ops (``backend.direct_launch``: torch.compile tracing, a
@@ -56,15 +57,16 @@ def fast_path_ready(hidden_states: torch.Tensor, packing: Packing) -> bool:
     if (torch.is_grad_enabled() or torch.compiler.is_compiling() or hidden_states.dtype not in _DTYPES
             or not backend.triton_available() or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1
             or cu_seqlens.numel() < 1 or cu_seqlens.get_device() != hidden_states.get_device()):
-        return False
+        return None
     if torch.is_autocast_enabled(hidden_states.device.type):
-        return False
+        return None
     if not (backend.use_triton(hidden_states) and backend.direct_launch(hidden_states, cu_seqlens)):
-        return False
-    kernels = _KERNELS + ((_gemm._linear_activation_fwd_kernel,) if backend.gemm_setting() == "triton" else ())
+        return None
+    gemm = backend.gemm_setting()
+    kernels = _KERNELS + ((_gemm._linear_activation_fwd_kernel,) if gemm == "triton" else ())
     for kernel in kernels:  # CPU tensors need kernels defined under TRITON_INTERPRET=1: else say so
         backend.check_kernel_runs_here(kernel, hidden_states.device)
-    return True
+    return gemm
 
 
 def fast_path_active(device: torch.device | str) -> bool:
