@@ -27,6 +27,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from . import ops, validation
+from .modeling_bert import BertSelfAttention
 from .validation import check_inputs
 
 # Steps of at most 1.5x up to 1024 tokens, then every 512: a batch computes at most 512 tokens more than
@@ -70,6 +71,37 @@ def capture_graph(work, pool=None, warmup: int = 2):
     return graph, outputs
 
 
+class PinnedQKVCaches:
+    """The fused QKV weights that a model's captured graphs read (``BertSelfAttention`` hands its cache
+    to a capture instead of concatenating inside the graph), kept current before each replay.
+
+    A graph bakes in the cache's address, so an in-place update of a query, key or value weight (an
+    optimizer step, ``load_state_dict``) must reach the cache before the next replay: ``refresh``
+    compares the weights' version counters with those at the last refresh (one read each, ~0.1 us) and
+    re-concatenates in place where one moved. Recording the concatenation in the graph instead cost
+    every replay two kernels a layer and a copy of the QKV weights (~85 MB at BERT-base)."""
+
+    def __init__(self, model):
+        self.modules = [m for m in model.modules() if isinstance(m, BertSelfAttention) and m._qkv_cache_pinned]
+        self.sources = [t for m in self.modules for t in m._qkv_sources()]
+        self.versions = [t._version for t in self.sources]
+
+    @staticmethod
+    def fill(model) -> None:
+        """Make every layer's cache on the current stream before a capture, so that the warm-up and the
+        capture find it fresh (the graph then reads it, not a concatenation of its own)."""
+        for m in model.modules():
+            if isinstance(m, BertSelfAttention):
+                m._fused_qkv_parameters()
+
+    def refresh(self) -> None:
+        versions = [t._version for t in self.sources]
+        if versions != self.versions:
+            for m in self.modules:
+                m._fused_qkv_parameters()  # pinned: writes into the cache the graphs read
+            self.versions = versions
+
+
 class _Bucket:
     """Static buffers of one token-count bucket, and its graph once captured."""
 
@@ -111,6 +143,7 @@ class CUDAGraphRunner:
         self.device = device
         self._buckets: dict[int, _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._qkv = PinnedQKVCaches(model)  # again after each capture
 
     def _slots(self, tokens: int) -> int:
         """cu_seqlens capacity: the real sequences, then the padding cut into pieces."""
@@ -134,7 +167,9 @@ class CUDAGraphRunner:
     def _capture(self, bucket: _Bucket) -> None:
         bucket.cu_seqlens[0] = 0
         bucket.cu_seqlens[1:] = self._tail_offsets(0, 0, bucket)  # a valid layout for the warm-up
+        PinnedQKVCaches.fill(self.model)
         bucket.graph, bucket.output = capture_graph(lambda: self._encode(bucket), self._pool)
+        self._qkv = PinnedQKVCaches(self.model)
 
     def _tail_offsets(self, tokens: int, sequences: int, bucket: _Bucket) -> torch.Tensor:
         """``cu_seqlens[sequences + 1:]`` after ``sequences`` real ones holding ``tokens``: the padding
@@ -175,6 +210,7 @@ class CUDAGraphRunner:
         bucket.cu_seqlens[:sequences + 1].copy_(packing.cu_seqlens)
         bucket.cu_seqlens[sequences + 1:].copy_(self._tail_offsets(tokens, sequences, bucket), non_blocking=True)
         if bucket.graph is not None:
+            self._qkv.refresh()
             bucket.graph.replay()
             hidden = bucket.output[:tokens].clone()  # the next replay overwrites the static output
         else:
@@ -237,6 +273,7 @@ class PaddedCUDAGraphRunner:
         self.device = device
         self._buckets: dict[tuple[int, int], _PaddedBucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._qkv = PinnedQKVCaches(model)  # again after each capture
 
     def _forward(self, bucket: _PaddedBucket):
         """The captured work: the value checks of what the static buffers hold, and the model on them.
@@ -257,7 +294,9 @@ class PaddedCUDAGraphRunner:
         if bucket is None:
             bucket = _PaddedBucket(*shape, self.device)
             if self.capture:
+                PinnedQKVCaches.fill(self.model)
                 bucket.graph, bucket.outputs = capture_graph(lambda: self._forward(bucket), self._pool)
+                self._qkv = PinnedQKVCaches(self.model)
             self._buckets[shape] = bucket  # only once captured: a failed capture is retried, not run eagerly
         return bucket
 
@@ -303,6 +342,7 @@ class PaddedCUDAGraphRunner:
             types.copy_(token_type_ids)
         bucket.input_ids[:batch, :seqlen].copy_(input_ids)
         if bucket.graph is not None:
+            self._qkv.refresh()
             bucket.graph.replay()
             hidden, pooled, extremes, limits = bucket.outputs
         else:

@@ -46,6 +46,22 @@ def _linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     return module(x), None
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s work is being captured into a CUDA graph (on the current stream)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _same_layout(cache: tuple | None, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> bool:
+    """Whether the cached fused weight and bias can take the concatenation of ``weights`` and
+    ``biases`` in place (same shapes, dtype and device)."""
+    if cache is None:
+        return False
+    _, weight, bias = cache
+    rows = sum(w.shape[0] for w in weights)
+    return (weight.shape == (rows, *weights[0].shape[1:]) and bias.shape == (rows,)
+            and all(t.dtype == weight.dtype and t.device == weight.device for t in (*weights, *biases)))
+
+
 def _dropout_p(module: nn.Dropout) -> float:
     return module.p if module.training else 0.0
 
@@ -109,6 +125,7 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self._qkv_cache: tuple | None = None  # (key, weight, bias): not a buffer, so keys stay HF's
+        self._qkv_cache_pinned = False  # a captured CUDA graph reads the cache: refresh it in place
 
     def _fused_qkv_parameters(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``[3 * hidden, hidden]`` weight and ``[3 * hidden]`` bias of one QKV GEMM, or None when
@@ -128,36 +145,55 @@ class BertSelfAttention(nn.Module):
         plain = ops.backend.PLAIN_TENSOR_TYPES
         if (torch.compiler.is_compiling()
                 or any(type(t) not in plain or t.is_inference() for t in tensors)
-                or torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-                or tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+                or torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             # Concatenate at every call:
             # - under tracing (compiled graphs) and for tensor subclasses (fake tensors, functional
             #   wrappers): no storage to key a cache on;
             # - for weights made under torch.inference_mode: they have no version counter, so an
             #   in-place update could not be seen;
-            # - in training, so that autograd reaches the three weights;
-            # - in CUDA-graph capture: the graph records the concatenation, so every replay reads the
-            #   live weights (a cached copy would go stale, or be freed, when they change).
+            # - in training, so that autograd reaches the three weights.
             return torch.cat(weights), torch.cat(biases)
         # Inference: concatenate once, again only after a weight changed. An in-place update
         # (optimizer step, load_state_dict) bumps the version counter; .to() or a new .data changes
         # the storage. (An in-place write through ``.data`` bumps neither, as in PyTorch's own
         # caches of derived tensors: write to the parameter under torch.no_grad() instead.)
         key = [(id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors]
-        if self._qkv_cache is None or self._qkv_cache[0] != key:
+        cache = self._qkv_cache
+        fresh = cache is not None and cache[0] == key
+        if _capturing(tensors[0]):
+            # A CUDA graph replays what it captured: the cache at its address (the graph runners
+            # refresh it in place before each replay, `PinnedQKVCaches`), or, without a fresh cache,
+            # the concatenation (24 kernels and twice the QKV weights' bytes per replay at BERT-base).
+            if not fresh:
+                return torch.cat(weights), torch.cat(biases)
+            self._qkv_cache_pinned = True
+            return cache[1], cache[2]
+        if not fresh:
             # Never an inference tensor, even when the first call runs under torch.inference_mode: a
             # later call with autograd on (gradients to the inputs of frozen weights) must be able to
-            # save it for backward.
-            with torch.no_grad(), torch.inference_mode(False):
-                self._qkv_cache = (key, torch.cat(weights), torch.cat(biases))
-        return self._qkv_cache[1], self._qkv_cache[2]
+            # save it for backward. Never part of an autograd graph either: inference_mode(False) turns
+            # grad mode on, so no_grad comes second (a cache made from weights that required grad and
+            # were frozen later would make every backward compute its gradient, for nothing).
+            with torch.inference_mode(False), torch.no_grad():
+                if self._qkv_cache_pinned and _same_layout(cache, weights, biases):
+                    # A captured graph reads this storage: write the new weights into it.
+                    cache = (key, torch.cat(weights, out=cache[1]), torch.cat(biases, out=cache[2]))
+                else:
+                    cache = (key, torch.cat(weights), torch.cat(biases))
+            self._qkv_cache = cache
+        return cache[1], cache[2]
+
+    def _qkv_sources(self) -> list[torch.Tensor]:
+        """The query, key and value weights and biases the fused cache is made from."""
+        linears = [self._modules[k] for k in ("query", "key", "value")]
+        return [m._parameters[k] for k in ("weight", "bias") for m in linears]
 
     def _apply(self, fn, recurse=True):
         # .to(), .half(), .cuda() and the like convert each weight in place of its Parameter (same id,
         # same version), and the caching allocator may hand the converted weight the block of an
         # earlier one: after half() then float(), the cache key could match and serve the unrounded
         # weights. Drop the cache instead of trusting the key.
-        self._qkv_cache = None
+        self._qkv_cache, self._qkv_cache_pinned = None, False
         return super()._apply(fn, recurse)
 
     def qkv_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:

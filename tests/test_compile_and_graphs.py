@@ -1,6 +1,8 @@
 """The static forms: torch.compile(fullgraph=True) of the whole model, the bucketed CUDA-graph
 runner, and the last layer computing only the first token of each row."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -303,19 +305,105 @@ def test_graph_runners_leave_what_a_replay_cannot_return_to_the_model(runner_cla
 
 
 @needs_cuda
-def test_captured_graphs_follow_in_place_weight_updates():
+@pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
+def test_captured_graphs_follow_in_place_weight_updates(runner_class):
     """A graph captured before an optimizer step or load_state_dict must replay with the new weights
-    (the fused QKV weight is concatenated inside the graph, not taken from a cache made before)."""
+    (the graph reads the fused QKV cache, which the runner refreshes in place before each replay)."""
     fast, _ = model_pair(make_config("h144", layers=2, max_positions=64), device="cuda")
-    runner = CUDAGraphRunner(fast, buckets=(64,), max_sequences=4, max_seqlen=32)
+    if runner_class is CUDAGraphRunner:
+        runner, bucket = CUDAGraphRunner(fast, buckets=(64,), max_sequences=4, max_seqlen=32), 64
+    else:
+        runner, bucket = PaddedCUDAGraphRunner(fast, batch_buckets=(2,), seqlen_step=16), (2, 16)
     ids, types = random_inputs(fast.config, 2, 12, device="cuda")
     mask = make_mask("right", 2, 12).to("cuda")
     before = runner(ids, mask, types).last_hidden_state.clone()
+    caches = [layer.attention.self._qkv_cache[1].data_ptr() for layer in fast.encoder.layer]
     with torch.no_grad():
         for layer in fast.encoder.layer:
             layer.attention.self.key.weight.mul_(1.5)
             layer.attention.self.value.bias.add_(0.3)
     got, want = runner(ids, mask, types), _outputs(fast, ids, mask, types)
-    assert runner._buckets[64].graph is not None  # replayed, not run eagerly
+    assert runner._buckets[bucket].graph is not None  # replayed, not run eagerly
     assert max_abs_diff(got.last_hidden_state, before) > 1e-2  # the update matters
     assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, "after the update")
+    assert [layer.attention.self._qkv_cache[1].data_ptr() for layer in fast.encoder.layer] == caches
+
+
+@pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
+def test_graphs_read_the_qkv_cache_kept_current_before_each_replay(runner_class, monkeypatch):
+    """Under capture each layer hands the graph its fused QKV cache (made before the capture), not a
+    concatenation that every replay would repeat (two kernels a layer and a copy of the QKV weights).
+    Before each replay the runner writes in-place weight updates into that same storage. Capture and
+    replay are stand-ins here (no GPU): the capture records what the layers returned, the replay checks
+    that each cache holds the current weights at the address the graph read."""
+    from fastbert import cuda_graphs, modeling_bert
+
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    attentions = [layer.attention.self for layer in fast.encoder.layer]
+    capturing, handed, replays = [False], [], []
+    fused = modeling_bert.BertSelfAttention._fused_qkv_parameters
+
+    def spy(self):
+        out = fused(self)
+        if capturing[0]:
+            handed.append((self, out))
+        return out
+
+    class Graph:
+        def replay(self):
+            for attention, (weight, bias) in handed:
+                sources = attention._qkv_sources()
+                assert attention._qkv_cache[1] is weight and attention._qkv_cache[2] is bias
+                assert torch.equal(weight, torch.cat(sources[:3])) and torch.equal(bias, torch.cat(sources[3:]))
+            replays.append(True)
+
+    def capture(work, pool=None, warmup=2):
+        for _ in range(warmup):
+            work()
+        capturing[0] = True
+        try:
+            return Graph(), work()
+        finally:
+            capturing[0] = False
+
+    monkeypatch.setattr(modeling_bert, "_capturing", lambda t: capturing[0])
+    monkeypatch.setattr(modeling_bert.BertSelfAttention, "_fused_qkv_parameters", spy)
+    monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
+    monkeypatch.setattr(cuda_graphs, "_on_device", lambda device, capture: contextlib.nullcontext())
+    if runner_class is CUDAGraphRunner:
+        runner = CUDAGraphRunner(fast, buckets=(64,), max_sequences=4, max_seqlen=32, capture=False)
+    else:
+        runner = PaddedCUDAGraphRunner(fast, batch_buckets=(2,), seqlen_step=16, capture=False)
+    runner.capture = True
+    ids, types = random_inputs(fast.config, 2, 12)
+    mask = make_mask("right", 2, 12)
+    runner(ids, mask, types)
+    assert [a for a, _ in handed] == attentions and all(a._qkv_cache_pinned for a in attentions)
+    versions = [a._qkv_cache[1]._version for a in attentions]
+    runner(ids, mask, types)
+    assert [a._qkv_cache[1]._version for a in attentions] == versions  # nothing changed, nothing written
+    with torch.no_grad():
+        attentions[0].key.weight.mul_(1.5)
+        attentions[1].query.bias.add_(0.3)
+    runner(ids, mask, types)
+    assert len(replays) == 3 and len(handed) == 2  # captured once, replayed three times
+    # An eager call after an update also writes into the storage the graph reads.
+    with torch.no_grad():
+        attentions[1].value.weight.mul_(0.5)
+        fast(ids, attention_mask=mask, token_type_ids=types)
+    Graph().replay()
+
+
+def test_capture_with_a_stale_qkv_cache_concatenates_in_the_graph(monkeypatch):
+    """A layer whose cache is missing or stale when capture starts (a capture not made by the runners,
+    which fill the caches first) records the concatenation, and its cache stays unpinned."""
+    from fastbert import modeling_bert
+
+    fast, _ = model_pair(make_config("h144", layers=1, max_positions=64))
+    attention = fast.encoder.layer[0].attention.self
+    monkeypatch.setattr(modeling_bert, "_capturing", lambda t: True)
+    with torch.no_grad():
+        weight, bias = attention._fused_qkv_parameters()
+    assert attention._qkv_cache is None and not attention._qkv_cache_pinned
+    assert torch.equal(weight, torch.cat([attention.query.weight, attention.key.weight, attention.value.weight]))
+    assert torch.equal(bias, torch.cat([attention.query.bias, attention.key.bias, attention.value.bias]))

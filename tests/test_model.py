@@ -347,6 +347,28 @@ def test_qkv_cache_filled_under_inference_mode_serves_a_later_backward():
     assert_close(grads[0], grads[1], 1e-4, "input-embedding gradients")
 
 
+def test_qkv_cache_made_before_freezing_passes_no_gradient_to_frozen_weights():
+    """An evaluation pass under no_grad fills the fused-QKV cache from weights that still require
+    grad; the weights are frozen after (PEFT, a head trained on a frozen encoder). The cache must not
+    carry an autograd graph back to them, or every backward computes the fused weight's gradient (a
+    GEMM a layer) only for autograd to drop it at the frozen weights. The input gradient equals
+    transformers'."""
+    fast, hf = model_pair(make_config())
+    ids, _ = random_inputs(fast.config, 2, 8)
+    with torch.no_grad():
+        fast(ids)
+    attention = fast.encoder.layer[0].attention.self
+    assert attention._qkv_cache is not None and not attention._qkv_cache[1].requires_grad
+    grads = []
+    for model in (fast, hf):
+        model.requires_grad_(False)
+        embeds = model.embeddings.word_embeddings(ids).detach().requires_grad_()
+        model(inputs_embeds=embeds).last_hidden_state.square().sum().backward()
+        grads.append(embeds.grad)
+    assert all(p.grad is None for p in fast.parameters())
+    assert_close(grads[0], grads[1], 1e-4, "input-embedding gradients")
+
+
 def test_model_built_under_inference_mode_follows_in_place_updates():
     # Weights made under torch.inference_mode are inference tensors: no version counter to key the
     # fused-QKV cache on, so an in-place update there must still be seen (no stale cache).
