@@ -3,7 +3,7 @@
 # minutes after the machine's start): run from the repo root with the call's timeout_s >= BUDGET + 30.
 #   1. install + the GPU tests (ops, model, compile/graphs, optimize, CLI), no sanitizer; a probe of
 #      the C++ extension's exceptions (under cuda-gdb);
-#   2. a profile of one eager forward (benchmarks/profile_model.py), the headline model cases, BERT-base bf16, without max-autotune (minutes of autotuning each);
+#   2. a profile of one eager forward and of graph replays (benchmarks/profile_model.py), the headline model cases, BERT-base bf16, without max-autotune (minutes of autotuning each);
 #   3. the kernel microbenchmarks in bf16 with whatever time is left: attention first (its tile
 #      changed after the first run; the sweep decides), then the fused linear + GELU GEMM (without
 #      its torch.compile peer: minutes of compiling), then the memory-bound kernels.
@@ -35,8 +35,9 @@ fi
 echo "gpu_session.sh: extension raise probe exit $? (test/probe.log):"
 grep -E "raised|SIG|^#[0-9]+ " "$OUT_ROOT/test/probe.log" | head -30
 
-# Where the time of one eager forward goes (device time per kernel; host time per operator).
-timeout 90 python3 benchmarks/profile_model.py --out "$OUT_ROOT/test" >/dev/null 2>"$OUT_ROOT/test/profile.err"
+# Where the time of one eager forward goes (device time per kernel; host time per operator), and
+# of a PaddedCUDAGraphRunner call at 1x128 and 32x128 (the kernels a replay runs, and their times).
+timeout 120 python3 benchmarks/profile_model.py --out "$OUT_ROOT/test" >/dev/null 2>"$OUT_ROOT/test/profile.err"
 echo "gpu_session.sh: profile exit $? at $((SECONDS - start)) s (test/profile.txt)"
 
 micro_time=$(( BUDGET / 5 ))
