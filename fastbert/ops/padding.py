@@ -76,13 +76,15 @@ def static_unpad_input(attention_mask: torch.Tensor, batch: int, seqlen: int) ->
     first, in the same order as ``unpad_input``, then the padding, cut into sequences of at most
     ``seqlen`` tokens that attend only among themselves (so ``seqlen`` bounds every sequence). The
     padding rows are computed on, never read: ``valid`` marks them and :func:`pad` writes zeros."""
-    keep = attention_mask.bool().flatten()
-    indices = torch.sort((~keep).to(torch.int8), stable=True).indices  # real tokens first, in order
-    seqlens = attention_mask.bool().sum(dim=1, dtype=torch.int32)
+    keep = attention_mask.bool()
+    # A stable descending sort of the mask puts the real tokens first, in order, then the padding; the
+    # sorted values are then `valid` itself. (Fewer kernels than sorting a negated copy and comparing
+    # an arange with the count: in a CUDA graph of a small batch each kernel is time.)
+    valid, indices = torch.sort(keep.flatten(), descending=True, stable=True)
+    seqlens = keep.sum(dim=1, dtype=torch.int32)
     real = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    steps = torch.arange(1, batch + 1, dtype=torch.int32, device=keep.device) * seqlen
+    steps = torch.arange(seqlen, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=keep.device)
     padding = torch.clamp(real[-1] + steps, max=batch * seqlen)
-    valid = torch.arange(batch * seqlen, device=keep.device) < real[-1]
     return Packing(indices, torch.cat([real, padding]), seqlen, batch, seqlen, valid)
 
 

@@ -1,0 +1,48 @@
+"""Unpadding and re-padding (fastbert/ops/padding.py): the static-size form that torch.compile and the
+padded CUDA-graph runner use, checked against the exact (host-synced) form it stands in for."""
+
+import pytest
+import torch
+
+from fastbert.ops.padding import pack, pad, static_unpad_input, unpad_input
+from tests.model_utils import make_mask
+
+MASK_KINDS = ["right", "left", "holes", "fully_masked_row", "none"]
+SHAPES = [(1, 1), (1, 128), (3, 7), (4, 33), (2, 2500)]  # the last: past the small-sort path on a GPU
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.long, torch.int32, torch.bool], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_static_unpad_carries_the_real_tokens_first_then_padding_in_short_sequences(kind, shape, mask_dtype):
+    batch, seqlen = shape
+    mask = make_mask(kind, batch, seqlen, torch.Generator().manual_seed(batch * seqlen)).to(mask_dtype)
+    exact = unpad_input(mask, batch, seqlen, "cpu")
+    static = static_unpad_input(mask, batch, seqlen)
+    total = int(mask.bool().sum())
+    # Every position once; the real ones first, in the exact form's order.
+    assert static.indices.shape == (batch * seqlen,)
+    assert torch.equal(static.indices.sort().values, torch.arange(batch * seqlen))
+    real = exact.indices if exact.indices is not None else torch.arange(batch * seqlen)
+    assert torch.equal(static.indices[:total], real)
+    assert static.valid.dtype == torch.bool and torch.equal(static.valid, torch.arange(batch * seqlen) < total)
+    # The real sequences as in the exact form, then the padding in pieces of at most seqlen tokens.
+    cu = static.cu_seqlens
+    assert cu.dtype == torch.int32 and cu.shape == (2 * batch + 1,)
+    assert torch.equal(cu[: batch + 1], exact.cu_seqlens)
+    pieces = cu[batch:].diff()
+    assert int(cu[-1]) == batch * seqlen and bool((pieces >= 0).all()) and bool((pieces <= seqlen).all())
+    assert static.max_seqlen == seqlen and static.num_tokens == batch * seqlen
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_pad_of_the_static_form_restores_the_input_with_zeros_at_padding(kind):
+    batch, seqlen, hidden = 4, 9, 5
+    mask = make_mask(kind, batch, seqlen)
+    x = torch.randn(batch, seqlen, hidden)
+    packing = static_unpad_input(mask, batch, seqlen)
+    packed = pack(x, packing)
+    packed[~packing.valid] = float("nan")  # what the encoder computes at padding is never read
+    out = pad(packed, packing)
+    keep = mask.bool()[..., None]
+    assert torch.equal(out, torch.where(keep, x, 0.0))
