@@ -262,8 +262,13 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
         seq_idx, offset = ops.padding.sequence_positions(packing.cu_seqlens, seqlen)
         position_ids = offset[None]
     tokens = packing.num_tokens
-    positions = position_ids if position_ids is not None else torch.arange(seqlen, device=device).expand(shape)
-    packed_positions = ops.pack(positions, packing)
+    columns = position_ids is None  # positions are the column indices: in range (seqlen was checked)
+    if not columns:
+        packed_positions = ops.pack(position_ids, packing)
+    elif packing.indices is not None:
+        packed_positions = packing.indices % seqlen  # one kernel, where gathering an arange takes two
+    else:
+        packed_positions = torch.arange(seqlen, device=device).repeat(batch)
     packed_types = (ops.pack(token_type_ids, packing) if token_type_ids is not None
                     else torch.zeros(tokens, dtype=torch.long, device=device))
     packed_ids = ops.pack(input_ids, packing) if input_ids is not None else None
@@ -272,9 +277,10 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
         # Range checks need a host sync; under torch.compile they are left to eager calls. Padding
         # carried by the static form is looked up as id 0, so its ids never matter.
         if packing.valid is not None:
-            packed_ids, packed_positions, packed_types = (
-                None if t is None else torch.where(packing.valid, t, 0)
-                for t in (packed_ids, packed_positions, packed_types))
+            packed_ids, packed_types = (None if t is None else torch.where(packing.valid, t, 0)
+                                        for t in (packed_ids, packed_types))
+            if not columns:
+                packed_positions = torch.where(packing.valid, packed_positions, 0)
         return ModelInputs(packed_ids, packed_embeds, packed_positions, packed_types, packing)
 
     if ranges_checked:
