@@ -276,15 +276,14 @@ class PaddedCUDAGraphRunner:
         self._qkv = PinnedQKVCaches(model)  # again after each capture
 
     def _forward(self, bucket: _PaddedBucket):
-        """The captured work: the value checks of what the static buffers hold, and the model on them.
-        The ids and token types are clamped into their tables first: a batch that fails a check is
-        thrown away, but its lookups must not read outside a table (a device-side assert on CUDA)."""
-        config = self.model.config
-        extremes, limits = validation.value_extremes(config, bucket.input_ids, bucket.attention_mask,
+        """The captured work: the value checks of what the static buffers hold, and the model on them
+        in its static forms (which clamp every lookup into its table: a batch that fails a check is
+        thrown away, but its lookups must not read outside a table)."""
+        extremes, limits = validation.value_extremes(self.model.config, bucket.input_ids, bucket.attention_mask,
                                                      bucket.token_type_ids)
         with validation.static_forms():
-            out = self.model(bucket.input_ids.clamp(0, config.vocab_size - 1), attention_mask=bucket.attention_mask,
-                             token_type_ids=bucket.token_type_ids.clamp(0, config.type_vocab_size - 1))
+            out = self.model(bucket.input_ids, attention_mask=bucket.attention_mask,
+                             token_type_ids=bucket.token_type_ids)
         return out.last_hidden_state, out.pooler_output, extremes, limits
 
     def _bucket(self, batch: int, seqlen: int) -> _PaddedBucket:

@@ -274,13 +274,15 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
     packed_ids = ops.pack(input_ids, packing) if input_ids is not None else None
     packed_embeds = ops.pack(inputs_embeds, packing) if inputs_embeds is not None else None
     if _static():
-        # Range checks need a host sync; under torch.compile they are left to eager calls. Padding
-        # carried by the static form is looked up as id 0, so its ids never matter.
-        if packing.valid is not None:
-            packed_ids, packed_types = (None if t is None else torch.where(packing.valid, t, 0)
-                                        for t in (packed_ids, packed_types))
-            if not columns:
-                packed_positions = torch.where(packing.valid, packed_positions, 0)
+        # Range checks need a host sync: under torch.compile they are left to eager calls, and the
+        # padded CUDA-graph runner reads value_extremes back after its replay. Every lookup is clamped
+        # into its table instead, so nothing reads outside one: the padding the static form carries
+        # (its ids never matter) and a bad value at a real token alike (an illegal address on a GPU).
+        if packed_ids is not None:
+            packed_ids = packed_ids.clamp(0, config.vocab_size - 1)
+        packed_types = packed_types.clamp(0, config.type_vocab_size - 1)
+        if not columns:
+            packed_positions = packed_positions.clamp(0, config.max_position_embeddings - 1)
         return ModelInputs(packed_ids, packed_embeds, packed_positions, packed_types, packing)
 
     if ranges_checked:

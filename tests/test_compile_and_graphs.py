@@ -213,6 +213,33 @@ def test_padded_graph_runner_refuses_bad_values_like_the_model(capture):
     assert set(long_runner._buckets) == {(2, 64)}
 
 
+@pytest.mark.parametrize("mask_kind", ["right", "none"])
+def test_static_forms_clamp_every_lookup_into_its_table(mask_kind):
+    """The static forms (torch.compile, the padded graphs) cannot check values without a host sync, so
+    every lookup is clamped into its table: ids, token types and positions that are out of range at
+    padded tokens change nothing at real ones (the eager model ignores them too), and out of range at
+    a real token they read no memory outside a table (on the CPU that would raise IndexError)."""
+    from fastbert import validation
+
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    config = fast.config
+    ids, types = random_inputs(config, 3, 10)
+    mask = make_mask(mask_kind, 3, 10)
+    positions = torch.arange(10).expand(3, 10).clone()
+    want = _outputs(fast, ids, mask, types, position_ids=positions).last_hidden_state
+    if mask_kind == "right":
+        pad = mask == 0
+        ids, types, positions = ids.masked_fill(pad, config.vocab_size + 5), types.masked_fill(pad, -3), \
+            positions.masked_fill(pad, 10_000)
+        with validation.static_forms():
+            got = _outputs(fast, ids, mask, types, position_ids=positions).last_hidden_state
+        assert_close(got, want, 1e-5, "bad values at padded tokens")
+    ids[0, 1], types[1, 2], positions[2, 0] = -1, config.type_vocab_size, config.max_position_embeddings
+    with validation.static_forms():
+        got = _outputs(fast, ids, mask, types, position_ids=positions).last_hidden_state
+    assert got.shape == want.shape and bool(got.isfinite().all())
+
+
 def test_value_extremes_refuse_what_check_inputs_refuses():
     """The padded runner's in-graph checks (read back after the replay): extremes at real tokens, so
     a bad value under padding passes, as in the model; the mask's own values too."""
