@@ -71,35 +71,12 @@ def capture_graph(work, pool=None, warmup: int = 2):
     return graph, outputs
 
 
-class PinnedQKVCaches:
-    """The fused QKV weights that a model's captured graphs read (``BertSelfAttention`` hands its cache
-    to a capture instead of concatenating inside the graph), kept current before each replay.
-
-    A graph bakes in the cache's address, so an in-place update of a query, key or value weight (an
-    optimizer step, ``load_state_dict``) must reach the cache before the next replay: ``refresh``
-    compares the weights' version counters with those at the last refresh (one read each, ~0.1 us) and
-    re-concatenates in place where one moved. Recording the concatenation in the graph instead cost
-    every replay two kernels a layer and a copy of the QKV weights (~85 MB at BERT-base)."""
-
-    def __init__(self, model):
-        self.modules = [m for m in model.modules() if isinstance(m, BertSelfAttention) and m._qkv_cache_pinned]
-        self.sources = [t for m in self.modules for t in m._qkv_sources()]
-        self.versions = [t._version for t in self.sources]
-
-    @staticmethod
-    def fill(model) -> None:
-        """Make every layer's cache on the current stream before a capture, so that the warm-up and the
-        capture find it fresh (the graph then reads it, not a concatenation of its own)."""
-        for m in model.modules():
-            if isinstance(m, BertSelfAttention):
-                m._fused_qkv_parameters()
-
-    def refresh(self) -> None:
-        versions = [t._version for t in self.sources]
-        if versions != self.versions:
-            for m in self.modules:
-                m._fused_qkv_parameters()  # pinned: writes into the cache the graphs read
-            self.versions = versions
+def fused_storages(model) -> list:
+    """The fused QKV storage of each layer (``BertSelfAttention._qkv_fused``), which a graph captured
+    just before reads and writes at every replay (the layer copies its live weights into it). A runner
+    keeps them, so that no replay ever touches freed memory, even after a ``.to()`` made the layers
+    new ones."""
+    return [m._qkv_fused for m in model.modules() if isinstance(m, BertSelfAttention) and m._qkv_fused is not None]
 
 
 class _Bucket:
@@ -113,6 +90,7 @@ class _Bucket:
         self.cu_seqlens = torch.full((sequences + 1,), tokens, dtype=torch.int32, device=device)
         self.output: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.storages: list = []  # what the graph reads besides the weights (fused_storages)
 
 
 class CUDAGraphRunner:
@@ -143,7 +121,6 @@ class CUDAGraphRunner:
         self.device = device
         self._buckets: dict[int, _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self._qkv = PinnedQKVCaches(model)  # again after each capture
 
     def _slots(self, tokens: int) -> int:
         """cu_seqlens capacity: the real sequences, then the padding cut into pieces."""
@@ -167,9 +144,8 @@ class CUDAGraphRunner:
     def _capture(self, bucket: _Bucket) -> None:
         bucket.cu_seqlens[0] = 0
         bucket.cu_seqlens[1:] = self._tail_offsets(0, 0, bucket)  # a valid layout for the warm-up
-        PinnedQKVCaches.fill(self.model)
         bucket.graph, bucket.output = capture_graph(lambda: self._encode(bucket), self._pool)
-        self._qkv = PinnedQKVCaches(self.model)
+        bucket.storages = fused_storages(self.model)
 
     def _tail_offsets(self, tokens: int, sequences: int, bucket: _Bucket) -> torch.Tensor:
         """``cu_seqlens[sequences + 1:]`` after ``sequences`` real ones holding ``tokens``: the padding
@@ -210,7 +186,6 @@ class CUDAGraphRunner:
         bucket.cu_seqlens[:sequences + 1].copy_(packing.cu_seqlens)
         bucket.cu_seqlens[sequences + 1:].copy_(self._tail_offsets(tokens, sequences, bucket), non_blocking=True)
         if bucket.graph is not None:
-            self._qkv.refresh()
             bucket.graph.replay()
             hidden = bucket.output[:tokens].clone()  # the next replay overwrites the static output
         else:
@@ -233,6 +208,7 @@ class _PaddedBucket:
         self.token_type_ids = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
         self.outputs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.storages: list = []  # what the graph reads besides the weights (fused_storages)
 
 
 class PaddedCUDAGraphRunner:
@@ -273,7 +249,6 @@ class PaddedCUDAGraphRunner:
         self.device = device
         self._buckets: dict[tuple[int, int], _PaddedBucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self._qkv = PinnedQKVCaches(model)  # again after each capture
 
     def _forward(self, bucket: _PaddedBucket):
         """The captured work: the value checks of what the static buffers hold, and the model on them
@@ -293,9 +268,8 @@ class PaddedCUDAGraphRunner:
         if bucket is None:
             bucket = _PaddedBucket(*shape, self.device)
             if self.capture:
-                PinnedQKVCaches.fill(self.model)
                 bucket.graph, bucket.outputs = capture_graph(lambda: self._forward(bucket), self._pool)
-                self._qkv = PinnedQKVCaches(self.model)
+                bucket.storages = fused_storages(self.model)
             self._buckets[shape] = bucket  # only once captured: a failed capture is retried, not run eagerly
         return bucket
 
@@ -341,7 +315,6 @@ class PaddedCUDAGraphRunner:
             types.copy_(token_type_ids)
         bucket.input_ids[:batch, :seqlen].copy_(input_ids)
         if bucket.graph is not None:
-            self._qkv.refresh()
             bucket.graph.replay()
             hidden, pooled, extremes, limits = bucket.outputs
         else:

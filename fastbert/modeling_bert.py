@@ -8,6 +8,8 @@ ever runs on a padded position.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from transformers import BertConfig, PretrainedConfig
@@ -46,20 +48,53 @@ def _linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     return module(x), None
 
 
-def _capturing(t: torch.Tensor) -> bool:
-    """Whether ``t``'s work is being captured into a CUDA graph (on the current stream)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+class FusedQKV(NamedTuple):
+    """Storage for one QKV GEMM's operands: the weight ``[3 * hidden, hidden]``, the bias
+    ``[3 * hidden]``, and their six row blocks (query, key, value weight, then bias) that the modules'
+    parameters are copied into."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    blocks: list[torch.Tensor]
+
+    @classmethod
+    def like(cls, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> FusedQKV:
+        """Storage shaped and typed as ``torch.cat(weights)`` and ``torch.cat(biases)``. Never an
+        inference tensor (calls outside torch.inference_mode write into it too)."""
+        rows = [w.shape[0] for w in weights]
+        with torch.inference_mode(False):
+            weight = weights[0].new_empty((sum(rows), *weights[0].shape[1:]), dtype=_promoted(weights))
+            bias = biases[0].new_empty((sum(rows),), dtype=_promoted(biases))
+        return cls(weight, bias, [*weight.split(rows), *bias.split(rows)])
+
+    def fits(self, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> bool:
+        """Whether this storage takes these parameters (same shapes, dtypes and device)."""
+        return (all(b.shape == t.shape for b, t in zip(self.blocks, weights + biases))
+                and self.weight.dtype == _promoted(weights) and self.bias.dtype == _promoted(biases)
+                and self.weight.device == weights[0].device)
 
 
-def _same_layout(cache: tuple | None, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> bool:
-    """Whether the cached fused weight and bias can take the concatenation of ``weights`` and
-    ``biases`` in place (same shapes, dtype and device)."""
-    if cache is None:
-        return False
-    _, weight, bias = cache
-    rows = sum(w.shape[0] for w in weights)
-    return (weight.shape == (rows, *weights[0].shape[1:]) and bias.shape == (rows,)
-            and all(t.dtype == weight.dtype and t.device == weight.device for t in (*weights, *biases)))
+def _needs_autograd_or_tracing(tensors: list[torch.Tensor]) -> bool:
+    """Autograd on, torch.compile tracing, or a tensor subclass among ``tensors`` (fake tensors,
+    functional wrappers): where parameters must be used through ops, not copied into storage."""
+    plain = ops.backend.PLAIN_TENSOR_TYPES
+    return torch.is_grad_enabled() or torch.compiler.is_compiling() or any(type(t) not in plain for t in tensors)
+
+
+def _cpu_inference(x: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
+    """A 2-D plain CPU input and parameters of its dtype, without autograd, tracing or autocast (which
+    casts F.linear's inputs, not those of a GEMM with ``out=``)."""
+    return (x.device.type == "cpu" and x.dim() == 2 and type(x) in ops.backend.PLAIN_TENSOR_TYPES
+            and not _needs_autograd_or_tracing(tensors) and not torch.is_autocast_enabled("cpu")
+            and all(t.device.type == "cpu" and t.dtype == x.dtype for t in tensors))
+
+
+def _promoted(tensors: list[torch.Tensor]) -> torch.dtype:
+    """The dtype ``torch.cat(tensors)`` returns."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def _dropout_p(module: nn.Dropout) -> float:
@@ -124,84 +159,70 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, self.all_head_size)
         self.value = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self._qkv_cache: tuple | None = None  # (key, weight, bias): not a buffer, so keys stay HF's
-        self._qkv_cache_pinned = False  # a captured CUDA graph reads the cache: refresh it in place
+        self._qkv_fused: FusedQKV | None = None  # not a buffer, so state-dict keys stay HF's
 
-    def _fused_qkv_parameters(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``[3 * hidden, hidden]`` weight and ``[3 * hidden]`` bias of one QKV GEMM, or None when
-        query / key / value are not plain Linear modules (wrapped by an adapter, say).
+    def _qkv_parameters(self) -> list[torch.Tensor] | None:
+        """The query, key and value weights, then their biases, or None when query / key / value are
+        not plain Linear modules with a bias (wrapped by an adapter, say).
 
         Called once per layer and forward, so its host time counts for small eager batches: the
         modules and parameters are read from ``_modules`` and ``_parameters`` (``module.weight`` goes
-        through nn.Module's Python ``__getattr__``) and the checks run cheapest first."""
+        through nn.Module's Python ``__getattr__``)."""
         modules = self._modules  # self.query etc. go through nn.Module.__getattr__: ~1.2 us each
         linears = (modules["query"], modules["key"], modules["value"])
         for m in linears:
             if not _plain(m, nn.Linear) or m._parameters.get("bias") is None:
                 return None
-        weights = [m._parameters["weight"] for m in linears]
-        biases = [m._parameters["bias"] for m in linears]
-        tensors = weights + biases
-        plain = ops.backend.PLAIN_TENSOR_TYPES
-        if (torch.compiler.is_compiling()
-                or any(type(t) not in plain or t.is_inference() for t in tensors)
-                or torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            # Concatenate at every call:
-            # - under tracing (compiled graphs) and for tensor subclasses (fake tensors, functional
-            #   wrappers): no storage to key a cache on;
-            # - for weights made under torch.inference_mode: they have no version counter, so an
-            #   in-place update could not be seen;
-            # - in training, so that autograd reaches the three weights.
-            return torch.cat(weights), torch.cat(biases)
-        # Inference: concatenate once, again only after a weight changed. An in-place update
-        # (optimizer step, load_state_dict) bumps the version counter; .to() or a new .data changes
-        # the storage. (An in-place write through ``.data`` bumps neither, as in PyTorch's own
-        # caches of derived tensors: write to the parameter under torch.no_grad() instead.)
-        key = [(id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors]
-        cache = self._qkv_cache
-        fresh = cache is not None and cache[0] == key
-        if _capturing(tensors[0]):
-            # A CUDA graph replays what it captured: the cache at its address (the graph runners
-            # refresh it in place before each replay, `PinnedQKVCaches`), or, without a fresh cache,
-            # the concatenation (24 kernels and twice the QKV weights' bytes per replay at BERT-base).
-            if not fresh:
-                return torch.cat(weights), torch.cat(biases)
-            self._qkv_cache_pinned = True
-            return cache[1], cache[2]
-        if not fresh:
-            # Never an inference tensor, even when the first call runs under torch.inference_mode: a
-            # later call with autograd on (gradients to the inputs of frozen weights) must be able to
-            # save it for backward. Never part of an autograd graph either: inference_mode(False) turns
-            # grad mode on, so no_grad comes second (a cache made from weights that required grad and
-            # were frozen later would make every backward compute its gradient, for nothing).
-            with torch.inference_mode(False), torch.no_grad():
-                if self._qkv_cache_pinned and _same_layout(cache, weights, biases):
-                    # A captured graph reads this storage: write the new weights into it.
-                    cache = (key, torch.cat(weights, out=cache[1]), torch.cat(biases, out=cache[2]))
-                else:
-                    cache = (key, torch.cat(weights), torch.cat(biases))
-            self._qkv_cache = cache
-        return cache[1], cache[2]
+        return [m._parameters["weight"] for m in linears] + [m._parameters["bias"] for m in linears]
 
-    def _qkv_sources(self) -> list[torch.Tensor]:
-        """The query, key and value weights and biases the fused cache is made from."""
-        linears = [self._modules[k] for k in ("query", "key", "value")]
-        return [m._parameters[k] for k in ("weight", "bias") for m in linears]
+    def _fused_qkv_parameters(self, tensors: list[torch.Tensor] | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``[3 * hidden, hidden]`` weight and ``[3 * hidden]`` bias of one QKV GEMM, or None where
+        ``_qkv_parameters`` is None (``tensors``: what it returned, if the caller has it)."""
+        tensors = self._qkv_parameters() if tensors is None else tensors
+        if tensors is None:
+            return None
+        weights, biases = tensors[:3], tensors[3:]
+        device = weights[0].device
+        if _needs_autograd_or_tracing(tensors) or any(t.device != device for t in tensors):
+            # Concatenate: with autograd on, so that gradients reach the three weights (and nothing a
+            # backward saved is overwritten by a later call); under tracing and for tensor subclasses
+            # (fake tensors, functional wrappers), as ops on them; across devices, to raise as the
+            # module path does.
+            return torch.cat(weights), torch.cat(biases)
+        # Without autograd, the parameters are copied into this module's fused storage at every call:
+        # one launch (a foreach copy) where concatenating takes two. Nothing is cached across calls:
+        # fused optimizer steps (AdamW(fused=True), the transformers Trainer's default) and in-place
+        # writes through `.data` (PEFT's merge) change weights without bumping their version
+        # counters, so a cache keyed on them served stale weights. The storage keeps its address, so
+        # a CUDA graph records the copy and every replay reads the live weights.
+        fused = self._qkv_fused
+        if fused is None or not fused.fits(weights, biases):
+            fused = self._qkv_fused = FusedQKV.like(weights, biases)
+        torch._foreach_copy_(fused.blocks, tensors)
+        return fused.weight, fused.bias
 
     def _apply(self, fn, recurse=True):
-        # .to(), .half(), .cuda() and the like convert each weight in place of its Parameter (same id,
-        # same version), and the caching allocator may hand the converted weight the block of an
-        # earlier one: after half() then float(), the cache key could match and serve the unrounded
-        # weights. Drop the cache instead of trusting the key.
-        self._qkv_cache, self._qkv_cache_pinned = None, False
+        # .to(), .half() and the like: the fused storage is made again for the converted weights
+        # (a CUDA-graph runner keeps what its graphs read).
+        self._qkv_fused = None
         return super()._apply(fn, recurse)
 
     def qkv_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[tokens, hidden]`` -> ``[tokens, 3 * hidden]`` (queries | keys | values)."""
-        fused = self._fused_qkv_parameters()
-        if fused is None:
+        tensors = self._qkv_parameters()
+        if tensors is None:
             return torch.cat([self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)], dim=-1)
-        return nn.functional.linear(hidden_states, *fused)
+        if _cpu_inference(hidden_states, tensors):
+            # On a CPU, three GEMMs write the column blocks of one output: copying the weights into a
+            # fused one at every call costs there as much as a small batch's GEMM.
+            out = hidden_states.new_empty((hidden_states.shape[0], sum(w.shape[0] for w in tensors[:3])))
+            start = 0
+            for weight, bias in zip(tensors[:3], tensors[3:]):
+                torch.addmm(bias, hidden_states, weight.t(), out=out[:, start:start + weight.shape[0]])
+                start += weight.shape[0]
+            return out
+        return nn.functional.linear(hidden_states, *self._fused_qkv_parameters(tensors))
 
     def forward(self, hidden_states, packing: ops.Packing, output_attentions: bool = False):
         qkv = self.qkv_projection(hidden_states)

@@ -332,10 +332,13 @@ def test_graph_runners_leave_what_a_replay_cannot_return_to_the_model(runner_cla
 
 
 @needs_cuda
+@pytest.mark.parametrize("update", ["no_grad", "fused_adamw", "data"])
 @pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
-def test_captured_graphs_follow_in_place_weight_updates(runner_class):
-    """A graph captured before an optimizer step or load_state_dict must replay with the new weights
-    (the graph reads the fused QKV cache, which the runner refreshes in place before each replay)."""
+def test_captured_graphs_follow_in_place_weight_updates(runner_class, update):
+    """A graph captured before an optimizer step, load_state_dict or a write through ``.data`` replays
+    with the new weights: each layer's copy of its QKV weights into its fused storage is part of the
+    graph (fused AdamW and ``.data`` writes do not bump version counters, so nothing keyed on them
+    could see those updates)."""
     fast, _ = model_pair(make_config("h144", layers=2, max_positions=64), device="cuda")
     if runner_class is CUDAGraphRunner:
         runner, bucket = CUDAGraphRunner(fast, buckets=(64,), max_sequences=4, max_seqlen=32), 64
@@ -344,93 +347,88 @@ def test_captured_graphs_follow_in_place_weight_updates(runner_class):
     ids, types = random_inputs(fast.config, 2, 12, device="cuda")
     mask = make_mask("right", 2, 12).to("cuda")
     before = runner(ids, mask, types).last_hidden_state.clone()
-    caches = [layer.attention.self._qkv_cache[1].data_ptr() for layer in fast.encoder.layer]
-    with torch.no_grad():
-        for layer in fast.encoder.layer:
-            layer.attention.self.key.weight.mul_(1.5)
-            layer.attention.self.value.bias.add_(0.3)
+    storages = [layer.attention.self._qkv_fused.weight.data_ptr() for layer in fast.encoder.layer]
+    qkv = [p for layer in fast.encoder.layer for m in (layer.attention.self.key, layer.attention.self.value)
+           for p in m.parameters()]
+    if update == "fused_adamw":
+        optimizer = torch.optim.AdamW(qkv, lr=0.05, fused=True)
+        for p in qkv:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    else:
+        with torch.no_grad():
+            for p in qkv:
+                (p.data if update == "data" else p).mul_(1.5).add_(0.1)
     got, want = runner(ids, mask, types), _outputs(fast, ids, mask, types)
     assert runner._buckets[bucket].graph is not None  # replayed, not run eagerly
     assert max_abs_diff(got.last_hidden_state, before) > 1e-2  # the update matters
-    assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, "after the update")
-    assert [layer.attention.self._qkv_cache[1].data_ptr() for layer in fast.encoder.layer] == caches
+    assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, f"after the update ({update})")
+    assert [layer.attention.self._qkv_fused.weight.data_ptr() for layer in fast.encoder.layer] == storages
 
 
 @pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
-def test_graphs_read_the_qkv_cache_kept_current_before_each_replay(runner_class, monkeypatch):
-    """Under capture each layer hands the graph its fused QKV cache (made before the capture), not a
-    concatenation that every replay would repeat (two kernels a layer and a copy of the QKV weights).
-    Before each replay the runner writes in-place weight updates into that same storage. Capture and
-    replay are stand-ins here (no GPU): the capture records what the layers returned, the replay checks
-    that each cache holds the current weights at the address the graph read."""
+def test_graph_runners_keep_what_their_graphs_read(runner_class, monkeypatch):
+    """A graph reads and writes each layer's fused QKV storage at every replay; the runner keeps those
+    storages, so a ``.to()`` that makes the layers new ones (even one that changes nothing) never
+    leaves a graph on freed memory. Capture is a stand-in here (no GPU)."""
     from fastbert import cuda_graphs, modeling_bert
 
     fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
-    attentions = [layer.attention.self for layer in fast.encoder.layer]
-    capturing, handed, replays = [False], [], []
-    fused = modeling_bert.BertSelfAttention._fused_qkv_parameters
-
-    def spy(self):
-        out = fused(self)
-        if capturing[0]:
-            handed.append((self, out))
-        return out
 
     class Graph:
         def replay(self):
-            for attention, (weight, bias) in handed:
-                sources = attention._qkv_sources()
-                assert attention._qkv_cache[1] is weight and attention._qkv_cache[2] is bias
-                assert torch.equal(weight, torch.cat(sources[:3])) and torch.equal(bias, torch.cat(sources[3:]))
-            replays.append(True)
+            pass
 
     def capture(work, pool=None, warmup=2):
         for _ in range(warmup):
             work()
-        capturing[0] = True
-        try:
-            return Graph(), work()
-        finally:
-            capturing[0] = False
+        return Graph(), work()
 
-    monkeypatch.setattr(modeling_bert, "_capturing", lambda t: capturing[0])
-    monkeypatch.setattr(modeling_bert.BertSelfAttention, "_fused_qkv_parameters", spy)
     monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
     monkeypatch.setattr(cuda_graphs, "_on_device", lambda device, capture: contextlib.nullcontext())
+    monkeypatch.setattr(modeling_bert, "_cpu_inference", lambda x, tensors: False)  # the CUDA path
     if runner_class is CUDAGraphRunner:
         runner = CUDAGraphRunner(fast, buckets=(64,), max_sequences=4, max_seqlen=32, capture=False)
     else:
         runner = PaddedCUDAGraphRunner(fast, batch_buckets=(2,), seqlen_step=16, capture=False)
     runner.capture = True
     ids, types = random_inputs(fast.config, 2, 12)
-    mask = make_mask("right", 2, 12)
-    runner(ids, mask, types)
-    assert [a for a, _ in handed] == attentions and all(a._qkv_cache_pinned for a in attentions)
-    versions = [a._qkv_cache[1]._version for a in attentions]
-    runner(ids, mask, types)
-    assert [a._qkv_cache[1]._version for a in attentions] == versions  # nothing changed, nothing written
-    with torch.no_grad():
-        attentions[0].key.weight.mul_(1.5)
-        attentions[1].query.bias.add_(0.3)
-    runner(ids, mask, types)
-    assert len(replays) == 3 and len(handed) == 2  # captured once, replayed three times
-    # An eager call after an update also writes into the storage the graph reads.
-    with torch.no_grad():
-        attentions[1].value.weight.mul_(0.5)
-        fast(ids, attention_mask=mask, token_type_ids=types)
-    Graph().replay()
+    runner(ids, make_mask("right", 2, 12), types)
+    captured = [layer.attention.self._qkv_fused for layer in fast.encoder.layer]
+    (bucket,) = runner._buckets.values()
+    assert all(s is not None for s in captured) and bucket.storages == captured
+    fast.to("cpu")  # changes nothing, but drops the layers' storages
+    assert all(layer.attention.self._qkv_fused is None for layer in fast.encoder.layer)
+    assert all(a is b for a, b in zip(bucket.storages, captured))
 
 
-def test_capture_with_a_stale_qkv_cache_concatenates_in_the_graph(monkeypatch):
-    """A layer whose cache is missing or stale when capture starts (a capture not made by the runners,
-    which fill the caches first) records the concatenation, and its cache stays unpinned."""
-    from fastbert import modeling_bert
+def test_without_autograd_each_call_copies_the_live_qkv_weights_in_one_launch():
+    """Without autograd a layer copies its query, key and value parameters into its fused storage with
+    one foreach copy at every call (a CUDA graph records it, so replays read the live weights), at the
+    same address call after call; with autograd it concatenates (gradients reach the three weights)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
 
     fast, _ = model_pair(make_config("h144", layers=1, max_positions=64))
     attention = fast.encoder.layer[0].attention.self
-    monkeypatch.setattr(modeling_bert, "_capturing", lambda t: True)
     with torch.no_grad():
-        weight, bias = attention._fused_qkv_parameters()
-    assert attention._qkv_cache is None and not attention._qkv_cache_pinned
+        with Ops() as ops:
+            weight, bias = attention._fused_qkv_parameters()
+        assert [n for n in ops.names if n in ("cat", "_foreach_copy_", "copy_")] == ["_foreach_copy_"]
+        assert attention._qkv_fused.weight is weight and attention._qkv_fused.bias is bias
+        attention.key.weight.data.mul_(2.0)  # seen by the next call, though no version counter moved
+        again, _ = attention._fused_qkv_parameters()
+    assert again is weight and not weight.requires_grad
     assert torch.equal(weight, torch.cat([attention.query.weight, attention.key.weight, attention.value.weight]))
     assert torch.equal(bias, torch.cat([attention.query.bias, attention.key.bias, attention.value.bias]))
+    with Ops() as ops:
+        weight, _ = attention._fused_qkv_parameters()
+    assert "cat" in ops.names and "_foreach_copy_" not in ops.names and weight.requires_grad
