@@ -33,7 +33,7 @@ pytestmark = [
     pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed"),
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
                        reason="needs real (JIT) Triton kernels; TRITON_INTERPRET is set in this process"),
-    # The QKV weight cache keys on data_ptr(); it must skip fake tensors (torch warns, later errors).
+    # Nothing may read data_ptr() of a fake tensor (torch warns, later errors).
     pytest.mark.filterwarnings("error:Accessing the data pointer of FakeTensor"),
 ]
 

@@ -337,13 +337,13 @@ def test_fused_qkv_storage_is_dropped_by_conversions(monkeypatch):
 def test_pruned_or_hooked_qkv_run_unfused_and_equal_transformers():
     """Pruning keeps ``weight`` as an attribute that a forward pre-hook recomputes, and a forward hook
     changes the module's output: such query / key / value modules run as modules (unfused), as in
-    transformers, even after the fused weight was cached."""
+    transformers, even after an inference call fused their weights."""
     from torch.nn.utils import prune
 
     fast, hf = model_pair(make_config())
     ids, _ = random_inputs(fast.config, 2, 8)
     mask = torch.ones_like(ids)
-    _compare(fast, hf, ids, mask)  # fills the fused-QKV cache of every layer
+    _compare(fast, hf, ids, mask)  # every layer's QKV fused
     for model in (fast, hf):
         prune.l1_unstructured(model.encoder.layer[0].attention.self.query, "weight", 0.3)
         model.encoder.layer[1].attention.self.value.register_forward_hook(lambda module, args, out: 2 * out)
@@ -434,8 +434,8 @@ def test_two_forwards_through_frozen_weights_then_their_backwards():
 
 
 def test_model_built_under_inference_mode_follows_in_place_updates():
-    # Weights made under torch.inference_mode are inference tensors: no version counter to key the
-    # fused-QKV cache on, so an in-place update there must still be seen (no stale cache).
+    # Weights made under torch.inference_mode are inference tensors (no version counter): an in-place
+    # update there must still be seen.
     with torch.inference_mode():
         fast, hf = model_pair(make_config())
         ids, _ = random_inputs(fast.config, 2, 8)
