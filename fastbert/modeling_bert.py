@@ -400,9 +400,12 @@ class BertModel(BertPreTrainedModel):
 
     _no_split_modules = ["BertEmbeddings", "BertLayer"]
     _can_record_outputs = {}
-    # The default of forward's first_token_only; fastbert.optimize sets it inside heads that read
-    # only the pooled [CLS] output (sequence classification, multiple choice, next sentence).
+    # The default of forward's first_token_only.
     first_token_only = False
+    # Above 0 while a head that reads only the pooled [CLS] output runs this model (sequence
+    # classification, multiple choice, next sentence: fastbert.optimize hooks them): first_token_only
+    # is then the default. Called on its own, the model computes every row, as transformers' does.
+    _inside_pooled_head = 0
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         check_config(config)
@@ -485,7 +488,8 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
 
-        first_token_only = self.first_token_only if first_token_only is None else first_token_only
+        if first_token_only is None:
+            first_token_only = self.first_token_only or self._inside_pooled_head > 0
         if output_attentions and torch.compiler.is_compiling():
             raise NotImplementedError("output_attentions=True is not supported under torch.compile")
 

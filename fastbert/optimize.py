@@ -6,15 +6,20 @@ from __future__ import annotations
 import torch
 import transformers
 from torch import nn
+from transformers.utils import logging
 
 from .modeling_bert import BertModel
 
+logger = logging.get_logger(__name__)
+
 
 def to_fastbert(hf_model: transformers.BertModel) -> BertModel:
-    """A fastbert.BertModel that shares every module (and so every weight) of a transformers one.
+    """A fastbert.BertModel that shares every leaf module (Linear, Embedding, LayerNorm, Dropout: so
+    every weight) of a transformers one.
 
     Modules are shared, not copied: optimizers, tied weights, PEFT adapters on query / value and
-    later ``.to()`` calls keep working on the same parameters.
+    later ``.to()`` calls keep working on the same parameters. The container modules are fastbert's
+    (hooks on transformers' are not carried over: a warning names them).
     """
     with torch.device("meta"):  # the skeleton only; its leaves are replaced below
         model = BertModel(hf_model.config, add_pooling_layer=hf_model.pooler is not None)
@@ -27,8 +32,28 @@ def to_fastbert(hf_model: transformers.BertModel) -> BertModel:
         if buffer is None:  # versions of transformers without these buffers
             buffer = getattr(_fresh_buffers(hf_model), name)
         model.embeddings.register_buffer(name, buffer, persistent=False)
-    model.train(hf_model.training)
+    # Each module keeps the training flag it had (a user may have put one dropout in eval mode).
+    hf_modules = dict(hf_model.named_modules())
+    for name, module in model.named_modules():
+        if name in hf_modules:
+            module.training = hf_modules[name].training
+    _warn_of_dropped_hooks(hf_model, model)
     return model
+
+
+def _warn_of_dropped_hooks(hf_model: nn.Module, model: BertModel) -> None:
+    """Hooks (or a replaced ``forward``) on transformers' container modules do not come along: only
+    the leaf modules (Linear, Embedding, LayerNorm, Dropout) are shared, the containers are fastbert's,
+    and their inputs and outputs differ (packed tokens). Say so, naming them, rather than drop them
+    silently."""
+    shared = {id(m) for m in model.modules()}
+    dropped = [name or type(hf_model).__name__ for name, m in hf_model.named_modules()
+               if id(m) not in shared and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                          or m._backward_pre_hooks or "forward" in m.__dict__)]
+    if dropped:
+        logger.warning("fastbert.optimize: hooks (or a replaced forward) on %s are not carried over: "
+                       "fastbert replaces transformers' container modules and shares only their leaf "
+                       "modules (Linear, Embedding, LayerNorm, Dropout)", ", ".join(dropped))
 
 
 def _fresh_buffers(hf_model) -> nn.Module:
@@ -47,6 +72,32 @@ def _is_transformers_bert(module) -> bool:
     return isinstance(module, transformers.BertModel) and not isinstance(module, BertModel)
 
 
+def _not_swappable(module: transformers.BertModel) -> str | None:
+    """Why fastbert cannot take the place of this transformers BertModel, or None."""
+    if type(module).forward is not transformers.BertModel.forward:
+        return f"{type(module).__name__} overrides BertModel.forward"
+    model_type = getattr(module.config, "model_type", None)
+    if model_type != "bert":
+        return f"its config is of model_type {model_type!r}, not 'bert'"
+    return None
+
+
+class _FirstTokenOnlyWhileRunning:
+    """Hooks of a head that reads only its encoder's pooled output: while the head runs, the encoder's
+    last layer computes only the first token of each row; the encoder called on its own
+    (``head.bert(...)``) computes every row, as transformers' does. (A module-level class, so that a
+    hooked head still pickles and deep-copies.)"""
+
+    def __init__(self, encoder: BertModel):
+        self.encoder = encoder
+
+    def enter(self, module, args) -> None:
+        self.encoder._inside_pooled_head += 1
+
+    def leave(self, module, args, output) -> None:
+        self.encoder._inside_pooled_head -= 1
+
+
 def optimize(model: nn.Module) -> nn.Module:
     """Swap fastbert's BertModel into ``model`` in place and return it.
 
@@ -57,15 +108,32 @@ def optimize(model: nn.Module) -> nn.Module:
     cannot change class in place: the fastbert model sharing its weights is returned instead.
     """
     if _is_transformers_bert(model):
+        reason = _not_swappable(model)
+        if reason:
+            raise ValueError(f"fastbert.optimize cannot take the place of this BertModel: {reason}")
         return to_fastbert(model)
-    swapped = []
+    swapped, skipped = [], []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent._modules.items()):
-            if _is_transformers_bert(child):
-                parent._modules[name] = to_fastbert(child)
-                parent._modules[name].first_token_only = type(parent).__name__ in _POOLED_HEADS
-                swapped.append(f"{parent_name}.{name}" if parent_name else name)
+            if not _is_transformers_bert(child):
+                continue
+            path = f"{parent_name}.{name}" if parent_name else name
+            reason = _not_swappable(child)
+            if reason:
+                skipped.append(f"{path} ({reason})")
+                continue
+            fast = parent._modules[name] = to_fastbert(child)
+            if type(parent).__name__ in _POOLED_HEADS:
+                hooks = _FirstTokenOnlyWhileRunning(fast)
+                parent.register_forward_pre_hook(hooks.enter)
+                parent.register_forward_hook(hooks.leave, always_call=True)
+            swapped.append(path)
+    if skipped:
+        logger.warning("fastbert.optimize left these transformers BertModels in place: %s", "; ".join(skipped))
     if not swapped:
+        if skipped:
+            raise ValueError(f"fastbert.optimize cannot take the place of any BertModel in {type(model).__name__}: "
+                             + "; ".join(skipped))
         if any(isinstance(m, BertModel) for m in model.modules()):
             return model  # already optimized
         raise ValueError(f"fastbert.optimize found no transformers BertModel inside {type(model).__name__}")

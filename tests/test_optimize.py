@@ -85,3 +85,97 @@ def test_training_through_optimized_head(device):
 def test_nothing_to_swap_is_an_error():
     with pytest.raises(ValueError, match="found no transformers BertModel"):
         optimize(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("head", ["BertForSequenceClassification", "BertForMultipleChoice",
+                                  "BertForNextSentencePrediction"])
+def test_pooled_heads_compute_first_tokens_only_while_they_run(head):
+    """Inside a head that reads only the pooled output the encoder's last layer computes only the first
+    token of each row; the encoder called on its own (``head.bert(...)``) still returns every row, as
+    transformers' does, even after a head call that raised. The head still pickles."""
+    import pickle
+
+    config = make_config()
+    model = randomize_(getattr(transformers, head)(config)).eval()
+    hf_bert = randomize_(transformers.BertModel(config, add_pooling_layer=True)).eval()
+    hf_bert.load_state_dict(model.bert.state_dict())
+    optimize(model)
+    ids, types = random_inputs(config, 2, 9)
+    seen = []
+    handle = model.bert.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state.shape[1]))
+    with torch.no_grad():
+        batch = ids[:, None].repeat(1, 3, 1) if head == "BertForMultipleChoice" else ids
+        model(input_ids=batch)
+        alone = model.bert(ids, token_type_ids=types).last_hidden_state
+        with pytest.raises(Exception):
+            model(input_ids=batch[..., :0])  # an empty sequence: the encoder raises inside the head
+        again = model.bert(ids, token_type_ids=types).last_hidden_state
+        want = hf_bert(ids, token_type_ids=types).last_hidden_state
+    assert seen[0] == 1 and alone.shape == want.shape == again.shape
+    assert_close(alone, want, FP32_MODEL_RANDOM, "encoder called on its own")
+    handle.remove()
+    assert pickle.loads(pickle.dumps(model)) is not None
+
+
+def test_subclasses_with_their_own_forward_and_other_configs_are_left_in_place():
+    """A BertModel subclass with its own forward keeps it (swapping would drop it), and a BertModel whose
+    config is not BERT's (DPR) is refused by name; both left in place with a warning, or an error when
+    nothing could be swapped."""
+
+    class Scaled(transformers.BertModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.last_hidden_state = out.last_hidden_state * 2
+            return out
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scaled = Scaled(make_config())
+            self.plain = transformers.BertModel(make_config())
+
+    holder = Holder()
+    with _logged("overrides BertModel.forward"):
+        optimize(holder)
+    assert type(holder.scaled) is Scaled and isinstance(holder.plain, fastbert.BertModel)
+    with pytest.raises(ValueError, match="overrides BertModel.forward"):
+        optimize(Scaled(make_config()))
+    dpr = transformers.DPRQuestionEncoder(transformers.DPRConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match=r"question_encoder.bert_model \(its config is of model_type 'dpr'"):
+        optimize(dpr)
+
+
+def test_training_flags_kept_and_dropped_hooks_named():
+    """Each module keeps its own training flag (one dropout put in eval mode stays so), and hooks on
+    transformers' container modules, which fastbert replaces, are named in a warning."""
+    hf = transformers.BertModel(make_config()).train()
+    hf.encoder.layer[0].attention.self.dropout.eval()
+    hf.encoder.layer[1].register_forward_hook(lambda module, args, out: out)
+    with _logged("hooks (or a replaced forward) on encoder.layer.1 are not carried over"):
+        fast = optimize(hf)
+    assert fast.training and fast.encoder.training and fast.encoder.layer[1].training
+    assert not fast.encoder.layer[0].attention.self.dropout.training
+    assert hf.training and not hf.encoder.layer[0].attention.self.dropout.training
+
+
+def _logged(text):
+    """A context manager asserting that fastbert.optimize's logger emitted ``text`` (transformers'
+    loggers do not propagate to caplog, so the handler is attached here)."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def check():
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logger = logging.getLogger("fastbert.optimize")
+        logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+        assert any(text in record.getMessage() for record in records), [r.getMessage() for r in records]
+
+    return check()
