@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from transformers import BertConfig, PretrainedConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from transformers.models.bert.modeling_bert import BertPreTrainedModel
 from transformers.utils import logging
@@ -282,7 +283,10 @@ class BertOutput(BertSelfOutput):
         super().__init__(config, input_size=config.intermediate_size)
 
 
-class BertLayer(nn.Module):
+class BertLayer(GradientCheckpointingLayer):
+    """transformers' checkpointing layer: ``model.gradient_checkpointing_enable()`` recomputes each
+    layer in backward instead of keeping its activations, as in transformers."""
+
     def __init__(self, config):
         super().__init__()
         self.attention = BertAttention(config)

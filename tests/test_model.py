@@ -520,3 +520,35 @@ def test_cuda_boundary_validates_and_unpads_with_one_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1
+
+
+def test_gradient_checkpointing_recomputes_layers_with_equal_gradients():
+    """``activation_checkpointing_enable()`` (``gradient_checkpointing_enable()`` in transformers 5.17;
+    what ``Trainer(gradient_checkpointing=True)`` calls) makes each layer run again in backward
+    instead of keeping its activations; every gradient equals those without it and transformers'."""
+    runs = []
+    results = []
+    for checkpointing in (False, True):
+        fast, hf = model_pair(make_config())
+        for model in (fast, hf):
+            model.train()  # dropout probabilities are 0 in these configs
+            if checkpointing:  # renamed after transformers 5.17 (5.24 warns at the old name)
+                getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        calls = []
+        fast.encoder.layer[0].attention.register_forward_hook(lambda module, args, out: calls.append(1))
+        ids, types = random_inputs(fast.config, 2, 8)
+        mask = make_mask("right", 2, 8)
+        grads = []
+        for model in (fast, hf):
+            out = model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+            (out * mask[..., None]).square().sum().backward()  # real tokens only (padding differs)
+            grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+        runs.append(len(calls))
+        results.append(grads)
+    assert runs == [1, 2]  # checkpointed: the layer ran again in backward
+    for grads in results:
+        assert grads[0].keys() == grads[1].keys()
+        for name in grads[0]:
+            assert_close(grads[0][name], grads[1][name], 1e-4, name)
+    for name in results[0][0]:
+        assert_close(results[1][0][name], results[0][0][name], 1e-5, f"{name} with against without checkpointing")
