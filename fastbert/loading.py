@@ -12,8 +12,12 @@ _CONFIG_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "r
 
 
 def check_model_type(path, kwargs: dict) -> None:
+    """Refuse a checkpoint of another model type, naming it; a config without ``model_type`` loads as
+    BERT, as ``transformers.BertModel.from_pretrained`` loads it."""
     config_dict, _ = PretrainedConfig.get_config_dict(path, **{k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs})
-    model_type = config_dict.get("model_type")
+    if not config_dict:
+        raise OSError(f"{path} has no config.json (a BERT checkpoint directory holds config.json and its weights)")
+    model_type = config_dict.get("model_type", "bert")
     if model_type != "bert":
         raise ValueError(f"{path} holds a {model_type!r} model; fastbert.BertModel loads BERT checkpoints "
                          "(model_type 'bert') only")
@@ -24,8 +28,11 @@ def check_loading_info(model, info: dict, path) -> None:
     weights the model does not have. ``strict=False`` restores transformers' warnings."""
     missing = sorted(info.get("missing_keys", ()))
     prefixes = _ENCODER_PREFIXES if model.pooler is not None else _ENCODER_PREFIXES[:2]
-    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k.startswith(prefixes))
-    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    # A head's checkpoint (BertForSequenceClassification, ...) names the encoder's weights "bert.*".
+    head_prefix = f"{model.base_model_prefix}."
+    unexpected = sorted(k for k in info.get("unexpected_keys", ())
+                        if k.removeprefix(head_prefix).startswith(prefixes))
+    mismatched = sorted(_mismatch(k) for k in info.get("mismatched_keys", ()))
     problems = []
     if missing:
         hint = (" (a checkpoint without a pooler loads with add_pooling_layer=False)"
@@ -38,3 +45,11 @@ def check_loading_info(model, info: dict, path) -> None:
     if problems:
         raise ValueError(f"{path}: checkpoint keys do not match the model: " + "; ".join(problems)
                          + ". Pass strict=False to load anyway (transformers' behaviour).")
+
+
+def _mismatch(entry) -> str:
+    """transformers' ``(key, checkpoint shape, model shape)`` entry, in words."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        key, checkpoint, model = entry
+        return f"{key} (checkpoint {tuple(checkpoint)}, model {tuple(model)})"
+    return str(entry)

@@ -446,6 +446,9 @@ class BertModel(BertPreTrainedModel):
         verbosity = logging.get_verbosity()
         if strict:  # the check below names every key; transformers' report would only repeat it
             logging.set_verbosity_error()
+            # Weights of another shape come back in the loading info (named, with both shapes, below)
+            # instead of transformers' error, which points to the report just silenced.
+            kwargs.setdefault("ignore_mismatched_sizes", True)
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs

@@ -1,5 +1,7 @@
 """from_pretrained / save_pretrained in both directions, and what loading refuses."""
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -69,6 +71,36 @@ def test_unexpected_encoder_keys_are_named(tmp_path):
     _edit_checkpoint(tmp_path, lambda t: t.update({"encoder.layer.2.output.dense.bias": torch.zeros(144)}))
     with pytest.raises(ValueError, match=r"not weights of fastbert\.BertModel: encoder\.layer\.2\.output\.dense\.bias"):
         fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_unexpected_encoder_keys_of_a_head_checkpoint_are_named(tmp_path):
+    """A head's checkpoint names the encoder's weights ``bert.*``: those the model lacks (layers of a
+    deeper checkpoint, loaded with fewer layers) are refused by name too, not silently dropped."""
+    transformers.BertForSequenceClassification(make_config(layers=3)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"not weights of fastbert\.BertModel: bert\.encoder\.layer\.2\."):
+        fastbert.BertModel.from_pretrained(tmp_path, num_hidden_layers=2)
+    fastbert.BertModel.from_pretrained(tmp_path, num_hidden_layers=2, strict=False)
+
+
+def test_weights_of_another_shape_are_named_with_both_shapes(tmp_path):
+    _, hf = model_pair(make_config())
+    hf.save_pretrained(tmp_path)
+    _edit_checkpoint(tmp_path, lambda t: t.update({"encoder.layer.0.output.dense.bias": torch.zeros(7)}))
+    with pytest.raises(ValueError, match=r"of another shape than the model's: encoder\.layer\.0\.output\.dense\.bias "
+                                         r"\(checkpoint \(7,\), model \(144,\)\)"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_a_directory_without_config_is_named_and_a_config_without_model_type_loads(tmp_path):
+    with pytest.raises(OSError, match="has no config.json"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+    _, hf = model_pair(make_config())
+    hf.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["model_type"]
+    config_file.write_text(json.dumps(config))
+    _same_outputs(fastbert.BertModel.from_pretrained(tmp_path).eval(), hf, hf.config)
 
 
 def test_task_head_checkpoint_loads_the_encoder(tmp_path):
