@@ -176,10 +176,18 @@ class BertSelfAttention(nn.Module):
                 return None
         return [m._parameters["weight"] for m in linears] + [m._parameters["bias"] for m in linears]
 
-    def _fused_qkv_parameters(self, tensors: list[torch.Tensor] | None = None
+    def _fused_qkv_parameters(self, tensors: list[torch.Tensor] | None = None, copies: list | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``[3 * hidden, hidden]`` weight and ``[3 * hidden]`` bias of one QKV GEMM, or None where
-        ``_qkv_parameters`` is None (``tensors``: what it returned, if the caller has it)."""
+        ``_qkv_parameters`` is None (``tensors``: what it returned, if the caller has it).
+
+        Without autograd, the parameters are copied into this module's fused storage at every call:
+        one launch (a foreach copy) where concatenating takes two. Nothing is cached across calls:
+        fused optimizer steps (AdamW(fused=True), the transformers Trainer's default) and in-place
+        writes through ``.data`` (PEFT's merge) change weights without bumping their version counters,
+        so a cache keyed on them served stale weights. The storage keeps its address, so a CUDA graph
+        records the copy and every replay reads the live weights. ``copies``: a list to append the copy
+        to, as ``(storage blocks, parameters)``, for the caller to make with others in one launch."""
         tensors = self._qkv_parameters() if tensors is None else tensors
         if tensors is None:
             return None
@@ -191,16 +199,13 @@ class BertSelfAttention(nn.Module):
             # (fake tensors, functional wrappers), as ops on them; across devices, to raise as the
             # module path does.
             return torch.cat(weights), torch.cat(biases)
-        # Without autograd, the parameters are copied into this module's fused storage at every call:
-        # one launch (a foreach copy) where concatenating takes two. Nothing is cached across calls:
-        # fused optimizer steps (AdamW(fused=True), the transformers Trainer's default) and in-place
-        # writes through `.data` (PEFT's merge) change weights without bumping their version
-        # counters, so a cache keyed on them served stale weights. The storage keeps its address, so
-        # a CUDA graph records the copy and every replay reads the live weights.
         fused = self._qkv_fused
         if fused is None or not fused.fits(weights, biases):
             fused = self._qkv_fused = FusedQKV.like(weights, biases)
-        torch._foreach_copy_(fused.blocks, tensors)
+        if copies is None:
+            torch._foreach_copy_(fused.blocks, tensors)
+        else:
+            copies.append((fused.blocks, tensors))
         return fused.weight, fused.bias
 
     def _apply(self, fn, recurse=True):
@@ -293,23 +298,26 @@ class BertLayer(GradientCheckpointingLayer):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, packing, output_attentions=False, rows=None, fast_path=None):
+    def forward(self, hidden_states, packing, output_attentions=False, rows=None, fast_path=None, weights=None):
         """``fast_path``: ``"cublas"`` or ``"triton"`` when the encoder found the call eligible
         (``fast_path_ready``), saying which GEMM the FFN uses (anything else: off); the layer then
-        launches its kernels from one function (``ops.encoder_layer``) if its own modules allow."""
+        launches its kernels from one function (``ops.encoder_layer``) if its own modules allow.
+        ``weights``: what ``_fast_path_weights`` returned, when the encoder already read (and checked)
+        every layer's."""
         if fast_path in ("cublas", "triton") and not output_attentions:
-            weights = self._fast_path_weights()
+            weights = self._fast_path_weights() if weights is None else weights
             if weights is not None and weights_ready(weights, hidden_states):
                 return encoder_layer(hidden_states, packing, weights, fast_path == "triton", rows), None
         attention_output, probs = self.attention(hidden_states, packing, output_attentions, rows)
         return self.output(self.intermediate(attention_output), attention_output), probs
 
-    def _fast_path_weights(self) -> EncoderLayerWeights | None:
+    def _fast_path_weights(self, copies: list | None = None) -> EncoderLayerWeights | None:
         """What ``encoder_layer`` reads, or None where the module path must run: a sub-module of another
         class (a subclass, an adapter's wrapper), a sub-module not ``_called_as_defined`` (a hook, a
         replaced ``forward``), a Linear or LayerNorm that is not ``_plain``, a missing bias or
         LayerNorm affine, or an active dropout. Reads ``_modules``
-        and ``_parameters`` directly (host time: this runs per layer and forward)."""
+        and ``_parameters`` directly (host time: this runs per layer and forward). ``copies``: as for
+        ``_fused_qkv_parameters`` (the QKV weights' copy left to the caller)."""
         attention, intermediate, output = (self._modules[k] for k in ("attention", "intermediate", "output"))
         if type(attention) is not BertAttention or type(intermediate) is not BertIntermediate \
                 or type(output) is not BertOutput:
@@ -323,7 +331,7 @@ class BertLayer(GradientCheckpointingLayer):
         for module in (self_attention, self_output, output):
             if _dropout_p(module._modules["dropout"]):
                 return None
-        qkv = self_attention._fused_qkv_parameters()
+        qkv = self_attention._fused_qkv_parameters(copies=copies)
         if qkv is None:
             return None
         linears = (self_output._modules["dense"], intermediate._modules["dense"], output._modules["dense"])
@@ -359,9 +367,13 @@ class BertEncoder(nn.Module):
         all_attentions = [] if output_attentions else None
         # Checked once per forward; each layer then checks its own modules (BertLayer.forward).
         fast_path = None if output_attentions or not _no_global_hooks() else fast_path_ready(hidden_states, packing)
+        prepared = self._fast_path_weights(hidden_states) if fast_path else None
         for i, layer in enumerate(self.layer):
             rows = last_layer_rows if i == len(self.layer) - 1 else None
-            if fast_path and type(layer) is BertLayer:  # a subclass keeps its own forward's signature
+            if prepared is not None:
+                hidden_states, probs = layer(hidden_states, packing, output_attentions, rows, fast_path=fast_path,
+                                             weights=prepared[i])
+            elif fast_path and type(layer) is BertLayer:  # a subclass keeps its own forward's signature
                 hidden_states, probs = layer(hidden_states, packing, output_attentions, rows, fast_path=fast_path)
             else:
                 hidden_states, probs = layer(hidden_states, packing, output_attentions, rows)
@@ -370,6 +382,24 @@ class BertEncoder(nn.Module):
             if output_attentions:
                 all_attentions.append(probs)
         return hidden_states, all_hidden_states, all_attentions
+
+
+    def _fast_path_weights(self, hidden_states: torch.Tensor) -> list[EncoderLayerWeights] | None:
+        """Every layer's fast-path weights, their QKV copies made in one launch (a graph replay or an
+        eager forward then runs one copy kernel, not one a layer), or None unless every layer takes the
+        fast path with no hook of its own: nothing of the caller's can run between this copy and the
+        layers' reads (a layer that may not runs the per-layer path, where each copies its own)."""
+        prepared, copies = [], []
+        for layer in self.layer:
+            if type(layer) is not BertLayer or not _called_as_defined(layer):
+                return None
+            weights = layer._fast_path_weights(copies)
+            if weights is None or not weights_ready(weights, hidden_states):
+                return None
+            prepared.append(weights)
+        if copies:
+            torch._foreach_copy_([b for blocks, _ in copies for b in blocks], [t for _, ts in copies for t in ts])
+        return prepared
 
 
 class BertPooler(nn.Module):

@@ -31,7 +31,7 @@ from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
 needs_triton = pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 
-test_fast_path_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 20, FASTBERT_BACKEND="triton")
+test_fast_path_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 42, FASTBERT_BACKEND="triton")
 
 
 @pytest.fixture
@@ -126,6 +126,31 @@ if IN_CHILD:
         first_real = mask.bool()[:, 0]
         assert_close(hidden[first_real, 0], theirs.last_hidden_state[first_real, 0], FP32_INTERPRETER, "[CLS]")
         assert_close(pooled[first_real], theirs.pooler_output[first_real], FP32_INTERPRETER, "pooler")
+
+    def test_interpreter_case_one_qkv_copy_per_forward(fast_layers, monkeypatch):
+        """The fast path copies every layer's QKV weights into their fused storage in one foreach launch
+        per forward (one kernel in a graph replay, not one a layer) and follows weights changed through
+        ``.data`` between forwards; a hook on one layer makes each layer copy its own (the hook could
+        change weights between a shared copy and the layers' reads)."""
+        copies = []
+        original = torch._foreach_copy_
+        monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: copies.append(len(dst)) or original(dst, src))
+        fast, hf = model_pair(make_config("h144", layers=3))
+        ids, types = random_inputs(fast.config, 2, 9)
+        mask = make_mask("right", 2, 9)
+        forward(fast, ids, mask, types)
+        assert copies == [18] and len(fast_layers) == 3, (copies, fast_layers)
+        for model in (fast, hf):
+            model.encoder.layer[1].attention.self.value.weight.data.mul_(1.5)
+        hidden, _ = forward(fast, ids, mask, types)
+        with torch.no_grad():
+            theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        keep = mask.bool()
+        assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, "after a write through .data")
+        copies.clear()
+        fast.encoder.layer[2].register_forward_hook(lambda module, args, out: out)
+        forward(fast, ids, mask, types)
+        assert copies == [6, 6, 6] and len(fast_layers) == 9, (copies, fast_layers)
 
     def test_interpreter_case_long_sequences(fast_layers):
         """Several key blocks per sequence, holes."""
