@@ -9,6 +9,8 @@ any other module runs through sentence-transformers itself, with fastbert swappe
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import os
 import sys
@@ -29,6 +31,16 @@ _POOLING_KEYS = {  # sentence-transformers' legacy config keys, in its order
     "pooling_mode_lasttoken": "lasttoken",
 }
 _MODULE_KINDS = {"Transformer", "Pooling", "Normalize"}
+# sentence_bert_config.json settings the packed pipeline applies itself, or whose value (the one
+# sentence-transformers 6 saves for a plain text encoder) does not change ``encode(lines)``. Any other
+# setting with a value (tokenizer_args, processing_kwargs, model_args, config_args, their new names,
+# query_length ...) sends the directory through sentence-transformers, which applies it.
+_PACKED_ST_SETTINGS = {
+    "max_seq_length": None, "do_lower_case": None, "unpad_inputs": None,  # None: any value
+    "transformer_task": "feature-extraction",
+    "module_output_name": "token_embeddings",
+    "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+}
 
 
 def default_model_dir() -> Path:
@@ -43,6 +55,39 @@ def default_model_dir() -> Path:
     return Path(get_model_path())
 
 
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    """``model_dir`` as a Path, or ValueError naming it. Only a local directory is accepted: a Hub id
+    that transformers resolves from a local cache would load as a bare checkpoint (mean pooling, no
+    Normalize), not as that model's sentence-transformers pipeline, and nothing is fetched from a hub."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ValueError(f"model directory {str(path)!r} {what} (a local sentence-transformers or transformers "
+                         "model directory is needed; Hub ids are not looked up)")
+    if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+        raise ValueError(f"model directory {str(path)!r} holds neither modules.json (sentence-transformers) "
+                         "nor config.json (transformers)")
+    return path
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (default: cuda if available), or ValueError saying why it cannot be used."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(device)!r} (cpu, cuda, cuda:1 ...)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA device is available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device {str(device)!r}: fastbert embed runs on cpu or cuda")
+    return resolved
+
+
 def _pooling_modes(config: dict) -> list[str]:
     mode = config.get("pooling_mode")
     if mode is not None:
@@ -51,10 +96,19 @@ def _pooling_modes(config: dict) -> list[str]:
 
 
 def _read_pipeline(model_dir: Path) -> dict | None:
-    """The directory's Transformer/Pooling/Normalize settings, or None if it has other modules."""
+    """The directory's Transformer/Pooling/Normalize settings, or None if it has other modules or
+    settings the packed pipeline does not apply."""
     modules_file = model_dir / "modules.json"
     if not modules_file.exists():  # a bare transformers checkpoint: sentence-transformers' default
+        # (sentence-transformers reads neither sentence_bert_config.json nor prompts for one)
         return {"pooling": ["mean"], "normalize": False, "st_config": {}}
+    model_config_file = model_dir / "config_sentence_transformers.json"
+    model_config = json.loads(model_config_file.read_text()) if model_config_file.exists() else {}
+    # A default prompt is prepended to every sentence (and may be left out of the pooling), a
+    # truncate_dim cuts every embedding, another model_type is converted: sentence-transformers does these.
+    if (model_config.get("default_prompt_name") or model_config.get("truncate_dim")
+            or model_config.get("model_type", "SentenceTransformer") != "SentenceTransformer"):
+        return None
     modules = json.loads(modules_file.read_text())
     kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
     if kinds[:2] != ["Transformer", "Pooling"] or not set(kinds) <= _MODULE_KINDS or kinds.count("Transformer") > 1:
@@ -67,6 +121,10 @@ def _read_pipeline(model_dir: Path) -> dict | None:
         return None
     st_config_file = model_dir / "sentence_bert_config.json"
     st_config = json.loads(st_config_file.read_text()) if st_config_file.exists() else {}
+    for key, value in st_config.items():
+        if value in (None, {}, [], "") or (key in _PACKED_ST_SETTINGS and _PACKED_ST_SETTINGS[key] in (None, value)):
+            continue
+        return None
     return {"pooling": modes, "normalize": "Normalize" in kinds, "st_config": st_config}
 
 
@@ -104,40 +162,46 @@ class SentenceEmbedder:
     """``encode(lines)`` equals ``SentenceTransformer(model_dir).encode(lines)``, on fastbert."""
 
     def __init__(self, model_dir: str | os.PathLike | None = None, device: str | None = None,
-                 dtype: torch.dtype = torch.float32):
-        self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = dtype
+                 dtype: torch.dtype | str = torch.float32):
+        """``dtype="auto"`` loads the checkpoint's own dtype, as sentence-transformers does."""
+        self.model_dir = check_model_dir(model_dir) if model_dir is not None else default_model_dir()
+        self.device = resolve_device(device)
         self.pipeline = _read_pipeline(self.model_dir)
         if self.pipeline is None:
-            self._load_sentence_transformer()
+            self._load_sentence_transformer(dtype)
         else:
-            self._load_packed()
+            self._load_packed(dtype)
 
-    def _load_packed(self):
+    def _load_packed(self, dtype):
         from transformers import AutoTokenizer
 
         from .modeling_bert import BertModel
 
         st_config = self.pipeline["st_config"]
-        self.model = BertModel.from_pretrained(self.model_dir, dtype=self.dtype, add_pooling_layer=False,
-                                               strict=True).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = BertModel.from_pretrained(self.model_dir, dtype=dtype, add_pooling_layer=False, strict=True,
+                                               local_files_only=True).to(self.device).eval()
+        self.dtype = self.model.dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         limit = st_config.get("max_seq_length") or self.tokenizer.model_max_length
         self.max_seq_length = min(int(limit), self.model.config.max_position_embeddings)
         self.do_lower_case = bool(st_config.get("do_lower_case", False))
+        if self.do_lower_case and _lowercases_in_tokenizer():
+            _prepend_lowercase(self.tokenizer)
+            self.do_lower_case = False  # the tokenizer does it now
         self.st_model = None
 
-    def _load_sentence_transformer(self):
+    def _load_sentence_transformer(self, dtype):
         from sentence_transformers import SentenceTransformer
 
         from .optimize import optimize
 
-        st = SentenceTransformer(str(self.model_dir), device=str(self.device), model_kwargs={"dtype": self.dtype})
+        st = SentenceTransformer(str(self.model_dir), device=str(self.device), model_kwargs={"dtype": dtype},
+                                 local_files_only=True)
         self.st_model = optimize(st)
+        self.dtype = next(st.parameters()).dtype
 
     def _tokenize(self, lines: list[str]) -> list[list[int]]:
-        if self.do_lower_case:
+        if self.do_lower_case:  # sentence-transformers before 6 lowercases the strings
             lines = [line.lower() for line in lines]
         encoded = self.tokenizer(lines, truncation="longest_first", max_length=self.max_seq_length,
                                  padding=False, return_attention_mask=False, return_token_type_ids=True)
@@ -159,25 +223,77 @@ class SentenceEmbedder:
 
     def encode(self, lines: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """One float32 embedding per line, in input order."""
+        if not lines:  # tokenizers and sentence-transformers fail on an empty batch
+            return np.zeros((0, self.dimension()), dtype=np.float32)
         if self.st_model is not None:
             return self.st_model.encode(lines, batch_size=batch_size, show_progress_bar=progress,
                                         convert_to_numpy=True).astype(np.float32)
         ids, types = self._tokenize(lines)
         order = sorted(range(len(lines)), key=lambda i: -len(ids[i]))  # similar lengths batch together
-        out = np.zeros((len(lines), self._dimension()), dtype=np.float32)
+        out = np.zeros((len(lines), self.dimension()), dtype=np.float32)
         starts = range(0, len(lines), batch_size)
         for start in tqdm(starts, desc="Batches", disable=not progress, file=sys.stderr):
             chunk = order[start:start + batch_size]
             out[chunk] = self._encode_batch([ids[i] for i in chunk], [types[i] for i in chunk]).cpu().numpy()
         return out
 
-    def _dimension(self) -> int:
+    def dimension(self) -> int:
+        """The length of each embedding."""
+        if self.st_model is not None:
+            st = self.st_model  # the method was renamed in sentence-transformers 6
+            return (getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension)()
         return self.model.config.hidden_size * len(self.pipeline["pooling"])
 
 
+def _lowercases_in_tokenizer() -> bool:
+    """sentence-transformers 6 applies do_lower_case as a Lowercase normalizer in the tokenizer (Unicode
+    lowercasing: a final sigma stays σ), earlier versions as ``str.lower()`` on the sentences (ς)."""
+    try:
+        major = int(importlib.metadata.version("sentence-transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return True
+    return major >= 6
+
+
+def _prepend_lowercase(tokenizer) -> None:
+    """What sentence-transformers 6's Transformer does for do_lower_case: put a Lowercase normalizer in
+    front of the tokenizer's own normalizer, unless it already has one."""
+    from tokenizers.normalizers import Lowercase
+    from tokenizers.normalizers import Sequence as NormalizerSequence
+
+    if not tokenizer.is_fast:  # slow tokenizers lowercase in their basic tokenizer
+        try:
+            tokenizer.do_lower_case = True
+        except AttributeError:
+            tokenizer.basic_tokenizer.do_lower_case = True
+        return
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    if isinstance(normalizer, Lowercase) or (isinstance(normalizer, NormalizerSequence)
+                                             and any(isinstance(n, Lowercase) for n in normalizer)):
+        return
+    normalizers = [Lowercase()]
+    if isinstance(normalizer, NormalizerSequence):
+        normalizers += list(normalizer)
+    elif normalizer is not None:
+        normalizers.append(normalizer)
+    tokenizer.backend_tokenizer.normalizer = NormalizerSequence(normalizers)
+
+
 def read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
+    """The lines of a UTF-8 text file, split on "\\n" only (a trailing "\\r" is dropped): other Unicode
+    line boundaries (\\x0b, \\x0c, \\x85, \\u2028 ...) are part of a sentence. A byte-order mark is not
+    part of the first line; a final newline does not start another line."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        try:
+            text = f.read()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text:
+        return []
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 def write_embeddings(path: str, lines: list[str], embeddings: np.ndarray) -> None:
@@ -192,31 +308,85 @@ def write_embeddings(path: str, lines: list[str], embeddings: np.ndarray) -> Non
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": "auto"}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("input", help="a text file: one sentence per line")
+    parser.add_argument("input", help="a UTF-8 text file: one sentence per line")
     parser.add_argument("-o", "--output", required=True, help="OUT.npy (a float32 array) or OUT.jsonl")
     parser.add_argument("--model", default=None,
-                        help="a sentence-transformers model directory (default: the embedded all-MiniLM-L6-v2)")
+                        help="a local sentence-transformers model directory (default: the embedded all-MiniLM-L6-v2)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
+                        help="the dtype the model runs in (default: float32, whatever the checkpoint holds); "
+                             "auto: the checkpoint's own dtype, as sentence-transformers loads it")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """With ``enabled`` False, also silence transformers' "Loading weights" bar (and huggingface_hub's,
+    which transformers switches with it), restoring both afterwards: ``run`` may be called in-process."""
+    if enabled:
+        yield
+        return
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, hub_was_disabled = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+            if hub_was_disabled:
+                hub_utils.disable_progress_bars()
+
+
+def _check_output(path: str) -> None:
+    """Fail before the model loads and encodes, not after, if the output cannot be written."""
+    if not path.endswith((".npy", ".jsonl")):
+        raise SystemExit(f"fastbert embed: output {path!r} must end in .npy or .jsonl")
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise SystemExit(f"fastbert embed: the output's directory {str(parent)!r} does not exist")
+    if Path(path).is_dir():
+        raise SystemExit(f"fastbert embed: output {path!r} is a directory")
+    if not os.access(parent, os.W_OK):
+        raise SystemExit(f"fastbert embed: cannot write to the output's directory {str(parent)!r}")
 
 
 def run(args) -> int:
-    if not args.output.endswith((".npy", ".jsonl")):
-        raise SystemExit(f"fastbert embed: output {args.output!r} must end in .npy or .jsonl")
+    # Every check of the user's arguments comes before the model loads: a bad one costs no encoding
+    # and ends in one line that names it, not a traceback.
+    _check_output(args.output)
     if args.batch_size < 1:
         raise SystemExit("fastbert embed: --batch-size must be at least 1")
-    lines = read_lines(args.input)
-    embedder = SentenceEmbedder(args.model, device=args.device, dtype=_DTYPES[args.dtype])
-    start = time.perf_counter()
-    embeddings = embedder.encode(lines, batch_size=args.batch_size, progress=not args.quiet)
-    seconds = time.perf_counter() - start
-    write_embeddings(args.output, lines, embeddings)
+    try:
+        device = resolve_device(args.device)
+        model_dir = check_model_dir(args.model) if args.model is not None else default_model_dir()
+    except (ValueError, ModuleNotFoundError) as exc:
+        raise SystemExit(f"fastbert embed: {exc}") from None
+    try:
+        lines = read_lines(args.input)
+    except IsADirectoryError:
+        raise SystemExit(f"fastbert embed: input {args.input!r} is a directory, not a text file") from None
+    except OSError as exc:
+        raise SystemExit(f"fastbert embed: cannot read input {args.input!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise SystemExit(f"fastbert embed: input {exc}") from None
+    with _progress_bars(not args.quiet):
+        embedder = SentenceEmbedder(model_dir, device=device, dtype=_DTYPES[args.dtype])
+        start = time.perf_counter()
+        embeddings = embedder.encode(lines, batch_size=args.batch_size, progress=not args.quiet)
+        seconds = time.perf_counter() - start
+    try:
+        write_embeddings(args.output, lines, embeddings)
+    except OSError as exc:
+        raise SystemExit(f"fastbert embed: cannot write {args.output!r}: {exc.strerror or exc}") from None
+    dtype = str(embedder.dtype).removeprefix("torch.")
     print(f"{len(lines)} embeddings of dimension {embeddings.shape[1]} -> {args.output} "
-          f"({len(lines) / max(seconds, 1e-9):.1f} sentences/s on {embedder.device})", file=sys.stderr)
+          f"({len(lines) / max(seconds, 1e-9):.1f} sentences/s on {embedder.device}, {dtype})", file=sys.stderr)
     return 0

@@ -16,6 +16,15 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _or_error(get) -> str:
+    """``get()``, or the error it raises: a bad FASTBERT_BACKEND / FASTBERT_GEMM is what ``fastbert info``
+    is run to find, so it is reported in its row rather than ending the report in a traceback."""
+    try:
+        return get()
+    except (ValueError, RuntimeError) as exc:
+        return f"error: {exc}"
+
+
 def report() -> list[tuple[str, str]]:
     from . import __version__
     from .ops import backend
@@ -28,8 +37,8 @@ def report() -> list[tuple[str, str]]:
         rows.append(("device", f"cuda: {props.name} (sm_{props.major}{props.minor}), torch CUDA {torch.version.cuda}"))
     else:
         rows.append(("device", f"cpu (no CUDA device; torch CUDA build: {torch.version.cuda or 'none'})"))
-    rows.append(("FASTBERT_BACKEND", backend.backend_setting()))
-    rows.append(("FASTBERT_GEMM", backend.gemm_setting()))
+    rows.append(("FASTBERT_BACKEND", _or_error(backend.backend_setting)))
+    rows.append(("FASTBERT_GEMM", _or_error(backend.gemm_setting)))
     try:
         from ._extension import extension_status
     except ImportError:
@@ -41,12 +50,12 @@ def report() -> list[tuple[str, str]]:
     for name in ("embeddings", "attention", "linear_activation", "bias_activation",
                  "bias_residual_layer_norm"):
         op = importlib.import_module(f"fastbert.ops.{name}")  # the module: ops re-exports same-named functions
-        rows.append((f"op {name}", ", ".join(f"{d}: {op.active_backend(d)}" for d in devices)))
+        rows.append((f"op {name}", _or_error(lambda op=op: ", ".join(f"{d}: {op.active_backend(d)}" for d in devices))))
     if backend.triton_available():
         from .ops.encoder_layer import fast_path_active
 
-        rows.append(("encoder eager fast path", ", ".join(
-            f"{d}: {'on' if fast_path_active(d) else 'off'}" for d in devices)))
+        rows.append(("encoder eager fast path", _or_error(lambda: ", ".join(
+            f"{d}: {'on' if fast_path_active(d) else 'off'}" for d in devices))))
     return rows
 
 
@@ -55,4 +64,4 @@ def run(args=None) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    return 0
+    return 1 if any(value.startswith("error: ") for _, value in rows) else 0

@@ -118,3 +118,145 @@ def test_info_lists_backends():
                      "op bias_activation", "op bias_residual_layer_norm", "CUDA extension"):
         assert expected in out, out
     assert re.search(r"encoder eager fast path +cpu: off", out), out  # the CPU runs PyTorch's ops
+
+
+# --- user errors: one line naming the problem, before the model loads ---------------------------------
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Checks of the arguments come before the model loads: loading one here fails the test."""
+    import fastbert.embed
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(fastbert.embed, "SentenceEmbedder", refuse)
+
+
+def _user_error_args(tmp_path, case):
+    good_in, out = str(SENTENCES), str(tmp_path / "e.npy")
+    if case == "missing input":
+        return [str(tmp_path / "missing.txt"), "-o", out], r"cannot read input '.*missing\.txt': No such file"
+    if case == "directory input":
+        return [str(tmp_path), "-o", out], "is a directory, not a text file"
+    if case == "non-UTF-8 input":
+        (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+        return [str(tmp_path / "latin1.txt"), "-o", out], r"latin1\.txt is not UTF-8 text"
+    if case == "bogus device":
+        return [good_in, "-o", out, "--device", "bogus"], "unknown device 'bogus'"
+    if case == "cuda without a GPU":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA device")
+        return [good_in, "-o", out, "--device", "cuda"], "device 'cuda': no CUDA device is available"
+    if case == "missing model folder":
+        return [good_in, "-o", out, "--model", str(tmp_path / "nomodel")], r"model directory '.*nomodel' does not exist"
+    if case == "hub id":
+        return [good_in, "-o", out, "--model", "sentence-transformers/all-MiniLM-L6-v2"], \
+            "model directory 'sentence-transformers/all-MiniLM-L6-v2' does not exist"
+    if case == "output directory missing":
+        return [good_in, "-o", str(tmp_path / "nodir" / "out.npy")], r"the output's directory '.*nodir' does not exist"
+    if case == "output is a directory":
+        (tmp_path / "d.npy").mkdir()
+        return [good_in, "-o", str(tmp_path / "d.npy")], "is a directory"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing input", "directory input", "non-UTF-8 input", "bogus device",
+                                  "cuda without a GPU", "missing model folder", "hub id",
+                                  "output directory missing", "output is a directory"])
+def test_embed_user_errors_are_named_before_loading(tmp_path, no_model_load, case):
+    args, message = _user_error_args(tmp_path, case)
+    with pytest.raises(SystemExit, match="^fastbert embed: .*" + message):
+        main(["embed", *args])
+
+
+def test_embed_user_error_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fastbert.cli", "embed", str(tmp_path / "missing.txt"),
+                             "-o", str(tmp_path / "e.npy")], capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"fastbert embed: cannot read input '{tmp_path / 'missing.txt'}': No such file or directory"]
+
+
+# --- input lines, empty input, --quiet, --dtype ------------------------------------------------------
+
+def test_embed_one_embedding_per_newline(tmp_path):
+    """Form feeds, \\x85, \\u2028 ... inside a line do not split it (str.splitlines() did: 7 lines -> 14)."""
+    src = tmp_path / "in.txt"
+    texts = ["first line", "second\u2028half", "page\x0cbreak", "nel\x85here", "vt\x0bx", "fs\x1cgs\x1drs\x1e", "last"]
+    src.write_bytes(("\ufeff" + "\r\n".join(texts) + "\r\n").encode("utf-8"))
+    out = tmp_path / "e.jsonl"
+    main(["embed", str(src), "-o", str(out), "--quiet"])
+    assert [json.loads(x)["text"] for x in out.read_text(encoding="utf-8").split("\n")[:-1]] == texts
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["packed", "sentence-transformers"])
+def test_embed_empty_input(tmp_path, capsys, fallback):
+    src = tmp_path / "empty.txt"
+    src.write_bytes(b"")
+    args = []
+    if fallback:
+        from tests.test_embed_edge_cases import minilm_copy
+
+        args = ["--model", str(minilm_copy(tmp_path / "m", {"tokenizer_args": {"model_max_length": 8}}))]
+    assert main(["embed", str(src), "-o", str(tmp_path / "e.npy"), "--quiet", *args]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (0, 384)
+    assert main(["embed", str(src), "-o", str(tmp_path / "e.jsonl"), "--quiet", *args]) == 0
+    assert (tmp_path / "e.jsonl").read_text() == ""
+    assert "0 embeddings of dimension 384" in capsys.readouterr().err
+
+
+def test_embed_quiet_silences_the_loading_bar(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    lines = tmp_path / "in.txt"
+    lines.write_text("one sentence\n", encoding="utf-8")
+    assert hf_logging.is_progress_bar_enabled()
+    main(["embed", str(lines), "-o", str(tmp_path / "e.npy")])
+    assert "Loading weights" in capfd.readouterr().err  # the bar that --quiet must silence is there
+    main(["embed", str(lines), "-o", str(tmp_path / "e.npy"), "--quiet"])
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Batches" not in err, err
+    assert hf_logging.is_progress_bar_enabled()  # restored for the rest of the process
+
+
+def test_embed_dtype_auto(tmp_path, capsys):
+    from tests.test_embed_edge_cases import _fp16_st_dir
+
+    model_dir = _fp16_st_dir(tmp_path)
+    main(["embed", str(SENTENCES), "-o", str(tmp_path / "e.npy"), "--model", str(model_dir), "--quiet"])
+    assert "float32" in capsys.readouterr().err  # the default, whatever the checkpoint holds
+    main(["embed", str(SENTENCES), "-o", str(tmp_path / "e.npy"), "--model", str(model_dir), "--quiet",
+          "--dtype", "auto"])
+    assert "float16" in capsys.readouterr().err
+
+
+# --- info and the demo ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variable", ["FASTBERT_BACKEND", "FASTBERT_GEMM"])
+def test_info_reports_an_invalid_setting(monkeypatch, capsys, variable):
+    monkeypatch.setenv(variable, "bogus")
+    assert main(["info"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"^{variable} +error: {variable}='bogus' is not one of", out, re.MULTILINE), out
+    assert "op attention" in out  # the rest of the report is still there
+
+
+def test_demo_runs_from_another_directory(tmp_path, monkeypatch):
+    """The default input is the repository's, not the current directory's; the demo checks the 1e-5
+    of the README (the throughput part is left out here: it is slow on a CPU)."""
+    import fastbert.demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fastbert.demo, "_throughput", lambda encode, lines, repeats: 1.0)
+    assert fastbert.demo.TOLERANCE == 1e-5
+    assert fastbert.demo.main(["-o", str(tmp_path / "e.npy")]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (len(SENTENCES.read_text(encoding="utf-8").splitlines()), 384)
+
+
+def test_demo_names_a_missing_input(tmp_path):
+    import fastbert.demo
+
+    with pytest.raises(SystemExit, match=r"fastbert demo: input '.*nothere\.txt' is not a file"):
+        fastbert.demo.main([str(tmp_path / "nothere.txt")])
