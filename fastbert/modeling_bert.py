@@ -302,10 +302,12 @@ class BertLayer(GradientCheckpointingLayer):
         """``fast_path``: ``"cublas"`` or ``"triton"`` when the encoder found the call eligible
         (``fast_path_ready``), saying which GEMM the FFN uses (anything else: off); the layer then
         launches its kernels from one function (``ops.encoder_layer``) if its own modules allow.
-        ``weights``: what ``_fast_path_weights`` returned, when the encoder already read (and checked)
-        every layer's."""
+        ``weights``: what ``_fast_path_weights`` returned, when the encoder already read every layer's
+        and checked them against its input (each layer's output has the layout of its input)."""
         if fast_path in ("cublas", "triton") and not output_attentions:
-            weights = self._fast_path_weights() if weights is None else weights
+            if weights is not None:  # read and checked by the encoder, against its input's layout
+                return encoder_layer(hidden_states, packing, weights, fast_path == "triton", rows), None
+            weights = self._fast_path_weights()
             if weights is not None and weights_ready(weights, hidden_states):
                 return encoder_layer(hidden_states, packing, weights, fast_path == "triton", rows), None
         attention_output, probs = self.attention(hidden_states, packing, output_attentions, rows)
