@@ -139,6 +139,9 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # A direct launch passes the scale as fp32; torch.compile (Inductor) may pass a Python float as
+    # fp64, which would make the IEEE path's second dot fp64 x fp32 (a compile error).
+    qk_scale = tl.cast(qk_scale, tl.float32)
     start_m = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
