@@ -147,6 +147,8 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
+    _qkv_fused = None  # also for instances pickled before the attribute existed
+
     def __init__(self, config):
         super().__init__()
         if config.hidden_size % config.num_attention_heads:
@@ -213,6 +215,11 @@ class BertSelfAttention(nn.Module):
         # (a CUDA-graph runner keeps what its graphs read).
         self._qkv_fused = None
         return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        # Pickling would turn the storage's blocks (views of its weight) into separate tensors: the
+        # copies would then miss the weight the GEMM reads. It is made again at the next call.
+        return {**super().__getstate__(), "_qkv_fused": None}
 
     def qkv_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[tokens, hidden]`` -> ``[tokens, 3 * hidden]`` (queries | keys | values)."""
@@ -436,12 +443,11 @@ class BertModel(BertPreTrainedModel):
 
     _no_split_modules = ["BertEmbeddings", "BertLayer"]
     _can_record_outputs = {}
-    # The default of forward's first_token_only.
+    # The default of forward's first_token_only. A head that reads only the pooled [CLS] output
+    # (sequence classification, multiple choice, next sentence) may set it on its encoder
+    # (``head.bert.first_token_only = True``): the encoder then returns [batch, 1, hidden] to every
+    # caller, which is why nothing sets it for the user.
     first_token_only = False
-    # Above 0 while a head that reads only the pooled [CLS] output runs this model (sequence
-    # classification, multiple choice, next sentence: fastbert.optimize hooks them): first_token_only
-    # is then the default. Called on its own, the model computes every row, as transformers' does.
-    _inside_pooled_head = 0
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         check_config(config)
@@ -472,15 +478,15 @@ class BertModel(BertPreTrainedModel):
         and (with ``strict``, the default) weights missing from it or unknown to the model raise an
         error that names them instead of a warning."""
         config = kwargs.get("config")
-        if not isinstance(config, PretrainedConfig):
-            check_model_type(pretrained_model_name_or_path, kwargs)
+        if not isinstance(config, PretrainedConfig):  # a config given as a path is the one to check
+            check_model_type(pretrained_model_name_or_path if config is None else config, kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         verbosity = logging.get_verbosity()
         if strict:  # the check below names every key; transformers' report would only repeat it
             logging.set_verbosity_error()
             # Weights of another shape come back in the loading info (named, with both shapes, below)
             # instead of transformers' error, which points to the report just silenced.
-            kwargs.setdefault("ignore_mismatched_sizes", True)
+            kwargs["ignore_mismatched_sizes"] = True  # strict raises on a mismatch anyway, naming it
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -527,8 +533,7 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
 
-        if first_token_only is None:
-            first_token_only = self.first_token_only or self._inside_pooled_head > 0
+        first_token_only = self.first_token_only if first_token_only is None else first_token_only
         if output_attentions and torch.compiler.is_compiling():
             raise NotImplementedError("output_attentions=True is not supported under torch.compile")
 

@@ -64,10 +64,6 @@ def _fresh_buffers(hf_model) -> nn.Module:
     return holder
 
 
-# Heads that read only the pooled [CLS] output: their encoder's last layer computes only [CLS] rows.
-_POOLED_HEADS = ("BertForSequenceClassification", "BertForMultipleChoice", "BertForNextSentencePrediction")
-
-
 def _is_transformers_bert(module) -> bool:
     return isinstance(module, transformers.BertModel) and not isinstance(module, BertModel)
 
@@ -80,22 +76,6 @@ def _not_swappable(module: transformers.BertModel) -> str | None:
     if model_type != "bert":
         return f"its config is of model_type {model_type!r}, not 'bert'"
     return None
-
-
-class _FirstTokenOnlyWhileRunning:
-    """Hooks of a head that reads only its encoder's pooled output: while the head runs, the encoder's
-    last layer computes only the first token of each row; the encoder called on its own
-    (``head.bert(...)``) computes every row, as transformers' does. (A module-level class, so that a
-    hooked head still pickles and deep-copies.)"""
-
-    def __init__(self, encoder: BertModel):
-        self.encoder = encoder
-
-    def enter(self, module, args) -> None:
-        self.encoder._inside_pooled_head += 1
-
-    def leave(self, module, args, output) -> None:
-        self.encoder._inside_pooled_head -= 1
 
 
 def optimize(model: nn.Module) -> nn.Module:
@@ -122,11 +102,7 @@ def optimize(model: nn.Module) -> nn.Module:
             if reason:
                 skipped.append(f"{path} ({reason})")
                 continue
-            fast = parent._modules[name] = to_fastbert(child)
-            if type(parent).__name__ in _POOLED_HEADS:
-                hooks = _FirstTokenOnlyWhileRunning(fast)
-                parent.register_forward_pre_hook(hooks.enter)
-                parent.register_forward_hook(hooks.leave, always_call=True)
+            parent._modules[name] = to_fastbert(child)
             swapped.append(path)
     if skipped:
         logger.warning("fastbert.optimize left these transformers BertModels in place: %s", "; ".join(skipped))

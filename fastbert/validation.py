@@ -37,7 +37,9 @@ _STATIC_FORMS: contextvars.ContextVar[bool] = contextvars.ContextVar("fastbert_s
 def static_forms():
     """Inside, check_inputs takes the static-size, sync-free forms it takes under torch.compile and
     skips the value checks (they need a host sync): what capturing a whole forward in a CUDA graph
-    needs. The caller checks the values itself, with value_extremes."""
+    needs. The caller checks the values itself, with value_extremes, so every lookup is clamped into
+    its table meanwhile (a batch that fails the check is thrown away, but must read nothing outside a
+    table)."""
     token = _STATIC_FORMS.set(True)
     try:
         yield
@@ -274,15 +276,22 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
     packed_ids = ops.pack(input_ids, packing) if input_ids is not None else None
     packed_embeds = ops.pack(inputs_embeds, packing) if inputs_embeds is not None else None
     if _static():
-        # Range checks need a host sync: under torch.compile they are left to eager calls, and the
-        # padded CUDA-graph runner reads value_extremes back after its replay. Every lookup is clamped
-        # into its table instead, so nothing reads outside one: the padding the static form carries
-        # (its ids never matter) and a bad value at a real token alike (an illegal address on a GPU).
-        if packed_ids is not None:
-            packed_ids = packed_ids.clamp(0, config.vocab_size - 1)
-        packed_types = packed_types.clamp(0, config.type_vocab_size - 1)
-        if not columns:
-            packed_positions = packed_positions.clamp(0, config.max_position_embeddings - 1)
+        # Range checks need a host sync. Inside static_forms (the padded CUDA-graph runner, which reads
+        # value_extremes back after its replay) every lookup is clamped into its table. Under
+        # torch.compile only the padding the static form carries is looked up as 0 (its ids never
+        # matter): a bad value at a real token still fails the lookup's bounds check, as in compiled
+        # transformers, rather than being clamped into a silently wrong answer.
+        if not torch.compiler.is_compiling() and _STATIC_FORMS.get():  # (the order keeps compile off the var)
+            if packed_ids is not None:
+                packed_ids = packed_ids.clamp(0, config.vocab_size - 1)
+            packed_types = packed_types.clamp(0, config.type_vocab_size - 1)
+            if not columns:
+                packed_positions = packed_positions.clamp(0, config.max_position_embeddings - 1)
+        elif packing.valid is not None:
+            packed_ids, packed_types = (None if t is None else torch.where(packing.valid, t, 0)
+                                        for t in (packed_ids, packed_types))
+            if not columns:
+                packed_positions = torch.where(packing.valid, packed_positions, 0)
         return ModelInputs(packed_ids, packed_embeds, packed_positions, packed_types, packing)
 
     if ranges_checked:

@@ -215,10 +215,11 @@ def test_padded_graph_runner_refuses_bad_values_like_the_model(capture):
 
 @pytest.mark.parametrize("mask_kind", ["right", "none"])
 def test_static_forms_clamp_every_lookup_into_its_table(mask_kind):
-    """The static forms (torch.compile, the padded graphs) cannot check values without a host sync, so
-    every lookup is clamped into its table: ids, token types and positions that are out of range at
-    padded tokens change nothing at real ones (the eager model ignores them too), and out of range at
-    a real token they read no memory outside a table (on the CPU that would raise IndexError)."""
+    """Inside validation.static_forms (the padded graph runner, which checks the values after its
+    replay) every lookup is clamped into its table: ids, token types and positions that are out of
+    range at padded tokens change nothing at real ones (the eager model ignores them too), and out of
+    range at a real token they read no memory outside a table (on the CPU that would raise IndexError).
+    Under torch.compile only the padding is zeroed: a bad value at a real token fails its lookup."""
     from fastbert import validation
 
     fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))

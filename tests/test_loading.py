@@ -82,13 +82,27 @@ def test_unexpected_encoder_keys_of_a_head_checkpoint_are_named(tmp_path):
     fastbert.BertModel.from_pretrained(tmp_path, num_hidden_layers=2, strict=False)
 
 
-def test_weights_of_another_shape_are_named_with_both_shapes(tmp_path):
+@pytest.mark.parametrize("ignore", [None, False])
+def test_weights_of_another_shape_are_named_with_both_shapes(tmp_path, ignore):
+    """Also when the caller passes ignore_mismatched_sizes=False: strict raises fastbert's named error
+    (transformers' own points to a report strict mode silences)."""
     _, hf = model_pair(make_config())
     hf.save_pretrained(tmp_path)
     _edit_checkpoint(tmp_path, lambda t: t.update({"encoder.layer.0.output.dense.bias": torch.zeros(7)}))
+    kwargs = {} if ignore is None else {"ignore_mismatched_sizes": ignore}
     with pytest.raises(ValueError, match=r"of another shape than the model's: encoder\.layer\.0\.output\.dense\.bias "
                                          r"\(checkpoint \(7,\), model \(144,\)\)"):
-        fastbert.BertModel.from_pretrained(tmp_path)
+        fastbert.BertModel.from_pretrained(tmp_path, **kwargs)
+
+
+def test_config_given_as_a_path(tmp_path):
+    """``config=`` as a path (transformers takes it) is the config checked, not the weights' folder."""
+    _, hf = model_pair(make_config())
+    weights, config = tmp_path / "weights", tmp_path / "config"
+    hf.save_pretrained(weights)
+    hf.config.save_pretrained(config)
+    (weights / "config.json").unlink()
+    _same_outputs(fastbert.BertModel.from_pretrained(weights, config=str(config)).eval(), hf, hf.config)
 
 
 def test_a_directory_without_config_is_named_and_a_config_without_model_type_loads(tmp_path):

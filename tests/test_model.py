@@ -318,6 +318,25 @@ def test_fused_qkv_follows_a_peft_merge(qkv_path):
     assert_close(merged, adapted, 2e-5, "merged against adapted")
 
 
+def test_pickled_model_follows_later_weight_updates(monkeypatch):
+    """A pickle round trip (multiprocessing, joblib) must not leave the fused QKV storage's blocks
+    apart from the weight the GEMM reads: updates after unpickling are seen."""
+    import pickle
+
+    from fastbert import modeling_bert
+
+    monkeypatch.setattr(modeling_bert, "_cpu_inference", lambda x, tensors: False)  # the CUDA path
+    fast, hf = model_pair(make_config())
+    ids, _ = random_inputs(fast.config, 2, 8)
+    mask = torch.ones_like(ids)
+    _compare(fast, hf, ids, mask)  # makes the storage
+    fast = pickle.loads(pickle.dumps(fast))
+    with torch.no_grad():
+        for model in (fast, hf):
+            model.encoder.layer[0].attention.self.key.weight.mul_(1.5)
+    _compare(fast, hf, ids, mask)
+
+
 def test_fused_qkv_storage_is_dropped_by_conversions(monkeypatch):
     """Every conversion (even one that changes nothing) drops the fused storage, so that the converted
     weights get storage of their dtype and device and the old one is freed (a CUDA-graph runner keeps
