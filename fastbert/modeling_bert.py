@@ -75,6 +75,11 @@ class FusedQKV(NamedTuple):
                 and self.weight.device == weights[0].device)
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether work on ``t``'s stream is being captured into a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _needs_autograd_or_tracing(tensors: list[torch.Tensor]) -> bool:
     """Autograd on, torch.compile tracing, or a tensor subclass among ``tensors`` (fake tensors,
     functional wrappers): where parameters must be used through ops, not copied into storage."""
@@ -376,7 +381,11 @@ class BertEncoder(nn.Module):
         all_attentions = [] if output_attentions else None
         # Checked once per forward; each layer then checks its own modules (BertLayer.forward).
         fast_path = None if output_attentions or not _no_global_hooks() else fast_path_ready(hidden_states, packing)
-        prepared = self._fast_path_weights(hidden_states) if fast_path else None
+        # In CUDA-graph capture, every layer's QKV copy in one launch (replays run one kernel, not
+        # twelve). Not in eager calls: reading every layer's weights first would hold back the first
+        # launch by all layers' host work (measured on the H200: 32x512 took 8.5 ms against 7.8 ms
+        # for the module path, whose host work overlaps the kernels).
+        prepared = self._fast_path_weights(hidden_states) if fast_path and _capturing(hidden_states) else None
         for i, layer in enumerate(self.layer):
             rows = last_layer_rows if i == len(self.layer) - 1 else None
             if prepared is not None:
@@ -394,8 +403,8 @@ class BertEncoder(nn.Module):
 
 
     def _fast_path_weights(self, hidden_states: torch.Tensor) -> list[EncoderLayerWeights] | None:
-        """Every layer's fast-path weights, their QKV copies made in one launch (a graph replay or an
-        eager forward then runs one copy kernel, not one a layer), or None unless every layer takes the
+        """Every layer's fast-path weights, their QKV copies made in one launch (a graph replay then
+        runs one copy kernel, not one a layer), or None unless every layer takes the
         fast path with no hook of its own: nothing of the caller's can run between this copy and the
         layers' reads (a layer that may not runs the per-layer path, where each copies its own)."""
         prepared, copies = [], []

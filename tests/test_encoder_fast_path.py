@@ -128,10 +128,11 @@ if IN_CHILD:
         assert_close(pooled[first_real], theirs.pooler_output[first_real], FP32_INTERPRETER, "pooler")
 
     def test_interpreter_case_one_qkv_copy_per_forward(fast_layers, monkeypatch):
-        """The fast path copies every layer's QKV weights into their fused storage in one foreach launch
-        per forward (one kernel in a graph replay, not one a layer) and follows weights changed through
-        ``.data`` between forwards; a hook on one layer makes each layer copy its own (the hook could
-        change weights between a shared copy and the layers' reads)."""
+        """Under CUDA-graph capture (stood in for here) the fast path copies every layer's QKV weights
+        into their fused storage in one foreach launch (one kernel a replay, not one a layer); eager
+        calls copy per layer (so the first layer launches before the others' weights are read). Both
+        follow weights changed through ``.data`` between forwards; a hook on one layer makes each layer
+        copy its own (the hook could change weights between a shared copy and the layers' reads)."""
         copies = []
         original = torch._foreach_copy_
         monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: copies.append(len(dst)) or original(dst, src))
@@ -139,7 +140,11 @@ if IN_CHILD:
         ids, types = random_inputs(fast.config, 2, 9)
         mask = make_mask("right", 2, 9)
         forward(fast, ids, mask, types)
-        assert copies == [18] and len(fast_layers) == 3, (copies, fast_layers)
+        assert copies == [6, 6, 6] and len(fast_layers) == 3, (copies, fast_layers)
+        copies.clear()
+        monkeypatch.setattr(modeling_bert, "_capturing", lambda t: True)
+        forward(fast, ids, mask, types)
+        assert copies == [18] and len(fast_layers) == 6, (copies, fast_layers)
         for model in (fast, hf):
             model.encoder.layer[1].attention.self.value.weight.data.mul_(1.5)
         hidden, _ = forward(fast, ids, mask, types)
@@ -150,7 +155,7 @@ if IN_CHILD:
         copies.clear()
         fast.encoder.layer[2].register_forward_hook(lambda module, args, out: out)
         forward(fast, ids, mask, types)
-        assert copies == [6, 6, 6] and len(fast_layers) == 9, (copies, fast_layers)
+        assert copies == [6, 6, 6] and len(fast_layers) == 12, (copies, fast_layers)
 
     def test_interpreter_case_long_sequences(fast_layers):
         """Several key blocks per sequence, holes."""
