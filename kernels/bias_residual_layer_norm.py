@@ -173,16 +173,20 @@ def layer_norm_config(n_cols: int) -> Mapping[str, int]:
     return MappingProxyType({**cfg, "CHUNKS": 1, "EVEN": not cfg["LOOP"] and n_cols == cfg["BLOCK_N"]})
 
 
-def bias_residual_layer_norm_fwd(x, bias, residual, weight, ln_bias, eps: float, out, kernel=None):
+def bias_residual_layer_norm_fwd(x, bias, residual, weight, ln_bias, eps: float, out, kernel=None,
+                                 config: Mapping[str, int] | None = None):
     """Launch the kernel on 2-D ``x`` and ``residual`` ``[rows, cols]`` (unit column stride),
     ``bias``, ``weight``, ``ln_bias`` ``[cols]`` (``bias`` never None here), writing ``out``.
     ``kernel``: the kernel to index by the grid, ``wrap_triton(_bias_residual_layer_norm_fwd_kernel)``
-    inside a custom op (None: this module's kernel, launched directly). No launch when there is no
-    row."""
+    inside a custom op (None: this module's kernel, launched directly). ``config``: entries replacing
+    ``layer_norm_config``'s (BLOCK_M, num_warps), for benchmarks/bench_bias_residual_layer_norm.py's
+    sweep. No launch when there is no row."""
     n_rows, n_cols = x.shape
     if n_rows == 0 or n_cols == 0:
         return out
     cfg = layer_norm_config(n_cols)
+    if config is not None:
+        cfg = {**cfg, **config}
     # Plain integer ceil-division: triton.cdiv called from Python costs ~3 us a call (host time).
     grid = ((n_rows + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"],)
     kernel = _bias_residual_layer_norm_fwd_kernel if kernel is None else kernel
