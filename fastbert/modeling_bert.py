@@ -75,9 +75,7 @@ class FusedQKV(NamedTuple):
                 and self.weight.device == weights[0].device)
 
 
-def _capturing(t: torch.Tensor) -> bool:
-    """Whether work on ``t``'s stream is being captured into a CUDA graph."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+_capturing = ops.backend.capturing  # looked up at each call (tests stand in for a capture)
 
 
 def _needs_autograd_or_tracing(tensors: list[torch.Tensor]) -> bool:
@@ -345,9 +343,6 @@ class BertLayer(GradientCheckpointingLayer):
         for module in (self_attention, self_output, output):
             if _dropout_p(module._modules["dropout"]):
                 return None
-        qkv = self_attention._fused_qkv_parameters(copies=copies)
-        if qkv is None:
-            return None
         linears = (self_output._modules["dense"], intermediate._modules["dense"], output._modules["dense"])
         norms = (self_output._modules["LayerNorm"], output._modules["LayerNorm"])
         for linear in linears:
@@ -356,6 +351,9 @@ class BertLayer(GradientCheckpointingLayer):
         for norm in norms:
             if not _plain(norm, nn.LayerNorm) or norm._parameters.get("bias") is None:
                 return None
+        qkv = self_attention._fused_qkv_parameters(copies=copies)  # last: it copies (or queues a copy)
+        if qkv is None:
+            return None
         (attention_out, ffn_in, ffn_out), (norm1, norm2) = [m._parameters for m in linears], norms
         return EncoderLayerWeights(
             *qkv, self_attention.num_attention_heads, self_attention.scaling,
@@ -388,11 +386,9 @@ class BertEncoder(nn.Module):
         prepared = self._fast_path_weights(hidden_states) if fast_path and _capturing(hidden_states) else None
         for i, layer in enumerate(self.layer):
             rows = last_layer_rows if i == len(self.layer) - 1 else None
-            if prepared is not None:
+            if fast_path and type(layer) is BertLayer:  # a subclass keeps its own forward's signature
                 hidden_states, probs = layer(hidden_states, packing, output_attentions, rows, fast_path=fast_path,
-                                             weights=prepared[i])
-            elif fast_path and type(layer) is BertLayer:  # a subclass keeps its own forward's signature
-                hidden_states, probs = layer(hidden_states, packing, output_attentions, rows, fast_path=fast_path)
+                                             weights=None if prepared is None else prepared[i])
             else:
                 hidden_states, probs = layer(hidden_states, packing, output_attentions, rows)
             if output_hidden_states:
@@ -400,7 +396,6 @@ class BertEncoder(nn.Module):
             if output_attentions:
                 all_attentions.append(probs)
         return hidden_states, all_hidden_states, all_attentions
-
 
     def _fast_path_weights(self, hidden_states: torch.Tensor) -> list[EncoderLayerWeights] | None:
         """Every layer's fast-path weights, their QKV copies made in one launch (a graph replay then

@@ -163,6 +163,12 @@ def device_guard(t: torch.Tensor):
     return _SAME_DEVICE
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether work on ``t``'s device is being captured into a CUDA graph (its current stream). False
+    for CPU tensors and where there is no CUDA device (fake CUDA tensors traced without a GPU)."""
+    return t.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 # Launch helpers shared by the ops' ``_launch`` functions. An eager forward of a small batch waits on
 # its host time, and these are the cheap forms (measured on the development VM, one call each):
 # ``torch.empty(shape, dtype=..., device=...)`` and ``x.view(x.shape)`` cost ~3.5 us where

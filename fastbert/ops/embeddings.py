@@ -98,7 +98,7 @@ def _may_read_back(t: torch.Tensor) -> bool:
     tensors (FakeTensorMode), not inside CUDA-graph capture."""
     if torch.compiler.is_compiling() or is_fake(t):
         return False
-    return not (t.device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not backend.capturing(t)
 
 
 def raise_out_of_range(input_ids, position_ids, token_type_ids, word_weight, position_weight,
