@@ -28,10 +28,12 @@ HIDDEN = [384, 768, 1024, 4096]
 TOKENS = [4096, 16384]
 # The row counts of a 1x128 and an 8x128 batch: there a CUDA-graph replay's 24 LayerNorms took 4.6 us
 # each on the H200 (2026-11-26, second measurement), the largest share of the replay, with 8 rows per
-# program (16 programs for 132 SMs at 128 rows). The sweep's blocks of fewer rows, at BERT-base's width,
-# say whether a row-count rule should pick them.
+# program (16 programs for 132 SMs at 128 rows). Since then the launcher takes one row a program (one
+# warp at 768 columns) wherever the default blocks would leave SMs idle: both of these row counts on an
+# H100 or H200. The sweep, at BERT-base's width, holds the default blocks (M8-w4, what ran before) and
+# the blocks between, so that one run says whether that rule is right.
 SMALL_TOKENS = [128, 1024]
-SWEEP = {"fastbert-triton-M1-w1": dict(BLOCK_M=1, num_warps=1), "fastbert-triton-M2-w1": dict(BLOCK_M=2, num_warps=1),
+SWEEP = {"fastbert-triton-M8-w4": dict(BLOCK_M=8, num_warps=4), "fastbert-triton-M2-w1": dict(BLOCK_M=2, num_warps=1),
          "fastbert-triton-M4-w2": dict(BLOCK_M=4, num_warps=2)}
 IMPLS = ["fastbert-triton", "torch-eager", "torch-compile"]
 EPS = 1e-12
@@ -40,7 +42,7 @@ if SMOKE:  # bf16 is not exact under the Triton interpreter
     HIDDEN = [64]
     TOKENS = [256]
     SMALL_TOKENS = [16]
-    SWEEP = {"fastbert-triton-M1-w1": dict(BLOCK_M=1, num_warps=1)}
+    SWEEP = {"fastbert-triton-M8-w4": dict(BLOCK_M=8, num_warps=4)}
 _compiled = {}
 
 

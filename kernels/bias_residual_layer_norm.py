@@ -30,6 +30,10 @@ Grid, blocks and warps (``layer_norm_config``):
   the fp32 variant spilled 8 bytes on sm_90). Reads the inputs three times (from L2 mostly), but any
   width works.
 
+- Few rows (``fills_the_gpu`` false: the default blocks would give fewer programs than the GPU has
+  SMs): one row a program, warps cut to keep at most 16 elements per thread and chunk (one warp for
+  768 columns), so that a batch of one 128-token sequence runs on 128 SMs instead of 16.
+
 ``bias`` is always a tensor (the launcher passes zeros when there is none), so one compiled variant
 serves both cases.
 """
@@ -160,31 +164,48 @@ def row_block_config(n_cols: int) -> Mapping[str, int]:
 
 
 @functools.cache  # called at every launch: a dict lookup instead of recomputing (host time)
-def layer_norm_config(n_cols: int) -> Mapping[str, int]:
+def layer_norm_config(n_cols: int, one_row: bool = False) -> Mapping[str, int]:
     """This kernel's blocks, warps, ``CHUNKS`` and ``EVEN`` for rows of ``n_cols`` (see the module
-    docstring). Read-only, shared by every launch."""
+    docstring); ``one_row``: one row per program (``BLOCK_M = 1``, warps cut to match, at least one),
+    for grids that would otherwise leave SMs idle. Read-only, shared by every launch."""
     chunk = triton.next_power_of_2(n_cols) // 4
     if chunk >= 32 and n_cols <= 3 * chunk and 4 * chunk <= MAX_SINGLE_BLOCK:
-        block_m = max(1, 2048 // chunk)
+        block_m = 1 if one_row else max(1, 2048 // chunk)
         per_thread = 16 if chunk < 2048 else 8  # three 2048-wide chunks at 16 spilled (Triton 3.6, sm_120)
         return MappingProxyType({"BLOCK_M": block_m, "BLOCK_N": chunk, "LOOP": False, "CHUNKS": 3,
-                                 "EVEN": n_cols == 3 * chunk, "num_warps": block_m * chunk // (32 * per_thread)})
+                                 "EVEN": n_cols == 3 * chunk,
+                                 "num_warps": max(1, block_m * chunk // (32 * per_thread))})
     cfg = row_block_config(n_cols)
+    if one_row and not cfg["LOOP"]:
+        cfg = {**cfg, "BLOCK_M": 1, "num_warps": max(1, cfg["BLOCK_N"] // 512)}
     return MappingProxyType({**cfg, "CHUNKS": 1, "EVEN": not cfg["LOOP"] and n_cols == cfg["BLOCK_N"]})
 
 
-def bias_residual_layer_norm_fwd(x, bias, residual, weight, ln_bias, eps: float, out, kernel=None,
-                                 config: Mapping[str, int] | None = None):
+def fills_the_gpu(n_rows, n_cols: int, num_sms: int) -> bool:
+    """Whether the default blocks give every SM a program. A BERT-base batch of one 128-token sequence
+    is 128 rows: at 8 rows a program that is 16 programs for an H100's 132 SMs, and each of the 24
+    LayerNorms of a forward waited on 16 SMs (4.6 us a launch on an H200, the largest share of the
+    batch-1 graph replay); one row a program gives 128. A symbolic row count (torch.compile with dynamic
+    shapes) keeps the default blocks: comparing it would add a guard and a recompilation per side."""
+    if not isinstance(n_rows, int):
+        return True
+    cfg = layer_norm_config(n_cols)
+    return cfg["BLOCK_M"] == 1 or (n_rows + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"] >= num_sms
+
+
+def bias_residual_layer_norm_fwd(x, bias, residual, weight, ln_bias, eps: float, out, num_sms: int = 132,
+                                 kernel=None, config: Mapping[str, int] | None = None):
     """Launch the kernel on 2-D ``x`` and ``residual`` ``[rows, cols]`` (unit column stride),
     ``bias``, ``weight``, ``ln_bias`` ``[cols]`` (``bias`` never None here), writing ``out``.
+    ``num_sms``: the GPU's SM count (``fills_the_gpu``: fewer rows than SMs take one row a program).
     ``kernel``: the kernel to index by the grid, ``wrap_triton(_bias_residual_layer_norm_fwd_kernel)``
     inside a custom op (None: this module's kernel, launched directly). ``config``: entries replacing
-    ``layer_norm_config``'s (BLOCK_M, num_warps), for benchmarks/bench_bias_residual_layer_norm.py's
+    the chosen configuration's (BLOCK_M, num_warps), for benchmarks/bench_bias_residual_layer_norm.py's
     sweep. No launch when there is no row."""
     n_rows, n_cols = x.shape
     if n_rows == 0 or n_cols == 0:
         return out
-    cfg = layer_norm_config(n_cols)
+    cfg = layer_norm_config(n_cols, not fills_the_gpu(n_rows, n_cols, num_sms))
     if config is not None:
         cfg = {**cfg, **config}
     # Plain integer ceil-division: triton.cdiv called from Python costs ~3 us a call (host time).
@@ -221,17 +242,23 @@ def row_configs():
 
 def layer_norm_configs():
     """``(name, config)`` of every configuration ``layer_norm_config`` can pick: each single block
-    masked and even, the loop, and three chunks of 32 to 2048 columns, masked and even."""
-    for n_cols in (128, 256, 512, 1024, 2048, 4096, 8192, 2 * MAX_SINGLE_BLOCK):
-        for cols in {n_cols - 1, n_cols} if n_cols <= MAX_SINGLE_BLOCK else {n_cols}:
-            cfg = layer_norm_config(cols)
-            if cfg["CHUNKS"] == 1:  # n_cols - 1 may pick three chunks: listed below
-                yield _config_name(cfg), cfg
-    for chunk in (32, 64, 128, 256, 512, 1024, 2048):
-        for n_cols in (3 * chunk - 1, 3 * chunk):
-            cfg = layer_norm_config(n_cols)
-            assert cfg["CHUNKS"] == 3 and cfg["BLOCK_N"] == chunk, (n_cols, cfg)
-            yield _config_name(cfg), cfg
+    masked and even, the loop, and three chunks of 32 to 2048 columns, masked and even; each with its
+    default rows per program and with one row."""
+    seen = set()
+    for one_row in (False, True):
+        for n_cols in (128, 256, 512, 1024, 2048, 4096, 8192, 2 * MAX_SINGLE_BLOCK):
+            for cols in {n_cols - 1, n_cols} if n_cols <= MAX_SINGLE_BLOCK else {n_cols}:
+                cfg = layer_norm_config(cols, one_row)
+                if cfg["CHUNKS"] == 1 and _config_name(cfg) not in seen:  # n_cols - 1 may pick chunks
+                    seen.add(_config_name(cfg))
+                    yield _config_name(cfg), cfg
+        for chunk in (32, 64, 128, 256, 512, 1024, 2048):
+            for n_cols in (3 * chunk - 1, 3 * chunk):
+                cfg = layer_norm_config(n_cols, one_row)
+                assert cfg["CHUNKS"] == 3 and cfg["BLOCK_N"] == chunk, (n_cols, cfg)
+                if _config_name(cfg) not in seen:
+                    seen.add(_config_name(cfg))
+                    yield _config_name(cfg), cfg
 
 
 def compile_configs() -> list[dict]:

@@ -40,7 +40,7 @@ def _family(case: str) -> str:
 
 # What bench_bias_residual_layer_norm.py sets under FASTBERT_BENCH_SMOKE (this process has no such
 # variable, so importing the module would give the GPU run's values): its small row count and sweep.
-SMOKE_SMALL_LAYER_NORM_TOKENS, SMOKE_LAYER_NORM_SWEEP = 16, {"fastbert-triton-M1-w1"}
+SMOKE_SMALL_LAYER_NORM_TOKENS, SMOKE_LAYER_NORM_SWEEP = 16, {"fastbert-triton-M8-w4"}
 
 
 def _small_layer_norm_case(case: str) -> bool:

@@ -169,6 +169,23 @@ def capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+@functools.cache
+def _gpu(index: int) -> tuple[int, int]:
+    """(compute capability as 10 * major + minor, SM count) of CUDA device ``index``."""
+    props = torch.cuda.get_device_properties(index)
+    return 10 * props.major + props.minor, props.multi_processor_count
+
+
+def gpu_description(t: torch.Tensor) -> tuple[int, int]:
+    """(compute capability as 10 * major + minor, SM count) of ``t``'s GPU: what sizes the kernels'
+    tiles and grids. An H100's where there is no GPU to ask (CPU tensors under the interpreter, fake
+    CUDA tensors traced without a GPU). A plain CUDA tensor proves there is a GPU (see
+    ``device_guard``), so a launch pays a dictionary lookup here."""
+    if t.is_cuda and (type(t) in PLAIN_TENSOR_TYPES or torch.cuda.is_available()):
+        return _gpu(t.get_device())
+    return 90, 132
+
+
 # Launch helpers shared by the ops' ``_launch`` functions. An eager forward of a small batch waits on
 # its host time, and these are the cheap forms (measured on the development VM, one call each):
 # ``torch.empty(shape, dtype=..., device=...)`` and ``x.view(x.shape)`` cost ~3.5 us where

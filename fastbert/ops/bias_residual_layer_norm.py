@@ -52,7 +52,7 @@ if backend.triton_available():
         bias = x.new_zeros(x.shape[-1]) if bias is None else bias.contiguous()
         with backend.device_guard(x2):
             bias_residual_layer_norm_fwd(x2, bias, r2, weight.contiguous(), ln_bias.contiguous(), eps, out,
-                                         kernel=kernel)
+                                         backend.gpu_description(x2)[1], kernel=kernel)
         return backend.unrows(out, x)
 
     @torch.library.triton_op(TRITON_OP, mutates_args=())

@@ -8,7 +8,6 @@ active: ``cublas`` (default) runs PyTorch's matmul and then the ``bias_activatio
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -30,21 +29,6 @@ TRITON_OP = "fastbert::linear_activation"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.cache
-def _gpu(index: int) -> tuple[int, int]:
-    """(compute capability as 10 * major + minor, SM count) of CUDA device ``index``."""
-    props = torch.cuda.get_device_properties(index)
-    return 10 * props.major + props.minor, props.multi_processor_count
-
-
-def _describe(device: torch.device) -> tuple[int, int]:
-    """What picks the kernel's tiles: the GPU's, or an H100's where there is no GPU to ask (CPU tensors
-    under the interpreter, fake CUDA tensors while tracing)."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return _gpu(device.index if device.index is not None else torch.cuda.current_device())
-    return 90, 132
-
-
 if backend.triton_available():
     from torch.library import wrap_triton
 
@@ -57,7 +41,7 @@ if backend.triton_available():
         weight = weight if weight.stride(-1) == 1 else weight.contiguous()
         out = backend.empty_rows(x2, x.dtype, weight.shape[0])
         bias = x.new_zeros(weight.shape[0]) if bias is None else bias.contiguous()
-        capability, num_sms = _describe(x.device)
+        capability, num_sms = backend.gpu_description(x)
         with backend.device_guard(x2):
             linear_activation_fwd(x2, weight, bias, activation, out, capability, num_sms, kernel=kernel)
         return backend.unrows(out, x)

@@ -72,23 +72,28 @@ class LaunchCounter:
         monkeypatch.setattr(L, "bias_residual_layer_norm_fwd", counted)
 
 
-def launch(inputs, eps):
-    """The launch helper on a NaN-filled output: any element it does not write fails the check."""
+def launch(inputs, eps, num_sms=132):
+    """The launch helper on a NaN-filled output: any element it does not write fails the check.
+    ``num_sms``: the GPU the grid is sized for (1: the default blocks at any row count; 132: one row a
+    program for fewer than 132 programs' worth of rows)."""
     from fastbert.kernels.bias_residual_layer_norm import bias_residual_layer_norm_fwd
 
     x, bias, residual, weight, ln_bias = inputs
     out = nan_like(x.shape, x.dtype, x.device)
     bias = torch.zeros_like(weight) if bias is None else bias
-    bias_residual_layer_norm_fwd(x, bias, residual, weight, ln_bias, eps, out)
+    bias_residual_layer_norm_fwd(x, bias, residual, weight, ln_bias, eps, out, num_sms)
     return out
 
 
 # ---------------------------------------------------------------------------------------------------
 # Checks shared by the interpreter (CPU) and the GPU.
 
-def case_launch_helper(device, dtype, hidden, rows, eps):
+GRIDS = {"one-row": 10_000, "default-blocks": 1}  # SM counts that pick each grid at these row counts
+
+
+def case_launch_helper(device, dtype, hidden, rows, eps, grid):
     inputs = make_inputs(rows, hidden, dtype, device)
-    check(launch(inputs, eps), inputs, eps, f"{device} {dtype} hidden={hidden} rows={rows} eps={eps}")
+    check(launch(inputs, eps, GRIDS[grid]), inputs, eps, f"{device} {dtype} hidden={hidden} rows={rows} eps={eps} {grid}")
 
 
 def case_op(device, dtype, monkeypatch):
@@ -177,6 +182,60 @@ def test_dropout_takes_the_reference(monkeypatch):
     assert counter.count == 0 and out.shape == inputs[0].shape
 
 
+class GridRecorder:
+    """Stands in for the kernel: records the grid and block of each launch (no Triton run)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((grid, meta["BLOCK_M"], meta["num_warps"]))
+
+
+@pytest.mark.parametrize("rows, num_sms, expected", [
+    (128, 132, ((128,), 1, 1)),  # BERT-base at 1 x 128: one row a program on an H100 / H200
+    (1055, 132, ((132,), 8, 4)),  # 132 programs of 8 rows fill 132 SMs: the default blocks
+    (1024, 132, ((1024,), 1, 1)),  # 128 programs of 8 would leave 4 SMs idle
+    (4096, 132, ((512,), 8, 4)),
+    (128, 16, ((16,), 8, 4)),  # a 16-SM GPU is filled by the default blocks
+])
+def test_few_rows_take_one_row_a_program(rows, num_sms, expected):
+    from fastbert.kernels.bias_residual_layer_norm import bias_residual_layer_norm_fwd
+
+    x, bias, residual, weight, ln_bias = make_inputs(rows, 768)
+    kernel = GridRecorder()
+    bias_residual_layer_norm_fwd(x, bias, residual, weight, ln_bias, 1e-12, torch.empty_like(x), num_sms, kernel)
+    assert kernel.launches == [expected]
+
+
+def test_one_row_configurations_keep_the_chunks_and_cut_the_warps():
+    from fastbert.kernels.bias_residual_layer_norm import fills_the_gpu, layer_norm_config
+
+    for cols, block_n, chunks, warps in ((768, 256, 3, 1), (384, 128, 3, 1), (3072, 1024, 3, 2),
+                                         (1024, 1024, 1, 2), (97, 128, 1, 1)):
+        cfg = layer_norm_config(cols, True)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["CHUNKS"], cfg["num_warps"]) == (1, block_n, chunks, warps), cols
+        default = layer_norm_config(cols)
+        assert {k: v for k, v in cfg.items() if k not in ("BLOCK_M", "num_warps")} == \
+            {k: v for k, v in default.items() if k not in ("BLOCK_M", "num_warps")}
+    assert layer_norm_config(20000, True) == layer_norm_config(20000)  # the loop is one row already
+    assert fills_the_gpu(1, 4096, 132)  # one row a program is the default there
+    shape_env = torch.fx.experimental.symbolic_shapes.ShapeEnv()
+    symbolic_rows = shape_env.create_unbacked_symint()
+    assert fills_the_gpu(symbolic_rows, 768, 132)  # no guard on a symbolic row count: the default blocks
+
+
+@pytest.mark.skipif(not backend.triton_available(), reason="needs Triton installed")
+def test_the_op_sizes_the_grid_for_the_tensors_gpu(monkeypatch):
+    """The op passes the SM count of the tensors' GPU (an H100's 132 where there is none to ask)."""
+    x, bias, residual, weight, ln_bias = make_inputs(128, 768)
+    kernel = GridRecorder()
+    L._launch(x, bias, residual, weight, ln_bias, 1e-12, kernel)
+    monkeypatch.setattr(backend, "gpu_description", lambda t: (90, 8))
+    L._launch(x, bias, residual, weight, ln_bias, 1e-12, kernel)
+    assert kernel.launches == [((128,), 1, 1), ((16,), 8, 4)]
+
+
 test_fused_op_is_registered = registered_schema_test(
     "bias_residual_layer_norm",
     "fastbert::bias_residual_layer_norm(Tensor x, Tensor? bias, Tensor residual, Tensor weight, "
@@ -194,12 +253,13 @@ if IN_CHILD:
     _kernel_is_interpreted = interpreted_kernel_fixture(
         "fastbert.kernels.bias_residual_layer_norm", "_bias_residual_layer_norm_fwd_kernel")
 
+    @pytest.mark.parametrize("grid", GRIDS)
     @pytest.mark.parametrize("eps", EPS)
     @pytest.mark.parametrize("rows", ROWS)
     @pytest.mark.parametrize("hidden", HIDDEN)
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-    def test_interpreter_case_launch_helper(dtype, hidden, rows, eps):
-        case_launch_helper("cpu", dtype, hidden, rows, eps)
+    def test_interpreter_case_launch_helper(dtype, hidden, rows, eps, grid):
+        case_launch_helper("cpu", dtype, hidden, rows, eps, grid)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
     def test_interpreter_case_op(dtype, monkeypatch):
@@ -269,11 +329,12 @@ if IN_CHILD:
 class TestCuda:
     DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
+    @pytest.mark.parametrize("grid", GRIDS)
     @pytest.mark.parametrize("rows", ROWS + [4097])
     @pytest.mark.parametrize("hidden", HIDDEN + [20000])
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-    def test_launch_helper(self, dtype, hidden, rows):
-        case_launch_helper("cuda", dtype, hidden, rows, 1e-12)
+    def test_launch_helper(self, dtype, hidden, rows, grid):
+        case_launch_helper("cuda", dtype, hidden, rows, 1e-12, grid)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_op_and_large_activations(self, dtype, monkeypatch):
