@@ -7,13 +7,15 @@ memory-bound kernels?), and the eager path at 32x128 took 7.6 ms against 2.6 ms 
 host-side work, which syncs?). This prints both views.
 
     python benchmarks/profile_model.py                   # GPU: bf16, 32x128 and 32x512 eager, then
-                                                         # 1x128 and 32x128 through PaddedCUDAGraphRunner
+                                                         # 1x128, 32x128 and 32x512 through
+                                                         # PaddedCUDAGraphRunner
     python benchmarks/profile_model.py --tiny --out DIR  # CPU: a 2-layer model, fp32 (a smoke run)
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 from pathlib import Path
 
 import torch
@@ -85,7 +87,40 @@ def profile_replay(model, batch: int, seqlen: int, device: str, rows: int) -> st
     busy = sum(e.device_time_total for e in kernels) / calls / 1000 if kernels else 0.0
     header = (f"## PaddedCUDAGraphRunner {batch}x{seqlen}, every token real, {calls} calls, sorted by {sort}\n"
               f"device kernels per call: {len(kernels) / calls:.0f}; their summed device time per call: {busy:.3f} ms\n")
+    if cuda:
+        header += wall_time(lambda: runner(ids, attention_mask=mask), busy)
     return header + prof.key_averages().table(sort_by=sort, row_limit=rows) + "\n"
+
+
+def wall_time(call, busy_ms: float, calls: int = 50) -> str:
+    """Wall time per call, back to back between two events, beside the kernels' summed device time
+    and the SM clock before and after. The H200 run of 2026-11-26 timed 32x512 at 7.35 ms a call in
+    the benchmark while the profile's kernels summed to ~5.9 ms a forward: launch gaps, or clocks
+    lowered under sustained load? This line says which, in one process."""
+    index = torch.cuda.current_device()
+    clocks = [sm_clock(index)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        call()
+    end.record()
+    end.synchronize()
+    clocks.append(sm_clock(index))
+    per_call = start.elapsed_time(end) / calls
+    return (f"back to back: {per_call:.3f} ms a call ({per_call - busy_ms:+.3f} ms beside the kernels' sum); "
+            f"SM clock before / after: {clocks[0]} / {clocks[1]}\n")
+
+
+def sm_clock(index: int) -> str:
+    """GPU ``index``'s current and maximum SM clock, power draw and temperature from nvidia-smi
+    (read-only), or why not."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,power.draw,temperature.gpu",
+                              "--format=csv,noheader", "-i", str(index)],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"(nvidia-smi: {error})"
+    return out.stdout.strip() or f"(nvidia-smi: {out.stderr.strip()})"
 
 
 def main(argv=None) -> int:
@@ -99,7 +134,7 @@ def main(argv=None) -> int:
     model = model_for(args.tiny, device, dtype)
     shapes = [(4, 16)] if args.tiny else [(32, 128), (32, 512)]
     report = "".join(profile_shape(model, b, s, device, args.rows) for b, s in shapes)
-    replays = [(1, 16)] if args.tiny else [(1, 128), (32, 128)]
+    replays = [(1, 16)] if args.tiny else [(1, 128), (32, 128), (32, 512)]
     report += "".join(profile_replay(model, b, s, device, args.rows) for b, s in replays)
     print(report)
     if args.out:

@@ -114,3 +114,23 @@ def test_profile_model_smoke(tmp_path):
     assert "## PaddedCUDAGraphRunner 1x16, every token real, 3 calls" in report
     assert "device kernels per call: 0;" in report  # no GPU: the runner ran eagerly, on the CPU
     assert report.count("aten::") >= 2
+
+
+def test_profile_model_reads_clocks_or_says_why(monkeypatch):
+    """The replay profile's clock reading: nvidia-smi's line, or why there is none (never a raise)."""
+    import subprocess
+
+    from benchmarks import profile_model
+
+    def fake_run(argv, **kwargs):
+        assert argv[0] == "nvidia-smi" and argv[-2:] == ["-i", "3"]
+        return subprocess.CompletedProcess(argv, 0, "1980 MHz, 1980 MHz, 650.1 W, 61\n", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert profile_model.sm_clock(3) == "1980 MHz, 1980 MHz, 650.1 W, 61"
+
+    def missing(argv, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "nvidia-smi")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert profile_model.sm_clock(0).startswith("(nvidia-smi: ")
