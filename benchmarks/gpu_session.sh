@@ -7,6 +7,12 @@
 #   3. the kernel microbenchmarks in bf16 with whatever time is left: attention first (its tile
 #      changed after the first run; the sweep decides), then the fused linear + GELU GEMM (without
 #      its torch.compile peer: minutes of compiling), then the memory-bound kernels.
+# STEPS picks and orders the steps (default "test profile model micro"); MODEL_K and MICRO_K replace
+# the model and microbenchmark steps' -k expressions (defaults below). The microbenchmarks' share of
+# the time is BUDGET / 5 when they come last, else whatever the steps before them left. E.g. the
+# max-autotune peers first, then the LayerNorm and attention sweeps:
+#   STEPS="model micro profile" MODEL_K="torch.compile and (32x128 or 32x512)" \
+#   MICRO_K="bf16 and (bias_residual_layer_norm or attention)" BUDGET=555 benchmarks/gpu_session.sh
 # Each step runs under a deadline so the script always ends, and packs its logs, inside BUDGET
 # seconds: $OUT gets session.tgz (every log and results.json) + the two results.json, since only 8
 # files come back from a call. On the CPU machine:
@@ -19,38 +25,59 @@ start=$SECONDS
 left() { local t=$(( $1 - (SECONDS - start) )); echo $(( t > 5 ? t : 5 )); }
 cd "$(dirname "$0")/.."
 
-OUT=$OUT_ROOT/test SANITIZER=0 TEST_TIMEOUT=200 benchmarks/run_gpu.sh test \
-  tests/ops tests/test_model.py tests/test_model_triton.py tests/test_encoder_fast_path.py \
-  tests/test_compile_and_graphs.py tests/test_optimize.py tests/test_cli.py tests/test_bad_inputs.py
-echo "gpu_session.sh: tests exit $? at $((SECONDS - start)) s"
+STEPS=${STEPS:-test profile model micro}
+MODEL_K=${MODEL_K:-not max-autotune and (1x128 or 32x128 or 32x512 or varlen16x512 or sentences32)}
+MICRO_K=${MICRO_K:-bf16 and not (test_linear_activation and torch-compile)}
+mkdir -p "$OUT_ROOT/test" "$OUT_ROOT/model" "$OUT_ROOT/micro"
 
-# On the first H200 run (2026-11-26) any exception thrown by the C++ extension crashed the process.
-# The probe makes it raise once; under cuda-gdb (the image has no gdb) a crash leaves a native backtrace.
-if command -v cuda-gdb >/dev/null; then
-  timeout 90 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 -X faulthandler \
-    tests/extension_raise_probe.py >"$OUT_ROOT/test/probe.log" 2>&1
-else
-  timeout 90 python3 -X faulthandler tests/extension_raise_probe.py >"$OUT_ROOT/test/probe.log" 2>&1
-fi
-echo "gpu_session.sh: extension raise probe exit $? (test/probe.log):"
-grep -E "raised|SIG|^#[0-9]+ " "$OUT_ROOT/test/probe.log" | head -30
+step_test() {
+  OUT=$OUT_ROOT/test SANITIZER=0 TEST_TIMEOUT=200 benchmarks/run_gpu.sh test \
+    tests/ops tests/test_model.py tests/test_model_triton.py tests/test_encoder_fast_path.py \
+    tests/test_compile_and_graphs.py tests/test_optimize.py tests/test_cli.py tests/test_bad_inputs.py
+  echo "gpu_session.sh: tests exit $? at $((SECONDS - start)) s"
+
+  # On the first H200 run (2026-11-26) any exception thrown by the C++ extension crashed the process.
+  # The probe makes it raise once; under cuda-gdb (the image has no gdb) a crash leaves a native backtrace.
+  if command -v cuda-gdb >/dev/null; then
+    timeout 90 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 -X faulthandler \
+      tests/extension_raise_probe.py >"$OUT_ROOT/test/probe.log" 2>&1
+  else
+    timeout 90 python3 -X faulthandler tests/extension_raise_probe.py >"$OUT_ROOT/test/probe.log" 2>&1
+  fi
+  echo "gpu_session.sh: extension raise probe exit $? (test/probe.log):"
+  grep -E "raised|SIG|^#[0-9]+ " "$OUT_ROOT/test/probe.log" | head -30
+}
 
 # Where the time of one eager forward goes (device time per kernel; host time per operator), and
-# of a PaddedCUDAGraphRunner call at 1x128 and 32x128 (the kernels a replay runs, and their times).
-timeout 120 python3 benchmarks/profile_model.py --out "$OUT_ROOT/test" >/dev/null 2>"$OUT_ROOT/test/profile.err"
-echo "gpu_session.sh: profile exit $? at $((SECONDS - start)) s (test/profile.txt)"
+# of PaddedCUDAGraphRunner calls (the kernels a replay runs, their times, and the wall time beside them).
+step_profile() {
+  local limit; limit=$(left $(( BUDGET - 15 )))
+  timeout $(( limit < 180 ? limit : 180 )) python3 benchmarks/profile_model.py --out "$OUT_ROOT/test" >/dev/null \
+    2>"$OUT_ROOT/test/profile.err"
+  echo "gpu_session.sh: profile exit $? at $((SECONDS - start)) s (test/profile.txt)"
+}
 
-micro_time=$(( BUDGET / 5 ))
-OUT=$OUT_ROOT/model FASTBERT_BENCH_QUICK=1 BENCH_TIMEOUT=$(left $(( BUDGET - micro_time - 15 ))) \
-  benchmarks/run_gpu.sh bench benchmarks/bench_model.py \
-  -k "not max-autotune and (1x128 or 32x128 or 32x512 or varlen16x512 or sentences32)"
-echo "gpu_session.sh: model benchmarks exit $? at $((SECONDS - start)) s"
+step_model() {
+  local reserve=15
+  case " $STEPS " in *" model "*" micro "*) reserve=$(( BUDGET / 5 + 15 ));; esac
+  OUT=$OUT_ROOT/model FASTBERT_BENCH_QUICK=1 BENCH_TIMEOUT=$(left $(( BUDGET - reserve ))) \
+    benchmarks/run_gpu.sh bench benchmarks/bench_model.py -k "$MODEL_K"
+  echo "gpu_session.sh: model benchmarks exit $? at $((SECONDS - start)) s"
+}
 
-OUT=$OUT_ROOT/micro BENCH_TIMEOUT=$(left $(( BUDGET - 15 ))) benchmarks/run_gpu.sh bench \
-  benchmarks/bench_attention.py benchmarks/bench_linear_activation.py benchmarks/bench_bias_activation.py \
-  benchmarks/bench_bias_residual_layer_norm.py benchmarks/bench_embeddings.py \
-  -k "bf16 and not (test_linear_activation and torch-compile)"
-echo "gpu_session.sh: microbenchmarks exit $? at $((SECONDS - start)) s"
+step_micro() {
+  OUT=$OUT_ROOT/micro BENCH_TIMEOUT=$(left $(( BUDGET - 15 ))) benchmarks/run_gpu.sh bench \
+    benchmarks/bench_attention.py benchmarks/bench_linear_activation.py benchmarks/bench_bias_activation.py \
+    benchmarks/bench_bias_residual_layer_norm.py benchmarks/bench_embeddings.py -k "$MICRO_K"
+  echo "gpu_session.sh: microbenchmarks exit $? at $((SECONDS - start)) s"
+}
+
+for step in $STEPS; do
+  case $step in
+    test|profile|model|micro) "step_$step";;
+    *) echo "gpu_session.sh: unknown step '$step' (test, profile, model, micro)" >&2;;
+  esac
+done
 
 cd "$OUT_ROOT" && tar czf session.tgz test model micro
 for step in model micro; do [ -f "$step/results.json" ] && cp "$step/results.json" "$step-results.json"; done
