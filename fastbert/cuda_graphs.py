@@ -302,18 +302,24 @@ class PaddedCUDAGraphRunner:
         batch, seqlen = input_ids.shape
         bucket = self._bucket(batch, seqlen)
         # The mask is rewritten whole (positions past this batch are padding); ids and token types only
-        # where the mask is 1, since padding is never looked up.
-        bucket.attention_mask.zero_()
+        # where the mask is 1, since padding is never looked up. A batch of the bucket's shape writes
+        # every position anyway, and its copies are one launch where their dtypes match (a foreach copy
+        # of contiguous tensors): at batch 1 each launch is a few percent of the call.
+        if (batch, seqlen) != bucket.shape:
+            bucket.attention_mask.zero_()
         mask, types = bucket.attention_mask[:batch, :seqlen], bucket.token_type_ids[:batch, :seqlen]
+        targets, sources = [bucket.input_ids[:batch, :seqlen]], [input_ids]
         if attention_mask is None:
             mask.fill_(1)
         else:
-            mask.copy_(attention_mask)
+            targets.append(mask)
+            sources.append(attention_mask)
         if token_type_ids is None:
             types.zero_()
         else:
-            types.copy_(token_type_ids)
-        bucket.input_ids[:batch, :seqlen].copy_(input_ids)
+            targets.append(types)
+            sources.append(token_type_ids.expand(batch, seqlen))
+        torch._foreach_copy_(targets, sources)
         if bucket.graph is not None:
             bucket.graph.replay()
             hidden, pooled, extremes, limits = bucket.outputs

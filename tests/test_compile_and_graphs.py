@@ -271,32 +271,41 @@ def test_value_extremes_refuse_what_check_inputs_refuses():
 
 
 def test_padded_graph_runner_call_is_a_few_copies_around_the_replay():
-    """What a PaddedCUDAGraphRunner call does besides its replay (the replay stubbed out here): the mask
-    zeroed and copied, ids copied, token types zeroed, two output slices cloned, no more. Each of these is
-    a kernel launch on a GPU, and at small batches launches are the time (H200 run, 2026-11-26)."""
+    """What a PaddedCUDAGraphRunner call does besides its replay (the replay stubbed out here): a batch
+    smaller than its bucket has the mask zeroed, ids and mask copied (one foreach copy), token types
+    zeroed, two output slices cloned, no more; a batch of the bucket's shape with token types skips
+    both fills. Each of these is a kernel launch on a GPU, and at small batches launches are the time
+    (H200 run, 2026-11-26)."""
     from torch.profiler import ProfilerActivity, profile
 
     fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
     runner = PaddedCUDAGraphRunner(fast, batch_buckets=(4,), seqlen_step=16, capture=False)
-    ids, _ = random_inputs(fast.config, 3, 20)
-    mask = make_mask("right", 3, 20)
-    want = runner(ids, mask).last_hidden_state  # makes the bucket
+    gen = torch.Generator().manual_seed(5)
+    no_device_work = {"aten::view", "aten::slice", "aten::select", "aten::as_strided", "aten::empty",
+                      "aten::empty_strided", "aten::_local_scalar_dense", "aten::item", "aten::alias",
+                      "aten::resolve_conj", "aten::resolve_neg", "aten::expand"}  # resolve_*: tolist()
 
     class Replayed:  # what a captured graph leaves in the bucket: outputs written by replay()
         def replay(self):
             pass
 
-    bucket = runner._buckets[4, 32]
-    bucket.outputs, bucket.graph = runner._forward(bucket), Replayed()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        got = runner(ids, mask).last_hidden_state
-    assert_close(got, want, 0.0, "stubbed replay")
-    no_device_work = {"aten::view", "aten::slice", "aten::select", "aten::as_strided", "aten::empty",
-                      "aten::empty_strided", "aten::_local_scalar_dense", "aten::item", "aten::alias",
-                      "aten::resolve_conj", "aten::resolve_neg"}  # the last two: tolist() of a real tensor
-    device_ops = sorted(e.name for e in prof.events()
-                        if e.cpu_parent is None and e.name.startswith("aten::") and e.name not in no_device_work)
-    assert device_ops == ["aten::clone", "aten::clone", "aten::copy_", "aten::copy_", "aten::zero_", "aten::zero_"], device_ops
+    for batch, seqlen, with_types, expected in [
+            (3, 20, False, ["aten::_foreach_copy_", "aten::clone", "aten::clone", "aten::zero_", "aten::zero_"]),
+            (4, 32, True, ["aten::_foreach_copy_", "aten::clone", "aten::clone"])]:
+        ids, types = random_inputs(fast.config, batch, seqlen, gen)
+        types = types if with_types else None
+        mask = make_mask("holes", batch, seqlen, gen)
+        want = runner(ids, mask, types).last_hidden_state  # makes the bucket (eagerly)
+        bucket = runner._buckets[4, 32]
+        bucket.outputs, bucket.graph = runner._forward(bucket), Replayed()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = runner(ids, mask, types).last_hidden_state
+        assert_close(got, want, 0.0, f"stubbed replay {batch}x{seqlen}")
+        assert_close(got, _outputs(fast, ids, mask, types).last_hidden_state, 1e-5, f"{batch}x{seqlen} vs eager")
+        device_ops = sorted(e.name for e in prof.events()
+                            if e.cpu_parent is None and e.name.startswith("aten::") and e.name not in no_device_work)
+        assert device_ops == expected, (batch, seqlen, device_ops)
+        bucket.graph = None  # the next case's first call runs the bucket eagerly again
 
 
 @pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
