@@ -254,12 +254,12 @@ class PaddedCUDAGraphRunner:
         """The captured work: the value checks of what the static buffers hold, and the model on them
         in its static forms (which clamp every lookup into its table: a batch that fails a check is
         thrown away, but its lookups must not read outside a table)."""
-        extremes, limits = validation.value_extremes(self.model.config, bucket.input_ids, bucket.attention_mask,
-                                                     bucket.token_type_ids)
-        with validation.static_forms():
+        with validation.static_forms() as checks:
             out = self.model(bucket.input_ids, attention_mask=bucket.attention_mask,
                              token_type_ids=bucket.token_type_ids)
-        return out.last_hidden_state, out.pooler_output, extremes, limits
+        if checks.extremes is None:  # the bucket's integer mask always has them
+            raise RuntimeError("the model's forward left no value checks for the graph to read back")
+        return out.last_hidden_state, out.pooler_output, checks.extremes, checks.limits
 
     def _bucket(self, batch: int, seqlen: int) -> _PaddedBucket:
         shape = (self.batch_buckets[bisect.bisect_left(self.batch_buckets, batch)],

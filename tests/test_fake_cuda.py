@@ -403,18 +403,14 @@ def test_padded_graph_runner_body_is_sync_free(dtype, launches):
     assert limits == [config.vocab_size, config.type_vocab_size, 2]
     assert record.mine() == expected_layer_calls(2, 4 * 32, 144, 3, 288, 2 * 4, dtype)
     # Everything but the layers: each op is a kernel in every replay, and at small batches the replay
-    # is a chain of small kernels. Value checks (mask to bool, where + aminmax per table, the mask's
-    # aminmax, one stack), the static unpadding (one sort, the sequence lengths and offsets), packing
-    # (the positions computed, ids and types gathered and clamped), the embeddings, re-padding and the
-    # pooler's tanh (the pooler's and the layers' matmuls are left out, with the QKV concatenation
-    # that fake weights take). 35 ops before 2026-11-26's trims.
+    # is a chain of small kernels. The packing, its clamped lookups and the value checks in one op
+    # (pack_padded_batch: 19 ops of PyTorch before, 35 before 2026-11-26's first trims), the
+    # embeddings, re-padding (the padding zeroed, the rows put back) and the pooler's tanh (the
+    # pooler's and the layers' matmuls are left out, with the QKV concatenation fake weights take).
     layers = {"mm", "addmm", "cat", "varlen_attention", "bias_residual_layer_norm", "bias_activation"}
     outside = sorted(op for op in census.ops if op not in layers)
-    assert outside == sorted(
-        ["_to_copy"] * 2 + ["where"] * 3 + ["aminmax"] * 3 + ["stack", "sort", "sum", "cumsum", "constant_pad_nd",
-                                                             "arange", "add", "remainder", "new_zeros",
-                                                             "index_copy", "tanh", "embedding_layer_norm_triton"]
-        + ["clamp"] * 3 + ["index"] * 2), outside
+    assert outside == sorted(["pack_padded_batch", "embedding_layer_norm_triton", "where", "new_zeros",
+                              "index_copy", "tanh"]), outside
 
 
 class AtenCensus(TorchDispatchMode):

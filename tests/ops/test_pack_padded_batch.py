@@ -1,0 +1,203 @@
+"""The static packing of a padded batch with its value checks: the Triton kernel against
+``pack_padded_batch_reference`` (the PyTorch composition the padded CUDA-graph runner ran before).
+
+- Under ``TRITON_INTERPRET=1`` on CPU tensors, in a child pytest process: every output equal to the
+  reference's, element for element, with the launch helper's outputs pre-filled with a sentinel (an
+  unwritten element fails): right / left padding, holes, fully masked rows, no padding, one position,
+  batches of several blocks, int32 ids, bool masks, broadcast and strided inputs, out-of-range ids and
+  token types at real tokens and at padding.
+- On a GPU (skipped without one): the same cases.
+- Here: the reference's own meaning (the static unpadding, the lookups and the extremes), the input
+  checks, the backend choice and the registered schema.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from fastbert.ops import backend
+from fastbert.ops.padding import static_unpad_input, unpad_input
+from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
+from tests.helpers import interpreted_kernel_fixture, interpreter_parent_test, registered_schema_test
+from tests.model_utils import make_mask
+
+P = importlib.import_module("fastbert.ops.pack_padded_batch")
+VOCAB, TYPES = 100, 3
+NAMES = ("indices", "valid", "packed_ids", "packed_types", "positions", "cu_seqlens", "extremes")
+MASK_KINDS = ["right", "left", "holes", "fully_masked_row", "none"]
+SHAPES = [(1, 1), (1, 128), (3, 7), (4, 300), (2, 1100), (5, 1030)]  # the last two: several 1024-blocks
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+def make_batch(kind, batch, seqlen, seed=0, mask_dtype=torch.long, id_dtype=torch.long, out_of_range=False):
+    """Random ids and token types (fresh each seed), a mask of ``kind``. ``out_of_range``: ids and types
+    past both ends of their tables, at real tokens and at padding."""
+    gen = torch.Generator().manual_seed(seed)
+    low, high = (-5, VOCAB + 5) if out_of_range else (0, VOCAB)
+    ids = torch.randint(low, high, (batch, seqlen), generator=gen).to(id_dtype)
+    types = torch.randint(-1 if out_of_range else 0, TYPES + (2 if out_of_range else 0), (batch, seqlen),
+                          generator=gen).to(id_dtype)
+    return ids, make_mask(kind, batch, seqlen, gen).to(mask_dtype), types
+
+
+def launch(ids, mask, types, device="cpu"):
+    """The launch helper on outputs pre-filled with a sentinel: any element it does not write fails."""
+    from fastbert.kernels.pack_padded_batch import pack_padded_batch_fwd
+
+    n, batch = ids.numel(), ids.shape[0]
+    outputs = (torch.full((n,), -7, dtype=torch.int64, device=device), torch.ones(n, dtype=torch.bool, device=device),
+               *(torch.full((n,), -7, dtype=torch.int64, device=device) for _ in range(3)),
+               torch.full((2 * batch + 1,), -7, dtype=torch.int32, device=device),
+               torch.full((6,), -7, dtype=torch.int64, device=device))
+    valid = outputs[1]
+    valid[: n // 2] = False  # a bool output cannot hold a sentinel: start it opposite to the answer's halves
+    valid[n // 2:] = True
+    return pack_padded_batch_fwd(ids, mask, types, VOCAB, TYPES, outputs)
+
+
+def assert_same(got, want, what):
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, (what, name, g.dtype, w.dtype, g.shape, w.shape)
+        assert torch.equal(g.cpu(), w.cpu()), (what, name, g.cpu()[:16], w.cpu()[:16])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks shared by the interpreter (CPU) and the GPU.
+
+def case_matches_reference(device, kind, shape, mask_dtype, id_dtype, out_of_range):
+    ids, mask, types = (t.to(device) for t in make_batch(kind, *shape, seed=sum(shape), mask_dtype=mask_dtype,
+                                                         id_dtype=id_dtype, out_of_range=out_of_range))
+    want = P.pack_padded_batch_reference(ids, mask, types, VOCAB, TYPES)
+    assert_same(launch(ids, mask, types, device), want, f"{kind} {shape} {mask_dtype} {id_dtype}")
+    with backend.use_backend("triton"):
+        packed = P.pack_padded_batch(ids, mask, types, VOCAB, TYPES)
+    got = (packed.packing.indices, packed.packing.valid, packed.input_ids, packed.token_type_ids,
+           packed.position_ids, packed.packing.cu_seqlens, packed.extremes)
+    assert_same(got, want, f"op {kind} {shape}")
+
+
+def case_broadcast_and_strided(device):
+    """Token types broadcast from one row (stride 0) and ids read from a wider buffer (row stride
+    past the row's end), as the op's callers may pass them."""
+    ids, mask, types = make_batch("holes", 4, 40, seed=3)
+    wide = torch.randint(0, VOCAB, (4, 64))
+    wide[:, :40] = ids
+    strided, types_row = wide.to(device)[:, :40], types[:1].to(device).expand(4, 40)
+    mask = mask.to(device)
+    want = P.pack_padded_batch_reference(strided.contiguous(), mask, types_row.contiguous(), VOCAB, TYPES)
+    assert_same(launch(strided, mask, types_row, device), want, "broadcast types, strided ids")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Without Triton running (this process): what the reference means, checks, backend choice.
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_reference_is_the_static_unpadding_with_clamped_lookups_and_extremes(kind):
+    batch, seqlen = 4, 33
+    ids, mask, types = make_batch(kind, batch, seqlen, seed=1, out_of_range=True)
+    indices, valid, packed_ids, packed_types, positions, cu_seqlens, extremes = P.pack_padded_batch_reference(
+        ids, mask, types, VOCAB, TYPES)
+    static = static_unpad_input(mask, batch, seqlen)
+    assert torch.equal(indices, static.indices) and torch.equal(valid, static.valid)
+    assert torch.equal(cu_seqlens, static.cu_seqlens)
+    total = int(mask.bool().sum())
+    exact = unpad_input(mask, batch, seqlen, "cpu")
+    real = exact.indices if exact.indices is not None else torch.arange(batch * seqlen)
+    assert torch.equal(indices[:total], real)  # the real tokens in the exact form's order
+    assert torch.equal(packed_ids, ids.flatten()[indices].clamp(0, VOCAB - 1))
+    assert torch.equal(packed_types, types.flatten()[indices].clamp(0, TYPES - 1))
+    assert torch.equal(positions, indices % seqlen)
+    keep = mask.bool()
+    real_ids, real_types = torch.where(keep, ids, 0), torch.where(keep, types, 0)
+    assert extremes.tolist() == [int(real_ids.min()), int(real_ids.max()), int(real_types.min()),
+                                 int(real_types.max()), int(mask.min()), int(mask.max())]
+
+
+def test_bad_inputs_are_refused():
+    ids, mask, types = make_batch("right", 2, 5)
+    with pytest.raises(ValueError, match=r"attention_mask \(2, 4\) does not match input_ids \(2, 5\)"):
+        P.pack_padded_batch(ids, mask[:, :4], types, VOCAB, TYPES)
+    with pytest.raises(ValueError, match=r"token_type_ids \(1, 5\) does not match"):
+        P.pack_padded_batch(ids, mask, types[:1], VOCAB, TYPES)
+    with pytest.raises(ValueError, match="non-empty"):
+        P.pack_padded_batch(ids[:0], mask[:0], types[:0], VOCAB, TYPES)
+    with pytest.raises(TypeError, match="integer token_type_ids"):
+        P.pack_padded_batch(ids, mask, types.float(), VOCAB, TYPES)
+    with pytest.raises(TypeError, match="integer input_ids"):
+        P.pack_padded_batch(ids.bool(), mask, types, VOCAB, TYPES)
+
+
+def test_cpu_defaults_to_the_reference(monkeypatch):
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    assert P.active_backend("cpu") == "torch"
+    ids, mask, types = make_batch("holes", 3, 9)
+    packed = P.pack_padded_batch(ids, mask, types, VOCAB, TYPES)
+    want = P.pack_padded_batch_reference(ids, mask, types, VOCAB, TYPES)
+    assert_same((packed.packing.indices, packed.packing.valid, packed.input_ids, packed.token_type_ids,
+                 packed.position_ids, packed.packing.cu_seqlens, packed.extremes), want, "cpu")
+    assert packed.packing.max_seqlen == 9 and (packed.packing.batch, packed.packing.seqlen) == (3, 9)
+
+
+def test_forced_triton_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with backend.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        P.pack_padded_batch(*make_batch("right", 2, 5), VOCAB, TYPES)
+
+
+test_fused_op_is_registered = registered_schema_test(
+    "pack_padded_batch",
+    "fastbert::pack_padded_batch(Tensor input_ids, Tensor attention_mask, Tensor token_type_ids, "
+    "SymInt vocab_size, SymInt type_vocab_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The interpreter: these cases are defined only in the child process.
+
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 60)
+
+
+if IN_CHILD:
+    _kernel_is_interpreted = interpreted_kernel_fixture(
+        "fastbert.kernels.pack_padded_batch", "_pack_padded_batch_fwd_kernel")
+
+    @pytest.mark.parametrize("out_of_range", [False, True], ids=["in-range", "out-of-range"])
+    @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+    @pytest.mark.parametrize("kind", MASK_KINDS)
+    def test_interpreter_case_matches_reference(kind, shape, out_of_range):
+        case_matches_reference("cpu", kind, shape, torch.long, torch.long, out_of_range)
+
+    @pytest.mark.parametrize("mask_dtype, id_dtype", [(torch.bool, torch.long), (torch.int32, torch.int32),
+                                                      (torch.long, torch.int32)], ids=str)
+    @pytest.mark.parametrize("kind", ["holes", "fully_masked_row"])
+    def test_interpreter_case_other_dtypes(kind, mask_dtype, id_dtype):
+        case_matches_reference("cpu", kind, (3, 70), mask_dtype, id_dtype, True)
+
+    def test_interpreter_case_broadcast_and_strided():
+        case_broadcast_and_strided("cpu")
+
+    def test_interpreter_case_opcheck():
+        ids, mask, types = make_batch("holes", 3, 9)
+        torch.library.opcheck(torch.ops.fastbert.pack_padded_batch.default, (ids, mask, types, VOCAB, TYPES),
+                              test_utils=("test_schema",))
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU (compiled kernels; skipped without one).
+
+@needs_cuda
+@pytest.mark.skipif(IN_CHILD, reason="GPU cases run in the parent process")
+class TestCuda:
+    @pytest.mark.parametrize("out_of_range", [False, True], ids=["in-range", "out-of-range"])
+    @pytest.mark.parametrize("shape", SHAPES + [(64, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
+    @pytest.mark.parametrize("kind", MASK_KINDS)
+    def test_matches_reference(self, kind, shape, out_of_range):
+        case_matches_reference("cuda", kind, shape, torch.long, torch.long, out_of_range)
+
+    @pytest.mark.parametrize("mask_dtype, id_dtype", [(torch.bool, torch.long), (torch.int32, torch.int32)], ids=str)
+    def test_other_dtypes_broadcast_and_strided(self, mask_dtype, id_dtype):
+        case_matches_reference("cuda", "holes", (3, 70), mask_dtype, id_dtype, True)
+        case_broadcast_and_strided("cuda")
