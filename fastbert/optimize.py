@@ -9,6 +9,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .modeling_bert import BertModel
+from .validation import check_config
 
 logger = logging.get_logger(__name__)
 
@@ -75,6 +76,10 @@ def _not_swappable(module: transformers.BertModel) -> str | None:
     model_type = getattr(module.config, "model_type", None)
     if model_type != "bert":
         return f"its config is of model_type {model_type!r}, not 'bert'"
+    try:  # what fastbert.BertModel(config) would refuse (a decoder, another activation, ...), asked first
+        check_config(module.config)  # so that no model is left half swapped
+    except (NotImplementedError, ValueError) as error:
+        return str(error)
     return None
 
 

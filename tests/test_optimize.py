@@ -142,6 +142,24 @@ def test_subclasses_with_their_own_forward_and_other_configs_are_left_in_place()
         optimize(dpr)
 
 
+def test_configs_fastbert_refuses_are_left_in_place_before_anything_is_swapped():
+    """A BERT encoder-decoder (the decoder a BertModel with is_decoder / add_cross_attention) and a head
+    whose activation fastbert lacks: the BertModels fastbert cannot run are left in place with the
+    reason, the others swapped; nothing is left half converted by an error raised midway."""
+    encoder = transformers.BertConfig(**make_config().to_dict())
+    decoder = transformers.BertConfig(**{**make_config().to_dict(), "is_decoder": True, "add_cross_attention": True})
+    pair = transformers.EncoderDecoderModel(
+        config=transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
+    with _logged("is_decoder=True"):
+        optimize(pair)
+    assert isinstance(pair.encoder, fastbert.BertModel) and type(pair.decoder.bert) is transformers.BertModel
+    silu = transformers.BertForSequenceClassification(transformers.BertConfig(
+        **{**make_config().to_dict(), "hidden_act": "silu"}))
+    with pytest.raises(ValueError, match=r"bert \(hidden_act='silu' is not supported"):
+        optimize(silu)
+    assert type(silu.bert) is transformers.BertModel
+
+
 def test_training_flags_kept_and_dropped_hooks_named():
     """Each module keeps its own training flag (one dropout put in eval mode stays so), and hooks on
     transformers' container modules, which fastbert replaces, are named in a warning."""

@@ -70,7 +70,8 @@ def varlen_attention_with_probs(
     dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention that also returns its probabilities, ``[batch, heads, max_seqlen, max_seqlen]``
-    (zero at padded keys and padded queries); softmax in fp32. Used for ``output_attentions``."""
+    (zero at padded keys and padded queries; after dropout, the weights the values were summed with,
+    as transformers returns them); softmax in fp32. Used for ``output_attentions``."""
     hidden, head_dim = _check(qkv, cu_seqlens, num_heads)
     batch = cu_seqlens.numel() - 1
     if qkv.shape[0] == 0:
@@ -82,7 +83,8 @@ def varlen_attention_with_probs(
     query_mask = torch.zeros(batch, max_seqlen, dtype=torch.bool, device=qkv.device)
     query_mask[seq_idx, offset] = True
     probs = (probs * query_mask[:, None, :, None]).to(qkv.dtype)
-    out = torch.matmul(F.dropout(probs, dropout_p, training=dropout_p > 0), v)
+    probs = F.dropout(probs, dropout_p, training=dropout_p > 0)  # returned after dropout, as transformers does
+    out = torch.matmul(probs, v)
     return out.transpose(1, 2)[seq_idx, offset].reshape(-1, hidden), probs
 
 

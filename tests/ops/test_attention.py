@@ -316,3 +316,23 @@ class TestCuda:
         qkv = make_qkv(sum(lengths), 12, 64, torch.float16, "cuda")
         compiled = torch.compile(lambda q, c: A.varlen_attention(q, c, 128, 12), fullgraph=True)
         check(compiled(qkv, cu), qkv, cu, 128, 12, "torch.compile")
+
+
+def test_probabilities_are_returned_after_dropout():
+    """``output_attentions`` in training with attention dropout: the returned weights are those the
+    values were summed with (dropped and rescaled), as transformers returns them."""
+    from fastbert.ops.attention import varlen_attention_with_probs
+
+    torch.manual_seed(0)
+    heads, head_dim, cu = 2, 8, torch.tensor([0, 4, 10], dtype=torch.int32)
+    qkv = torch.randn(10, 3 * heads * head_dim)
+    _, exact = varlen_attention_with_probs(qkv, cu, 6, heads)
+    out, probs = varlen_attention_with_probs(qkv, cu, 6, heads, dropout_p=0.5)
+    dropped = (probs == 0) & (exact != 0)
+    assert dropped.any() and (~dropped & (exact != 0)).any()
+    assert_close(probs[~dropped], 2 * exact[~dropped], 1e-6, "kept weights scaled by 1 / (1 - p)")
+    v = qkv[:, 2 * heads * head_dim:].view(10, heads, head_dim)
+    for b, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        length = end - start
+        want = torch.einsum("hqk,khd->qhd", probs[b, :, :length, :length], v[start:end]).reshape(length, -1)
+        assert_close(out[start:end], want, 1e-6, f"sequence {b}: the values summed with the returned weights")
