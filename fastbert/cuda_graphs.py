@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAtte
 
 from . import ops, validation
 from .modeling_bert import BertSelfAttention
-from .validation import check_inputs
+from .validation import check_inputs, table_sizes
 
 # Steps of at most 1.5x up to 1024 tokens, then every 512: a batch computes at most 512 tokens more than
 # it holds past 1024 (12.5% at 4096), at the price of more graphs, each captured on first use (an H200
@@ -169,7 +169,8 @@ class CUDAGraphRunner:
 
     def _replay(self, input_ids, attention_mask, token_type_ids, position_ids, kwargs):
         """The output through a bucket's graph, or None when the batch fits no bucket."""
-        inputs = check_inputs(self.model.config, input_ids, attention_mask, token_type_ids, position_ids, None,
+        inputs = check_inputs(table_sizes(self.model.config, self.model.embeddings), input_ids, attention_mask,
+                              token_type_ids, position_ids, None,
                               kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         packing = inputs.packing
         tokens, sequences = packing.num_tokens, packing.cu_seqlens.numel() - 1

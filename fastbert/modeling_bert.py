@@ -21,7 +21,7 @@ from transformers.utils import logging
 from . import ops
 from .loading import check_loading_info, check_model_type
 from .ops.encoder_layer import EncoderLayerWeights, encoder_layer, fast_path_ready, weights_ready
-from .validation import check_config, check_inputs
+from .validation import check_config, check_inputs, table_sizes
 
 
 def _called_as_defined(module: nn.Module) -> bool:
@@ -531,6 +531,11 @@ class BertModel(BertPreTrainedModel):
                 raise NotImplementedError(f"fastbert.BertModel is an encoder: {name} (decoder use) is not supported")
         if use_cache:
             raise NotImplementedError("fastbert.BertModel is an encoder: use_cache (decoder use) is not supported")
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                "fastbert.BertModel cannot be traced with torch.jit.trace: it unpads each batch by its mask "
+                "on the host, and a trace would freeze that (another mask or length would then give wrong "
+                "numbers, silently). Use torch.compile or torch.export, or CUDAGraphRunner for graphs.")
         ops.backend_setting()  # an unknown FASTBERT_BACKEND fails here, before any work
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
@@ -541,7 +546,8 @@ class BertModel(BertPreTrainedModel):
         if output_attentions and torch.compiler.is_compiling():
             raise NotImplementedError("output_attentions=True is not supported under torch.compile")
 
-        inputs = check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+        inputs = check_inputs(table_sizes(config, self.embeddings), input_ids, attention_mask, token_type_ids,
+                              position_ids, inputs_embeds,
                               kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         packing = inputs.packing
         first_rows, first_is_real = packing.first_tokens() if first_token_only else (None, None)

@@ -29,6 +29,30 @@ def check_config(config) -> None:
     ops.activation_kind(config.hidden_act)
 
 
+class TableSizes(NamedTuple):
+    """What check_inputs holds a batch to (it takes this or the config): the rows of the embedding
+    tables the model looks up, which ``set_input_embeddings`` can make differ from the config's sizes
+    (an id the table has is valid; one it lacks must be refused, never read past the table on a GPU),
+    and the hidden size."""
+
+    vocab_size: int
+    type_vocab_size: int
+    max_position_embeddings: int
+    hidden_size: int
+
+
+def table_sizes(config, embeddings) -> TableSizes:
+    """The :class:`TableSizes` of a model's ``embeddings`` module: each table's rows where it has a 2-D
+    ``weight``, else the config's size."""
+    def rows(module, default: int) -> int:
+        weight = getattr(module, "weight", None)
+        return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else default
+
+    return TableSizes(rows(embeddings.word_embeddings, config.vocab_size),
+                      rows(embeddings.token_type_embeddings, config.type_vocab_size),
+                      rows(embeddings.position_embeddings, config.max_position_embeddings), config.hidden_size)
+
+
 class StaticChecks:
     """What check_inputs leaves inside :func:`static_forms`, for the caller to read back after the work:
     ``extremes``, an int64 tensor of the smallest and largest value of each range check (ids, token
@@ -76,8 +100,10 @@ class ModelInputs(NamedTuple):
 
 
 def _check_integer(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer ids, got dtype {t.dtype}")
+    # The lookups take int64 or int32 (what tokenizers give): uint8 or int16 ids would pass an
+    # "is integer" check and then fail inside the embedding with a message that names no tensor.
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold integer ids (int64 or int32), got dtype {t.dtype}")
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, int], allow_broadcast_batch=False) -> None:
@@ -254,6 +280,9 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
             raise ValueError(f"attention_mask must be a 0/1 [batch, seqlen] mask, got shape "
                              f"{tuple(attention_mask.shape)}")
         _check_shape("attention_mask", attention_mask, shape)
+        if attention_mask.is_complex():
+            raise TypeError(f"attention_mask must be a 0/1 mask (bool, integer or floating point), got dtype "
+                            f"{attention_mask.dtype}")
     if token_type_ids is not None:
         _check_integer("token_type_ids", token_type_ids)
         _check_shape("token_type_ids", token_type_ids, shape, allow_broadcast_batch=True)

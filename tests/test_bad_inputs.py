@@ -90,8 +90,52 @@ def test_out_of_range_at_a_real_token_of_a_masked_batch(model, name):
 
 
 def test_float_ids(model):
-    with pytest.raises(TypeError, match="input_ids must hold integer ids, got dtype torch.float32"):
+    with pytest.raises(TypeError, match=r"input_ids must hold integer ids \(int64 or int32\), got dtype torch.float32"):
         model(torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int8], ids=str)
+@pytest.mark.parametrize("name", ["input_ids", "token_type_ids", "position_ids"])
+def test_narrow_integer_ids_are_named(model, name, dtype):
+    """Integer dtypes the lookups do not take fail at the boundary, naming the tensor (not inside
+    the embedding, as "argument #1 'indices'")."""
+    x = ids(2, 5)
+    kwargs = {"input_ids": x, name: (x % 2).to(dtype)} if name != "input_ids" else {"input_ids": x.to(dtype)}
+    with pytest.raises(TypeError, match=f"{name} must hold integer ids \\(int64 or int32\\), got dtype {dtype}"):
+        model(**kwargs)
+
+
+def test_complex_mask_is_refused_by_name(model):
+    with pytest.raises(TypeError, match="attention_mask must be a 0/1 mask .* got dtype torch.complex64"):
+        model(ids(2, 5), attention_mask=torch.ones(2, 5, dtype=torch.complex64))
+
+
+def test_torch_jit_trace_is_refused(model):
+    """A trace would freeze the unpadding decided from the traced mask: other masks silently wrong."""
+    x, mask = ids(2, 5), torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="torch.jit.trace"):
+        torch.jit.trace(model, (x, mask), strict=False)
+
+
+def test_ids_are_checked_against_the_table_in_use():
+    """A word-embedding table set with set_input_embeddings may differ from config.vocab_size: its ids
+    are valid (as in transformers), and ids past it are refused by name (never read past the table)."""
+    fast, hf = model_pair(make_config(vocab=100, max_positions=16))
+    for module in (fast, hf):
+        table = torch.nn.Embedding(150, fast.config.hidden_size)
+        torch.nn.init.normal_(table.weight, generator=torch.Generator().manual_seed(0))
+        module.set_input_embeddings(table)
+    x = ids(2, 5)
+    x[1, 2] = 120
+    fast.eval(), hf.eval()
+    with torch.no_grad():
+        got, want = fast(x).last_hidden_state, hf(x).last_hidden_state
+    assert (got - want).abs().max() <= 2e-5
+    fast.set_input_embeddings(torch.nn.Embedding(50, fast.config.hidden_size))
+    x = x % 50
+    x[1, 2] = 60
+    with pytest.raises(ValueError, match=r"input_ids\[1, 2\] = 60 is out of range: the vocabulary is \[0, 50\)"):
+        fast(x)
 
 
 def test_neither_ids_nor_embeddings(model):
