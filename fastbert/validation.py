@@ -122,15 +122,25 @@ def _raise_out_of_range(name: str, packed: torch.Tensor, bad: torch.Tensor, limi
 def _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_length_q, device):
     """Packing of a ``[1, total]`` row that holds several sequences, the form of transformers'
     ``DataCollatorWithFlattening``: sequences given by ``cu_seq_lens_q`` or, as flash-attention
-    models read it, by ``position_ids`` restarting at 0. None for an ordinary batch."""
+    models read it, by ``position_ids`` restarting at 0. None for an ordinary batch.
+
+    Only positions of exactly that form are read as packed: starting at 0, each step +1 or back to 0,
+    with at least one restart (and no attention_mask). Other positions with a 0 past column 0 (say
+    ``[3, 2, 1, 0, 1, 2]``, or offsets of a window) are an ordinary row, as transformers' eager and
+    SDPA attention compute it."""
     batch, total = shape
     compiling = _static()
     if cu_seq_lens_q is None:
-        if batch != 1 or position_ids is None or attention_mask is not None or compiling:
+        if batch != 1 or position_ids is None or attention_mask is not None or compiling or total < 2:
             return None
-        restarts = torch.nonzero(position_ids[0, 1:] == 0).flatten() + 1
-        if restarts.numel() == 0:
+        positions = position_ids[0]
+        restart = positions[1:] == 0
+        other_step = ~(restart | (positions[1:] == positions[:-1] + 1))
+        starts_at_0, restarts, other_steps = torch.stack(
+            [positions[0] == 0, restart.any(), other_step.any()]).tolist()  # one sync
+        if not starts_at_0 or not restarts or other_steps:
             return None
+        restarts = torch.nonzero(restart).flatten() + 1
         cu_seq_lens_q = torch.cat([restarts.new_zeros(1), restarts, restarts.new_full((1,), total)])
     if batch != 1:
         raise ValueError(f"cu_seq_lens_q describes packed sequences in one row; input_ids must be [1, total], "

@@ -515,6 +515,21 @@ def test_packed_input_equals_separate_sequences(device):
         fast(flat, cu_seq_lens_q=torch.tensor([0, 5, 4, 16], device=device))
 
 
+@pytest.mark.parametrize("positions", [[3, 2, 1, 0, 1, 2, 3, 4], [1, 2, 3, 0, 1, 2, 3, 4], [0, 1, 2, 3, 0, 2, 3, 4]],
+                         ids=["decreasing", "not-from-0", "a-skip"])
+def test_positions_with_a_later_0_that_are_not_packed_form_are_one_row(positions):
+    """Only DataCollatorWithFlattening's form (from 0, each step +1 or back to 0) is read as packed
+    sequences; other custom positions with a 0 in them are one ordinary row, as transformers' eager and
+    SDPA attention compute it (the whole row attends to itself)."""
+    fast, hf = model_pair(make_config())
+    ids = torch.randint(0, fast.config.vocab_size, (1, len(positions)))
+    position_ids = torch.tensor([positions])
+    with torch.no_grad():
+        got = fast(ids, position_ids=position_ids).last_hidden_state
+        want = hf(ids, position_ids=position_ids).last_hidden_state
+    assert_close(got, want, FP32_MODEL_RANDOM, f"positions {positions}")
+
+
 def test_empty_batch_gives_empty_outputs():
     fast, _ = model_pair(make_config())
     with torch.no_grad():
