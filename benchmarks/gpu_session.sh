@@ -12,7 +12,8 @@
 # the time is BUDGET / 5 when they come last, else whatever the steps before them left. E.g. the
 # max-autotune peers first, then the LayerNorm and attention sweeps:
 #   STEPS="model micro profile" MODEL_K="torch.compile and (32x128 or 32x512)" \
-#   MICRO_K="bf16 and (bias_residual_layer_norm or attention)" BUDGET=555 benchmarks/gpu_session.sh
+#   MICRO_K="(bf16 and (bias_residual_layer_norm or attention)) or pack_padded_batch" BUDGET=555 \
+#   benchmarks/gpu_session.sh
 # Each step runs under a deadline so the script always ends, and packs its logs, inside BUDGET
 # seconds: $OUT gets session.tgz (every log and results.json) + the two results.json, since only 8
 # files come back from a call. On the CPU machine:
@@ -27,7 +28,7 @@ cd "$(dirname "$0")/.."
 
 STEPS=${STEPS:-test profile model micro}
 MODEL_K=${MODEL_K:-not max-autotune and (1x128 or 32x128 or 32x512 or varlen16x512 or sentences32)}
-MICRO_K=${MICRO_K:-bf16 and not (test_linear_activation and torch-compile)}
+MICRO_K=${MICRO_K:-(bf16 or pack_padded_batch) and not (test_linear_activation and torch-compile)}
 mkdir -p "$OUT_ROOT/test" "$OUT_ROOT/model" "$OUT_ROOT/micro"
 
 step_test() {
@@ -68,7 +69,8 @@ step_model() {
 step_micro() {
   OUT=$OUT_ROOT/micro BENCH_TIMEOUT=$(left $(( BUDGET - 15 ))) benchmarks/run_gpu.sh bench \
     benchmarks/bench_attention.py benchmarks/bench_linear_activation.py benchmarks/bench_bias_activation.py \
-    benchmarks/bench_bias_residual_layer_norm.py benchmarks/bench_embeddings.py -k "$MICRO_K"
+    benchmarks/bench_bias_residual_layer_norm.py benchmarks/bench_embeddings.py benchmarks/bench_pack_padded_batch.py \
+    -k "$MICRO_K"
   echo "gpu_session.sh: microbenchmarks exit $? at $((SECONDS - start)) s"
 }
 
