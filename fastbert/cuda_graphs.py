@@ -286,8 +286,8 @@ class PaddedCUDAGraphRunner:
                 continue
             if t.device != self.device or t.is_floating_point() or t.is_complex():
                 return False
-            if t is not attention_mask and t.dtype == torch.bool:  # the model refuses bool ids: let it say so
-                return False
+            if t is not attention_mask and t.dtype not in (torch.int64, torch.int32):
+                return False  # the model refuses other id dtypes (bool, uint8, ...): let it say so
             if t is not input_ids and tuple(t.shape) not in ((batch, seqlen), (1, seqlen)):
                 return False
         return attention_mask is None or tuple(attention_mask.shape) == (batch, seqlen)

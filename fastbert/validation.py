@@ -42,11 +42,20 @@ class TableSizes(NamedTuple):
 
 
 def table_sizes(config, embeddings) -> TableSizes:
-    """The :class:`TableSizes` of a model's ``embeddings`` module: each table's rows where it has a 2-D
-    ``weight``, else the config's size."""
+    """The :class:`TableSizes` of a model's ``embeddings`` module: each table's rows (its 2-D
+    ``weight``; through a wrapper, the ``get_base_layer()`` it wraps, as PEFT's do, or its
+    ``num_embeddings``), else the config's size."""
     def rows(module, default: int) -> int:
-        weight = getattr(module, "weight", None)
-        return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else default
+        for _ in range(4):  # a wrapper of a wrapper at most a few deep
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                return weight.shape[0]
+            base = getattr(module, "get_base_layer", None)
+            if not callable(base) or base() is module:
+                break
+            module = base()
+        count = getattr(module, "num_embeddings", None)
+        return count if isinstance(count, int) else default
 
     return TableSizes(rows(embeddings.word_embeddings, config.vocab_size),
                       rows(embeddings.token_type_embeddings, config.type_vocab_size),
@@ -54,11 +63,12 @@ def table_sizes(config, embeddings) -> TableSizes:
 
 
 class StaticChecks:
-    """What check_inputs leaves inside :func:`static_forms`, for the caller to read back after the work:
-    ``extremes``, an int64 tensor of the smallest and largest value of each range check (ids, token
-    types and positions at real tokens, the mask's values), and each pair's exclusive upper bound
-    (``limits``); ``refused`` says from them whether check_inputs would refuse the batch. None for a
-    float mask (a 0.5 has no extreme outside [0, 1])."""
+    """What check_inputs leaves inside :func:`static_forms`, for the caller to read back after the work
+    (the last forward's, if several ran inside): ``extremes``, an int64 tensor of the smallest and
+    largest value of each range check (ids, token types and any given positions at real tokens, then
+    the mask's values), and each pair's exclusive upper bound (``limits``); :func:`refused` says from
+    them whether check_inputs would refuse the batch. ``extremes`` stays None for a float mask (a 0.5
+    has no extreme outside [0, 1])."""
 
     def __init__(self):
         self.extremes: torch.Tensor | None = None
@@ -309,7 +319,7 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
     checks = None if torch.compiler.is_compiling() else _STATIC_FORMS.get()
     if checks is not None:
         if (packing is None and input_ids is not None and attention_mask is not None and position_ids is None
-                and not attention_mask.is_floating_point()):
+                and not attention_mask.is_floating_point() and input_ids.numel() > 0):
             # A padded batch of ids (what PaddedCUDAGraphRunner captures): packing, lookups clamped and
             # value extremes in one op (one kernel on a GPU, where the composition below is ~19).
             if token_type_ids is None:
@@ -318,7 +328,9 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
                                            config.type_vocab_size)
             checks.extremes, checks.limits = packed.extremes, [config.vocab_size, config.type_vocab_size, 2]
             return ModelInputs(packed.input_ids, None, packed.position_ids, packed.token_type_ids, packed.packing)
-        if attention_mask is None or not attention_mask.is_floating_point():
+        if batch * seqlen == 0:  # nothing to look up, nothing to check
+            checks.extremes, checks.limits = torch.zeros(0, dtype=torch.int64, device=device), []
+        elif attention_mask is None or not attention_mask.is_floating_point():
             checks.extremes, checks.limits = value_extremes(config, input_ids, attention_mask, token_type_ids,
                                                             position_ids)
     ranges_checked = False

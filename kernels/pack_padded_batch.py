@@ -1,7 +1,7 @@
 """The static-size packing of a padded batch and its value checks, in one program: what a CUDA graph of
 a whole forward (``PaddedCUDAGraphRunner``) runs before the embeddings.
 
-Inputs, ``[batch, seqlen]`` with unit column stride: ``input_ids`` and ``token_type_ids`` (integers)
+Inputs, ``[batch, seqlen]`` with unit column stride (any row stride, 0 for a broadcast row): ``input_ids`` and ``token_type_ids`` (integers)
 and ``attention_mask`` (integers or bool; nonzero is a real token). With ``n = batch * seqlen``, the
 flat position of ``[b, s]`` is ``b * seqlen + s`` and the outputs are those of
 ``fastbert.ops.pack_padded_batch_reference``:
@@ -56,7 +56,7 @@ def _pack_padded_batch_fwd_kernel(
     for start in range(0, n, BLOCK):
         flat = start + offs
         inside = flat < n
-        row, col = flat // seqlen, flat % seqlen
+        row, col = (flat // seqlen).to(tl.int64), flat % seqlen  # int64 offsets: row * stride
         m = tl.load(mask_ptr + row * stride_mask + col, mask=inside, other=0).to(tl.int64)
         keep = (m != 0) & inside
         ids = tl.where(keep, tl.load(ids_ptr + row * stride_ids + col, mask=inside, other=0).to(tl.int64), 0)
@@ -84,7 +84,7 @@ def _pack_padded_batch_fwd_kernel(
     for start in range(0, n, BLOCK):
         flat = start + offs
         inside = flat < n
-        row, col = flat // seqlen, flat % seqlen
+        row, col = (flat // seqlen).to(tl.int64), flat % seqlen  # int64 offsets: row * stride
         keep = (tl.load(mask_ptr + row * stride_mask + col, mask=inside, other=0) != 0) & inside
         kept = keep.to(tl.int32)
         before = seen + tl.cumsum(kept, axis=0) - kept

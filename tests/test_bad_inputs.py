@@ -176,3 +176,40 @@ def test_out_of_range_in_packed_input(model, name, value):
     packed[name][0, 5] = value
     with pytest.raises(ValueError, match=rf"{name}\[0, 5\] = {value} is out of range"):
         model(**packed, cu_seq_lens_q=cu_seq_lens_q, max_length_q=4)
+
+
+def test_ids_are_checked_against_the_table_a_wrapper_holds():
+    """A wrapper without its own ``weight`` (as PEFT wraps a layer: ``get_base_layer()``) is sized by
+    the table it wraps, not by config.vocab_size."""
+    from fastbert.validation import table_sizes
+
+    fast, _ = model_pair(make_config(vocab=100, max_positions=16))
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_layer(self):
+            return self.base
+
+        def forward(self, x):
+            return self.base(x)
+
+    fast.embeddings.word_embeddings = Wrapper(torch.nn.Embedding(40, fast.config.hidden_size))
+    assert table_sizes(fast.config, fast.embeddings).vocab_size == 40
+    x = ids(2, 5, high=40)
+    x[0, 1] = 70
+    with pytest.raises(ValueError, match=r"input_ids\[0, 1\] = 70 is out of range: the vocabulary is \[0, 40\)"):
+        fast(x)
+
+
+def test_empty_batch_inside_static_forms():
+    """The static forms (the padded graph runner's) take an empty batch as the eager model does."""
+    from fastbert import validation
+
+    fast, _ = model_pair(make_config(vocab=100, max_positions=16))
+    with torch.no_grad(), validation.static_forms():
+        out = fast(torch.zeros(0, 8, dtype=torch.long), attention_mask=torch.zeros(0, 8, dtype=torch.long),
+                   token_type_ids=torch.zeros(0, 8, dtype=torch.long))
+    assert out.last_hidden_state.shape == (0, 8, fast.config.hidden_size)

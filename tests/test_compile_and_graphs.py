@@ -198,6 +198,11 @@ def test_padded_graph_runner_refuses_bad_values_like_the_model(capture):
     # Calls the graphs do not take run eagerly: bool ids, position_ids, a float mask, a batch past the buckets.
     with pytest.raises(TypeError, match=r"input_ids must hold integer ids \(int64 or int32\)"):
         runner(ids.bool(), mask, types)
+    # Other narrow id dtypes too: the graphs would widen them into their int64 buffers unchecked.
+    with pytest.raises(TypeError, match=r"input_ids must hold integer ids \(int64 or int32\), got dtype torch.int16"):
+        runner(ids.to(torch.int16), mask, types)
+    with pytest.raises(TypeError, match=r"token_type_ids must hold integer ids \(int64 or int32\), got dtype torch.uint8"):
+        runner(ids, mask, types.to(torch.uint8))
     positions = torch.arange(12, device=device).expand(2, 12)
     assert_close(runner(ids, mask, types, position_ids=positions).last_hidden_state,
                  _outputs(fast, ids, mask, types, position_ids=positions).last_hidden_state, 1e-5, "positions")

@@ -113,6 +113,20 @@ if IN_CHILD:
         # The embeddings' Triton op (on its word table), then each layer (on its hidden states).
         assert len(fast_layers) == 2 and guarded == [(512, 144), (14, 144), (14, 144)], guarded
 
+    def test_interpreter_case_layer_norms_size_their_grids_for_the_tensors_gpu(fast_layers, monkeypatch):
+        """Both LayerNorms of a layer get the SM count of the hidden states' GPU (one row a program when
+        the default blocks would leave SMs idle), as the op passes it."""
+        from fastbert.ops import encoder_layer
+
+        seen, original = [], encoder_layer._layer_norm.bias_residual_layer_norm_fwd
+        monkeypatch.setattr(backend, "gpu_description", lambda t: (90, 7))
+        monkeypatch.setattr(encoder_layer._layer_norm, "bias_residual_layer_norm_fwd",
+                            lambda *args, **kwargs: seen.append(args[7]) or original(*args, **kwargs))
+        fast, _ = model_pair(make_config("h144", layers=2))
+        ids, types = random_inputs(fast.config, 2, 7)
+        forward(fast, ids, None, types)
+        assert len(fast_layers) == 2 and seen == [7] * 4, seen
+
     @pytest.mark.parametrize("mask_kind", ["none", "left", "holes"])
     def test_interpreter_case_first_token_only(mask_kind, fast_layers):
         """The last layer computes only each row's first token after attention, on the fast path too."""

@@ -125,9 +125,10 @@ def _encoder_layer(x: torch.Tensor, packing: Packing, weights: EncoderLayerWeigh
     if rows is not None:  # every row was needed as a key and value; only these go on
         context, x = context[rows], x[rows]
     attention_output = torch.empty_like(x)
+    num_sms = backend.gpu_description(x)[1]  # the LayerNorms' grids: one row a program on a short batch
     _layer_norm.bias_residual_layer_norm_fwd(F.linear(context, weights.attention_output_weight),
                                              weights.attention_output_bias, x, *weights.attention_norm,
-                                             attention_output)
+                                             attention_output, num_sms)
     if fused_gemm:  # as ops.linear_activation launches it under FASTBERT_GEMM=triton
         intermediate = _gemm._launch(attention_output, weights.intermediate_weight, weights.intermediate_bias,
                                      weights.activation)
@@ -137,7 +138,7 @@ def _encoder_layer(x: torch.Tensor, packing: Packing, weights: EncoderLayerWeigh
         _activation.bias_activation_fwd(intermediate, weights.intermediate_bias, weights.activation, intermediate)
     out = torch.empty_like(x)
     _layer_norm.bias_residual_layer_norm_fwd(F.linear(intermediate, weights.output_weight), weights.output_bias,
-                                             attention_output, *weights.output_norm, out)
+                                             attention_output, *weights.output_norm, out, num_sms)
     return out
 
 

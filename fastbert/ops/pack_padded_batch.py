@@ -52,6 +52,12 @@ if backend.triton_available():
     from fastbert.kernels.pack_padded_batch import _pack_padded_batch_fwd_kernel, pack_padded_batch_fwd
 
     def _launch(input_ids, attention_mask, token_type_ids, vocab_size: int, type_vocab_size: int, kernel=None):
+        # The kernel takes a row stride per input (0 for token types broadcast from one row) and unit
+        # column strides: anything else (a transposed or sliced view, types broadcast from a column)
+        # is copied first.
+        input_ids, attention_mask, token_type_ids = (
+            t if t.shape[1] == 1 or t.stride(1) == 1 else t.contiguous()
+            for t in (input_ids, attention_mask, token_type_ids))
         batch, seqlen = input_ids.shape
         n, device = batch * seqlen, input_ids.device
         indices, packed_ids, packed_types, positions = (torch.empty(n, dtype=torch.int64, device=device)
@@ -94,8 +100,8 @@ def _check(input_ids, attention_mask, token_type_ids) -> None:
 def pack_padded_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                       vocab_size: int, type_vocab_size: int) -> PackedBatch:
     """The static form of a ``[batch, seqlen]`` batch (no host sync, no data-dependent shape), with
-    the value extremes its caller reads back: see :class:`PackedBatch`. ``token_type_ids`` may be a
-    broadcast view (``expand``)."""
+    the value extremes its caller reads back: see :class:`PackedBatch`. Any strides: views whose
+    columns are not adjacent are copied for the kernel (token types broadcast from one row are not)."""
     _check(input_ids, attention_mask, token_type_ids)
     args = (input_ids, attention_mask, token_type_ids, int(vocab_size), int(type_vocab_size))
     if not backend.use_triton(input_ids, attention_mask, token_type_ids):

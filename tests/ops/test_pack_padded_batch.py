@@ -80,8 +80,10 @@ def case_matches_reference(device, kind, shape, mask_dtype, id_dtype, out_of_ran
 
 
 def case_broadcast_and_strided(device):
-    """Token types broadcast from one row (stride 0) and ids read from a wider buffer (row stride
-    past the row's end), as the op's callers may pass them."""
+    """Token types broadcast from one row (row stride 0) and ids read from a wider buffer (row stride
+    past the row's end) go to the kernel as they are; views whose columns are not adjacent (transposed,
+    sliced every other column, broadcast from a column or from one element) through the op, which
+    copies them first."""
     ids, mask, types = make_batch("holes", 4, 40, seed=3)
     wide = torch.randint(0, VOCAB, (4, 64))
     wide[:, :40] = ids
@@ -89,6 +91,18 @@ def case_broadcast_and_strided(device):
     mask = mask.to(device)
     want = P.pack_padded_batch_reference(strided.contiguous(), mask, types_row.contiguous(), VOCAB, TYPES)
     assert_same(launch(strided, mask, types_row, device), want, "broadcast types, strided ids")
+    ids, mask, types = (t.to(device) for t in make_batch("right", 4, 40, seed=4))
+    for what, views in {
+            "transposed ids and mask": (ids.t().contiguous().t(), mask.t().contiguous().t(), types),
+            "every other column": (torch.cat([ids, ids], 1)[:, ::2], mask, types),
+            "types from a column, mask from one element": (ids, mask[:1, :1].expand(4, 40), types[:, :1].expand(4, 40)),
+    }.items():
+        want = P.pack_padded_batch_reference(*(v.contiguous() for v in views), VOCAB, TYPES)
+        with backend.use_backend("triton"):
+            packed = P.pack_padded_batch(*views, VOCAB, TYPES)
+        got = (packed.packing.indices, packed.packing.valid, packed.input_ids, packed.token_type_ids,
+               packed.position_ids, packed.packing.cu_seqlens, packed.extremes)
+        assert_same(got, want, what)
 
 
 # ---------------------------------------------------------------------------------------------------
