@@ -8,7 +8,8 @@
 #      changed after the first run; the sweep decides), then the fused linear + GELU GEMM (without
 #      its torch.compile peer: minutes of compiling), then the memory-bound kernels.
 # STEPS picks and orders the steps (default "test profile model micro"); MODEL_K and MICRO_K replace
-# the model and microbenchmark steps' -k expressions (defaults below). The microbenchmarks' share of
+# the model and microbenchmark steps' -k expressions, TESTS and TEST_TIMEOUT the test step's files
+# and limit (defaults below). The microbenchmarks' share of
 # the time is BUDGET / 5 when they come last, else whatever the steps before them left. E.g. the
 # max-autotune peers first, then the LayerNorm and attention sweeps:
 #   STEPS="model micro profile" MODEL_K="torch.compile and (32x128 or 32x512)" \
@@ -31,10 +32,13 @@ MODEL_K=${MODEL_K:-not max-autotune and (1x128 or 32x128 or 32x512 or varlen16x5
 MICRO_K=${MICRO_K:-(bf16 or pack_padded_batch) and not (test_linear_activation and torch-compile)}
 mkdir -p "$OUT_ROOT/test" "$OUT_ROOT/model" "$OUT_ROOT/micro"
 
+TESTS=${TESTS:-tests/ops tests/test_model.py tests/test_model_triton.py tests/test_encoder_fast_path.py \
+tests/test_compile_and_graphs.py tests/test_optimize.py tests/test_cli.py tests/test_bad_inputs.py}
+TEST_TIMEOUT=${TEST_TIMEOUT:-200}
+
 step_test() {
-  OUT=$OUT_ROOT/test SANITIZER=0 TEST_TIMEOUT=200 benchmarks/run_gpu.sh test \
-    tests/ops tests/test_model.py tests/test_model_triton.py tests/test_encoder_fast_path.py \
-    tests/test_compile_and_graphs.py tests/test_optimize.py tests/test_cli.py tests/test_bad_inputs.py
+  # shellcheck disable=SC2086  # TESTS is a list of paths
+  OUT=$OUT_ROOT/test SANITIZER=0 TEST_TIMEOUT=$TEST_TIMEOUT benchmarks/run_gpu.sh test $TESTS
   echo "gpu_session.sh: tests exit $? at $((SECONDS - start)) s"
 
   # On the first H200 run (2026-11-26) any exception thrown by the C++ extension crashed the process.
