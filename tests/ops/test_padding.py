@@ -46,3 +46,17 @@ def test_pad_of_the_static_form_restores_the_input_with_zeros_at_padding(kind):
     out = pad(packed, packing)
     keep = mask.bool()[..., None]
     assert torch.equal(out, torch.where(keep, x, 0.0))
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_pad_of_the_static_form_passes_gradients_to_real_tokens_only(kind):
+    """The static form's re-padding writes each position once into a new tensor (no zero fill):
+    gradients still reach the packed rows, real ones only."""
+    batch, seqlen, hidden = 3, 6, 4
+    mask = make_mask(kind, batch, seqlen)
+    packing = static_unpad_input(mask, batch, seqlen)
+    packed = torch.randn(batch * seqlen, hidden, requires_grad=True)
+    weight = torch.randn(batch, seqlen, hidden)
+    (pad(packed, packing) * weight).sum().backward()
+    want = torch.where(packing.valid[:, None], weight.reshape(-1, hidden)[packing.indices], 0.0)
+    assert torch.equal(packed.grad, want)
