@@ -50,10 +50,11 @@ def table_sizes(config, embeddings) -> TableSizes:
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.dim() == 2:
                 return weight.shape[0]
-            base = getattr(module, "get_base_layer", None)
-            if not callable(base) or base() is module:
+            get_base_layer = getattr(module, "get_base_layer", None)
+            inner = get_base_layer() if callable(get_base_layer) else None
+            if inner is None or inner is module:
                 break
-            module = base()
+            module = inner
         count = getattr(module, "num_embeddings", None)
         return count if isinstance(count, int) else default
 
