@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import threading
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
@@ -71,6 +72,51 @@ def capture_graph(work, pool=None, warmup: int = 2):
     return graph, outputs
 
 
+class _Serialized:
+    """What both runners share: one call at a time, in order on the device, and a refusal of weights
+    replaced since capture.
+
+    A call writes the static input buffers, replays, then copies the static outputs out; a second
+    thread doing the same in between would overwrite the first's inputs or outputs (wrong answers,
+    no error). So calls hold a lock, and a call made on another CUDA stream than the previous one
+    first waits for that stream's work (the lock orders the host, not the GPU). Weights replaced by
+    new tensors (``.to()``, ``.half()``, ``load_state_dict(assign=True)``) would leave the graphs
+    reading the old storage: the runner keeps every storage its graphs read (so none is freed and
+    reused under them) and refuses calls once the first and last parameters are no longer the tensors
+    it captured with (two pointer reads a call, where checking every parameter costs ~30 us)."""
+
+    def _init_serialized(self, model) -> None:
+        self._lock = threading.Lock()
+        self._last_stream = None
+        self._sentinels: list = []  # (tensor, address, dtype) of the first and last parameter at capture
+        self._kept: list = []  # every parameter's and buffer's storage, once a graph reads them
+
+    @contextlib.contextmanager
+    def _serialized(self):
+        with self._lock:
+            if self.capture and self.device.type == "cuda":
+                stream = torch.cuda.current_stream()
+                if self._last_stream is not None and self._last_stream != stream:
+                    stream.wait_stream(self._last_stream)
+                self._last_stream = stream
+            for t, ptr, dtype in self._sentinels:  # set once a graph was captured
+                if t.data_ptr() != ptr or t.dtype != dtype:
+                    raise RuntimeError(
+                        "the model's weights were replaced by new tensors (.to(), .half(), "
+                        "load_state_dict(assign=True), ...) after this runner captured its CUDA graphs, "
+                        "which read the old ones: make a new runner")
+            yield
+
+    def _keep_storages(self, model) -> list:
+        """The storages a graph just captured reads besides its buffers: every parameter and buffer
+        of the model (kept once for the runner) and each layer's fused QKV storage."""
+        if not self._kept:
+            params = list(model.parameters())
+            self._kept = [t.untyped_storage() for t in (*params, *model.buffers())]
+            self._sentinels = [(t, t.data_ptr(), t.dtype) for t in (params[0], params[-1])] if params else []
+        return fused_storages(model)
+
+
 def fused_storages(model) -> list:
     """The fused QKV storage of each layer (``BertSelfAttention._qkv_fused``), which a graph captured
     just before reads and writes at every replay (the layer copies its live weights into it). A runner
@@ -93,7 +139,7 @@ class _Bucket:
         self.storages: list = []  # what the graph reads besides the weights (fused_storages)
 
 
-class CUDAGraphRunner:
+class CUDAGraphRunner(_Serialized):
     """Runs ``model`` (a fastbert.BertModel in eval mode) through CUDA graphs captured per bucket.
 
     ``buckets``: token counts with a graph each (a batch takes the smallest that holds its tokens;
@@ -102,7 +148,11 @@ class CUDAGraphRunner:
 
     Graphs read the model's weights where they were at capture: updates in place (an optimizer step,
     ``load_state_dict``) are seen by the next replay; weights replaced by new tensors (``.to()``,
-    ``load_state_dict(assign=True)``, ``param.data = ...``) need a new runner.
+    ``load_state_dict(assign=True)``, ``param.data = ...``) need a new runner (the runner keeps the
+    storages its graphs read, so they never read freed memory, and refuses calls after ``.to()`` and
+    the like, which replace the first and last parameters; a single ``param.data = ...`` it cannot
+    see). A model with ``first_token_only`` set runs eagerly. Calls from several threads are served
+    one at a time.
     """
 
     def __init__(self, model, buckets=DEFAULT_BUCKETS, max_sequences: int = 256, max_seqlen: int | None = None,
@@ -121,6 +171,7 @@ class CUDAGraphRunner:
         self.device = device
         self._buckets: dict[int, _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._init_serialized(model)
 
     def _slots(self, tokens: int) -> int:
         """cu_seqlens capacity: the real sequences, then the padding cut into pieces."""
@@ -145,7 +196,7 @@ class CUDAGraphRunner:
         bucket.cu_seqlens[0] = 0
         bucket.cu_seqlens[1:] = self._tail_offsets(0, 0, bucket)  # a valid layout for the warm-up
         bucket.graph, bucket.output = capture_graph(lambda: self._encode(bucket), self._pool)
-        bucket.storages = fused_storages(self.model)
+        bucket.storages = self._keep_storages(self.model)
 
     def _tail_offsets(self, tokens: int, sequences: int, bucket: _Bucket) -> torch.Tensor:
         """``cu_seqlens[sequences + 1:]`` after ``sequences`` real ones holding ``tokens``: the padding
@@ -161,9 +212,10 @@ class CUDAGraphRunner:
         # runs without autograd, and its outputs are ordinary tensors (not inference tensors).
         eager = functools.partial(self.model, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, **kwargs)
-        if not _plain_call(self.model, kwargs, ("cu_seq_lens_q", "max_length_q")):
+        # first_token_only set on the model: its last layer and output shape differ from the graphs'.
+        if not _plain_call(self.model, kwargs, ("cu_seq_lens_q", "max_length_q")) or self.model.first_token_only:
             return eager()
-        with torch.no_grad(), _on_device(self.device, self.capture):
+        with torch.no_grad(), _on_device(self.device, self.capture), self._serialized():
             output = self._replay(input_ids, attention_mask, token_type_ids, position_ids, kwargs)
         return eager() if output is None else output
 
@@ -212,7 +264,7 @@ class _PaddedBucket:
         self.storages: list = []  # what the graph reads besides the weights (fused_storages)
 
 
-class PaddedCUDAGraphRunner:
+class PaddedCUDAGraphRunner(_Serialized):
     """Runs ``model`` (a fastbert.BertModel in eval mode) through CUDA graphs of the whole forward on
     padded batches: one graph per (batch, seqlen) bucket, taking ``input_ids``, ``attention_mask`` and
     ``token_type_ids`` as they come.
@@ -250,6 +302,7 @@ class PaddedCUDAGraphRunner:
         self.device = device
         self._buckets: dict[tuple[int, int], _PaddedBucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._init_serialized(model)
 
     def _forward(self, bucket: _PaddedBucket):
         """The captured work: the value checks of what the static buffers hold, and the model on them
@@ -270,7 +323,7 @@ class PaddedCUDAGraphRunner:
             bucket = _PaddedBucket(*shape, self.device)
             if self.capture:
                 bucket.graph, bucket.outputs = capture_graph(lambda: self._forward(bucket), self._pool)
-                bucket.storages = fused_storages(self.model)
+                bucket.storages = self._keep_storages(self.model)
             self._buckets[shape] = bucket  # only once captured: a failed capture is retried, not run eagerly
         return bucket
 
@@ -292,11 +345,14 @@ class PaddedCUDAGraphRunner:
                 return False
         return attention_mask is None or tuple(attention_mask.shape) == (batch, seqlen)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        if position_ids is not None:  # positional, as the model takes it; the graphs count columns
+            kwargs["position_ids"] = position_ids
         if not self._takes(input_ids, attention_mask, token_type_ids, kwargs):
             return self.model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
-        with torch.no_grad(), _on_device(self.device, self.capture):  # ordinary tensors, not inference tensors
+        # Ordinary tensors, not inference tensors; one call at a time (see _Serialized).
+        with torch.no_grad(), _on_device(self.device, self.capture), self._serialized():
             return self._replay(input_ids, attention_mask, token_type_ids)
 
     def _replay(self, input_ids, attention_mask, token_type_ids) -> BaseModelOutputWithPoolingAndCrossAttentions:

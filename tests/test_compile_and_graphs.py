@@ -447,3 +447,81 @@ def test_without_autograd_each_call_copies_the_live_qkv_weights_in_one_launch():
     with Ops() as ops:
         weight, _ = attention._fused_qkv_parameters()
     assert "cat" in ops.names and "_foreach_copy_" not in ops.names and weight.requires_grad
+
+
+@pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
+def test_runners_serve_threads_one_call_at_a_time(runner_class):
+    """Two threads calling one runner with batches of the same bucket: each gets its own batch's
+    output (the static buffers are written, replayed and read under a lock). Without the lock the
+    second thread's inputs overwrote the first's between its copy and its replay."""
+    import sys
+    import threading
+
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    runner = runner_class(fast, capture=False) if runner_class is CUDAGraphRunner else \
+        runner_class(fast, batch_buckets=(4,), seqlen_step=16, capture=False)
+    gen = torch.Generator().manual_seed(21)
+    batches = []
+    for i in range(6):
+        ids, types = random_inputs(fast.config, 3, 10 + i, gen)
+        batches.append((ids, make_mask("right", 3, 10 + i, gen), types))
+    want = [_outputs(fast, *b).last_hidden_state for b in batches]
+    wrong = []
+
+    def work(order):
+        for _ in range(4):
+            for i in order:
+                if (runner(*batches[i]).last_hidden_state - want[i]).abs().max() > 1e-5:
+                    wrong.append(i)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, inside a call
+    try:
+        threads = [threading.Thread(target=work, args=(order,)) for order in (range(6), range(5, -1, -1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, wrong
+
+
+def test_cuda_graph_runner_runs_first_token_only_models_eagerly():
+    """A model with first_token_only set returns one row per sequence; the runner returns the same
+    (its graphs compute every row, so such calls run eagerly)."""
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    fast.first_token_only = True
+    runner = CUDAGraphRunner(fast, capture=False)
+    ids, types = random_inputs(fast.config, 3, 20)
+    mask = make_mask("left", 3, 20)
+    got, want = runner(ids, mask, types), _outputs(fast, ids, mask, types)
+    assert got.last_hidden_state.shape == want.last_hidden_state.shape == (3, 1, fast.config.hidden_size)
+    assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, "first token only")
+
+
+def test_padded_graph_runner_takes_position_ids_positionally():
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    runner = PaddedCUDAGraphRunner(fast, batch_buckets=(4,), seqlen_step=16, capture=False)
+    ids, types = random_inputs(fast.config, 2, 9)
+    mask = make_mask("right", 2, 9)
+    positions = torch.arange(3, 12).expand(2, 9)
+    assert_close(runner(ids, mask, types, positions).last_hidden_state,
+                 _outputs(fast, ids, mask, types, position_ids=positions).last_hidden_state, 1e-5, "positions")
+
+
+@pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
+def test_runners_refuse_weights_replaced_after_capture(runner_class):
+    """Once a graph was captured (stood in for here: the runner keeps the model's storages), replacing
+    the weights by new tensors (.double(), as .half() or .to() do) is refused by name: the graphs
+    would read the old storage."""
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    runner = runner_class(fast, capture=False)
+    ids, types = random_inputs(fast.config, 2, 9)
+    runner(ids, None, types)
+    runner._keep_storages(fast)  # what a capture does
+    assert len(runner._kept) == len(list(fast.parameters())) + len(list(fast.buffers()))
+    runner(ids, None, types)  # same weights: fine
+    fast.double()
+    with pytest.raises(RuntimeError, match="weights were replaced by new tensors"):
+        runner(ids, None, types)
