@@ -9,6 +9,8 @@ is laid out like the queries, ready for the output projection.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,29 @@ def _check(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int) -> tuple
                          f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
     hidden = qkv.shape[1] // 3
     return hidden, hidden // num_heads
+
+
+def _check_offsets(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
+    """Refuse offsets that would have the kernel read or write rows outside ``qkv`` or leave output
+    rows unwritten: ``cu_seqlens`` must rise from 0 to the number of rows, and ``max_seqlen`` bound
+    every sequence. One host read of four numbers where reading back is allowed (not while tracing or
+    capturing a graph, where the caller's offsets are trusted)."""
+    tokens = qkv.shape[0]
+    if tokens and max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be at least 1 for {tokens} rows of qkv, got {max_seqlen}")
+    if not backend.may_read_back(cu_seqlens):
+        return
+    if cu_seqlens.numel() == 1:
+        if tokens:
+            raise ValueError(f"cu_seqlens {cu_seqlens.tolist()} holds no sequence for the {tokens} rows of qkv")
+        return
+    first, last, smallest, longest = torch.stack(
+        [cu_seqlens[0], cu_seqlens[-1], (d := cu_seqlens.diff()).min(), d.max()]).tolist()
+    if first != 0 or last != tokens or smallest < 0:
+        raise ValueError(f"cu_seqlens must rise from 0 to the number of rows of qkv ({tokens}); it goes from "
+                         f"{first} to {last}" + (" and decreases" if smallest < 0 else ""))
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest} rows)")
 
 
 def _padded_qkv(qkv, cu_seqlens, max_seqlen, num_heads):
@@ -160,14 +185,22 @@ def varlen_attention(
     num_heads: int,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    validate: bool = True,
 ) -> torch.Tensor:
     """``[tokens, 3 * hidden]`` fused QKV -> ``[tokens, hidden]`` attention output.
 
     ``max_seqlen`` must bound every sequence length (the kernels size their grids with it).
     Dropout (training) runs the reference; the Triton op has a backward (the reference's gradient).
+    ``validate``: check that ``cu_seqlens`` rises from 0 to the number of rows and that ``max_seqlen``
+    bounds every sequence (one host read; a ValueError names what is wrong); the model, which built
+    and checked its offsets, passes False.
     """
     hidden, head_dim = _check(qkv, cu_seqlens, num_heads)
+    if validate:
+        _check_offsets(qkv, cu_seqlens, max_seqlen)
     scale = head_dim**-0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"attention scale must be finite, got {scale}")
     if (dropout_p > 0 or not _kernel_takes(qkv, cu_seqlens, head_dim, scale)
             or not backend.use_triton(qkv, differentiable=True)):
         return varlen_attention_reference(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p)

@@ -163,6 +163,24 @@ def device_guard(t: torch.Tensor):
     return _SAME_DEVICE
 
 
+def check_eps(eps, what: str) -> float:
+    """``eps`` as a float, refused unless finite and >= 0 (a negative or NaN one makes every row NaN)."""
+    value = float(eps)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what}: eps must be a finite number >= 0, got {eps}")
+    return value
+
+
+def may_read_back(t: torch.Tensor) -> bool:
+    """Whether reading ``t`` on the host is allowed here: not while tracing (torch.compile), not on fake
+    tensors (FakeTensorMode), not inside CUDA-graph capture."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or is_fake(t):
+        return False
+    return not capturing(t)
+
+
 def capturing(t: torch.Tensor) -> bool:
     """Whether work on ``t``'s device is being captured into a CUDA graph (its current stream). False
     for CPU tensors and where there is no CUDA device (fake CUDA tensors traced without a GPU)."""

@@ -112,7 +112,11 @@ def bias_residual_layer_norm(
 ) -> torch.Tensor:
     """``LayerNorm(dropout(x + bias) + residual)`` over the last dimension, statistics in fp32.
     Dropout (training) runs the reference; the Triton op has a backward (the reference's gradient)."""
-    columns = x.shape[-1:]  # () for a 0-d x, which no weight matches
+    if x.dim() == 0:
+        raise ValueError("bias_residual_layer_norm: x must have at least one dimension (the normalized one), "
+                         "got a 0-d tensor")
+    eps = backend.check_eps(eps, "bias_residual_layer_norm")
+    columns = x.shape[-1:]
     if residual.shape != x.shape or weight.shape != columns:
         raise ValueError(f"x {tuple(x.shape)}, residual {tuple(residual.shape)} and LayerNorm weight "
                          f"{tuple(weight.shape)} do not match")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 
 from .. import _extension
 from . import backend
@@ -93,12 +92,7 @@ if backend.triton_available():
 # ------------------------------------------------------------------------------------------------
 # Checks shared by the fast paths.
 
-def _may_read_back(t: torch.Tensor) -> bool:
-    """Whether reading ``t`` on the host is allowed here: not while tracing (torch.compile), not on fake
-    tensors (FakeTensorMode), not inside CUDA-graph capture."""
-    if torch.compiler.is_compiling() or is_fake(t):
-        return False
-    return not backend.capturing(t)
+_may_read_back = backend.may_read_back
 
 
 def raise_out_of_range(input_ids, position_ids, token_type_ids, word_weight, position_weight,
@@ -155,6 +149,12 @@ def _check_shapes(input_ids, position_ids, token_type_ids, word_weight, position
         if t.dim() != dim or t.shape[-1] != hidden:
             raise ValueError(f"{OP}: {name} has shape {tuple(t.shape)} but the hidden size "
                              f"(word_weight.shape[1]) is {hidden}")
+    if input_ids.numel():  # a table without rows has nothing any index could look up
+        for name, t in (("word_weight", word_weight), ("position_weight", position_weight),
+                        ("token_type_weight", token_type_weight)):
+            if t.shape[0] == 0:
+                raise ValueError(f"{OP}: {name} has no rows, so none of the {input_ids.numel()} tokens can be "
+                                 f"looked up in it")
 
 
 def _kernels_take(indices, floats) -> bool:
@@ -220,6 +220,7 @@ def embeddings(
     the indices already (the model does, once per batch); the kernels still never read outside a table.
     ``inputs_embeds`` (``[tokens, hidden]``) replaces the word lookup.
     """
+    eps = backend.check_eps(eps, OP)
     args = (input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
             ln_weight, ln_bias, eps, dropout_p, inputs_embeds)
     reference = _reference_checked if validate_indices else embeddings_reference

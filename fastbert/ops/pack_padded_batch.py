@@ -83,7 +83,10 @@ if backend.triton_available():
         return _launch(input_ids, attention_mask, token_type_ids, vocab_size, type_vocab_size, kernel)
 
 
-def _check(input_ids, attention_mask, token_type_ids) -> None:
+def _check(input_ids, attention_mask, token_type_ids, vocab_size: int, type_vocab_size: int) -> None:
+    if vocab_size < 1 or type_vocab_size < 1:
+        raise ValueError(f"pack_padded_batch clamps lookups into tables of at least one row, got vocab_size "
+                         f"{vocab_size} and type_vocab_size {type_vocab_size}")
     shape = tuple(input_ids.shape)
     if input_ids.dim() != 2 or 0 in shape:
         raise ValueError(f"pack_padded_batch takes a non-empty [batch, seqlen] batch, got input_ids {shape}")
@@ -102,8 +105,8 @@ def pack_padded_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, tok
     """The static form of a ``[batch, seqlen]`` batch (no host sync, no data-dependent shape), with
     the value extremes its caller reads back: see :class:`PackedBatch`. Any strides: views whose
     columns are not adjacent are copied for the kernel (token types broadcast from one row are not)."""
-    _check(input_ids, attention_mask, token_type_ids)
     args = (input_ids, attention_mask, token_type_ids, int(vocab_size), int(type_vocab_size))
+    _check(*args)
     if not backend.use_triton(input_ids, attention_mask, token_type_ids):
         outputs = pack_padded_batch_reference(*args)
     else:

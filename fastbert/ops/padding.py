@@ -45,8 +45,16 @@ class Packing(NamedTuple):
         return starts, (seqlens > 0) & (self.indices[starts] % self.seqlen == 0)
 
 
+def _check_mask(attention_mask: torch.Tensor, batch: int, seqlen: int) -> None:
+    if tuple(attention_mask.shape) != (batch, seqlen):
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} is not the [batch, seqlen] = "
+                         f"[{batch}, {seqlen}] of the input")
+
+
 def unpad_input(attention_mask: torch.Tensor | None, batch: int, seqlen: int, device) -> Packing:
     """Packing of a ``[batch, seqlen]`` input under a 0/1 ``attention_mask`` (None: all kept)."""
+    if attention_mask is not None:
+        _check_mask(attention_mask, batch, seqlen)
     if attention_mask is None or batch == 0:
         return packing_of(None, None, seqlen, batch * seqlen, batch, seqlen, device)
     keep = attention_mask.bool()
@@ -76,6 +84,7 @@ def static_unpad_input(attention_mask: torch.Tensor, batch: int, seqlen: int) ->
     first, in the same order as ``unpad_input``, then the padding, cut into sequences of at most
     ``seqlen`` tokens that attend only among themselves (so ``seqlen`` bounds every sequence). The
     padding rows are computed on, never read: ``valid`` marks them and :func:`pad` writes zeros."""
+    _check_mask(attention_mask, batch, seqlen)
     keep = attention_mask.bool()
     # A stable descending sort of the mask puts the real tokens first, in order, then the padding; the
     # sorted values are then `valid` itself. (Fewer kernels than sorting a negated copy and comparing
@@ -90,12 +99,18 @@ def static_unpad_input(attention_mask: torch.Tensor, batch: int, seqlen: int) ->
 
 def pack(x: torch.Tensor, packing: Packing) -> torch.Tensor:
     """``[batch, seqlen, ...]`` -> ``[tokens, ...]``."""
+    if tuple(x.shape[:2]) != (packing.batch, packing.seqlen):
+        raise ValueError(f"pack: x {tuple(x.shape)} does not start with the packing's [batch, seqlen] = "
+                         f"[{packing.batch}, {packing.seqlen}]")
     flat = x.reshape(packing.batch * packing.seqlen, *x.shape[2:])
     return flat if packing.indices is None else flat[packing.indices]
 
 
 def pad(packed: torch.Tensor, packing: Packing) -> torch.Tensor:
     """``[tokens, ...]`` -> ``[batch, seqlen, ...]`` with zeros at padded positions."""
+    if packed.dim() == 0 or packed.shape[0] != packing.num_tokens:
+        raise ValueError(f"pad: packed {tuple(packed.shape)} must have one row per packed token "
+                         f"({packing.num_tokens})")
     shape = (packing.batch * packing.seqlen, *packed.shape[1:])
     if packing.valid is not None:
         packed = torch.where(packing.valid.view(-1, *[1] * (packed.dim() - 1)), packed, 0)

@@ -188,7 +188,37 @@ def test_dropout_takes_the_reference(monkeypatch):
     assert counter.count == 0 and out.shape == (7, 32)
 
 
-@pytest.mark.parametrize("scale", [-0.5, 0.0, float("inf"), float("nan"), 1e-46, 1e-300, 1e39])
+@pytest.mark.parametrize("cu, max_seqlen, message", [
+    ([0, 4, 14], 10, r"rise from 0 to the number of rows of qkv \(10\); it goes from 0 to 14"),
+    ([-3, 4, 10], 10, "it goes from -3 to 10"),
+    ([2, 4, 10], 10, "it goes from 2 to 10"),
+    ([0, 4, 8], 10, "it goes from 0 to 8"),
+    ([0, 6, 4, 10], 10, "and decreases"),
+    ([0], 10, "holds no sequence"),
+    ([0, 200 - 10, 200], 16, r"max_seqlen=16 is shorter than the longest sequence \(190 rows\)"),
+    ([0, 4, 10], 0, "max_seqlen must be at least 1"),
+])
+def test_offsets_that_leave_the_rows_are_refused(cu, max_seqlen, message):
+    """Offsets outside qkv's rows, rows outside every sequence, or a max_seqlen below the longest
+    sequence: the kernel would read or write past the tensors, or leave rows unwritten. A ValueError
+    names the problem, on either path; validate=False (the model's own offsets) skips the read-back."""
+    tokens = cu[-1] if cu[-1] > 0 and max_seqlen == 16 else 10
+    qkv = make_qkv(tokens, 2, 16)
+    for name in ("torch", "triton"):
+        if name == "triton" and not backend.triton_available():
+            continue
+        with backend.use_backend(name), pytest.raises(ValueError, match=message):
+            A.varlen_attention(qkv, torch.tensor(cu, dtype=torch.int32), max_seqlen, 2)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan")])
+def test_a_scale_that_is_not_finite_is_refused(scale):
+    """Every probability would be NaN: a ValueError says why instead."""
+    with pytest.raises(ValueError, match="attention scale must be finite"):
+        A.varlen_attention(make_qkv(7, 2, 16), cu_seqlens_of([3, 4]), 4, 2, scale=scale)
+
+
+@pytest.mark.parametrize("scale", [-0.5, 0.0, 1e-46, 1e-300, 1e39])
 def test_scale_the_kernel_cannot_take_runs_the_reference(monkeypatch, scale):
     """The kernel keeps the running maximum of unscaled scores, right only for a positive scale, and
     multiplies the -inf of masked keys by scale * log2(e), NaN if that is 0 in fp32: any scale whose

@@ -174,6 +174,18 @@ def test_bad_inputs_are_refused():
         L.bias_residual_layer_norm(x, bias[:-1], residual, weight, ln_bias, 1e-12)
 
 
+def test_a_0d_input_and_a_bad_eps_are_refused():
+    """A 0-d x has no row to normalize (its 0-d weight would have "matched"); a negative or NaN eps
+    would make every row NaN."""
+    scalar = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        L.bias_residual_layer_norm(scalar, None, scalar, scalar, scalar, 1e-12)
+    inputs = make_inputs(3, 97)
+    for eps in (-1e-5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            L.bias_residual_layer_norm(*inputs, eps)
+
+
 def test_dropout_takes_the_reference(monkeypatch):
     counter = LaunchCounter(monkeypatch)
     inputs = make_inputs(3, 97)

@@ -277,15 +277,32 @@ def test_compiled_embeddings_on_cpu_has_no_graph_break():
 
 
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eps", [-1e-12, float("nan")])
+def test_a_bad_eps_is_refused(eps):
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        E.embeddings(*make_inputs(5, 64), eps)
+
+
 # The Triton kernel under the interpreter: the cases below run only in a child pytest process started
 # with TRITON_INTERPRET=1 (test_triton_interpreter_in_subprocess).
 
 
 
-test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 39)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 42)
 
 
 if IN_CHILD:  # collected only in the child, so the parent's report does not list them as skipped
+    @pytest.mark.parametrize("table", [3, 4, 5])
+    def test_interpreter_case_a_table_without_rows_is_refused_by_name(table):
+        """Every index would be out of range, and the kernel's out-of-range rows still read row 0 (there
+        is none): refused before the launch, naming the table."""
+        inputs = list(make_inputs(5, 64))
+        inputs[table] = inputs[table][:0]
+        name = ("word_weight", "position_weight", "token_type_weight")[table - 3]
+        for validate in (True, False):
+            with backend.use_backend("triton"), pytest.raises(ValueError, match=f"{name} has no rows"):
+                E.embeddings(*inputs, EPS, validate_indices=validate)
+
     @pytest.mark.parametrize("tokens", [1, 7, 33])
     @pytest.mark.parametrize("hidden", [97, 312, 768, 1024])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -142,6 +142,9 @@ def test_bad_inputs_are_refused():
         P.pack_padded_batch(ids, mask, types.float(), VOCAB, TYPES)
     with pytest.raises(TypeError, match="integer input_ids"):
         P.pack_padded_batch(ids.bool(), mask, types, VOCAB, TYPES)
+    for vocab, types_vocab in ((0, TYPES), (VOCAB, -1)):  # a clamp into no row would give -1
+        with pytest.raises(ValueError, match="tables of at least one row"):
+            P.pack_padded_batch(ids, mask, types, vocab, types_vocab)
 
 
 def test_cpu_defaults_to_the_reference(monkeypatch):

@@ -60,3 +60,18 @@ def test_pad_of_the_static_form_passes_gradients_to_real_tokens_only(kind):
     (pad(packed, packing) * weight).sum().backward()
     want = torch.where(packing.valid[:, None], weight.reshape(-1, hidden)[packing.indices], 0.0)
     assert torch.equal(packed.grad, want)
+
+
+def test_shapes_that_do_not_match_the_packing_are_refused():
+    """A mask of another shape than the batch, an input of another [batch, seqlen], packed rows of
+    another count: each would put tokens in the wrong places (or index past the input)."""
+    mask = make_mask("right", 2, 4)
+    with pytest.raises(ValueError, match=r"attention_mask \(2, 4\) is not the \[batch, seqlen\] = \[2, 3\]"):
+        unpad_input(mask, 2, 3, "cpu")
+    with pytest.raises(ValueError, match=r"attention_mask \(2, 4\) is not the"):
+        static_unpad_input(mask, 3, 4)
+    packing = unpad_input(mask, 2, 4, "cpu")
+    with pytest.raises(ValueError, match=r"pack: x \(4, 2\) does not start with the packing's \[batch, seqlen\]"):
+        pack(torch.randn(4, 2), packing)
+    with pytest.raises(ValueError, match=f"pad: packed \\(1, 3\\) must have one row per packed token \\({packing.num_tokens}\\)"):
+        pad(torch.randn(1, 3), packing)
