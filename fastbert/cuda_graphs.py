@@ -72,9 +72,9 @@ def capture_graph(work, pool=None, warmup: int = 2):
     return graph, outputs
 
 
-class _Serialized:
-    """What both runners share: one call at a time, in order on the device, and a refusal of weights
-    replaced since capture.
+class _GraphRunner:
+    """What both runners share: the model in eval mode on its device, a graph memory pool, and calls
+    served one at a time, in order on the device, refusing weights replaced since capture.
 
     A call writes the static input buffers, replays, then copies the static outputs out; a second
     thread doing the same in between would overwrite the first's inputs or outputs (wrong answers,
@@ -85,7 +85,17 @@ class _Serialized:
     reused under them) and refuses calls once the first and last parameters are no longer the tensors
     it captured with (two pointer reads a call, where checking every parameter costs ~30 us)."""
 
-    def _init_serialized(self, model) -> None:
+    def __init__(self, model, capture: bool | None):
+        if model.training:
+            raise ValueError(f"{type(self).__name__} runs inference: put the model in eval mode first")
+        self.model = model
+        device = next(model.parameters()).device
+        self.capture = device.type == "cuda" if capture is None else capture
+        if self.capture and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
+        self.device = device
+        self._buckets: dict = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._lock = threading.Lock()
         self._last_stream = None
         self._sentinels: list = []  # (tensor, address, dtype) of the first and last parameter at capture
@@ -139,7 +149,7 @@ class _Bucket:
         self.storages: list = []  # what the graph reads besides the weights (fused_storages)
 
 
-class CUDAGraphRunner(_Serialized):
+class CUDAGraphRunner(_GraphRunner):
     """Runs ``model`` (a fastbert.BertModel in eval mode) through CUDA graphs captured per bucket.
 
     ``buckets``: token counts with a graph each (a batch takes the smallest that holds its tokens;
@@ -157,21 +167,11 @@ class CUDAGraphRunner(_Serialized):
 
     def __init__(self, model, buckets=DEFAULT_BUCKETS, max_sequences: int = 256, max_seqlen: int | None = None,
                  capture: bool | None = None):
-        if model.training:
-            raise ValueError("CUDAGraphRunner runs inference: put the model in eval mode first")
-        self.model = model
+        super().__init__(model, capture)
         self.buckets = sorted(buckets)
         self.max_seqlen = int(max_seqlen or model.config.max_position_embeddings)
         self.max_sequences = max_sequences
         self.piece = min(PADDING_PIECE, self.max_seqlen)
-        device = next(model.parameters()).device
-        self.capture = device.type == "cuda" if capture is None else capture
-        if self.capture and device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
-        self.device = device
-        self._buckets: dict[int, _Bucket] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self._init_serialized(model)
 
     def _slots(self, tokens: int) -> int:
         """cu_seqlens capacity: the real sequences, then the padding cut into pieces."""
@@ -264,7 +264,7 @@ class _PaddedBucket:
         self.storages: list = []  # what the graph reads besides the weights (fused_storages)
 
 
-class PaddedCUDAGraphRunner(_Serialized):
+class PaddedCUDAGraphRunner(_GraphRunner):
     """Runs ``model`` (a fastbert.BertModel in eval mode) through CUDA graphs of the whole forward on
     padded batches: one graph per (batch, seqlen) bucket, taking ``input_ids``, ``attention_mask`` and
     ``token_type_ids`` as they come.
@@ -287,22 +287,12 @@ class PaddedCUDAGraphRunner(_Serialized):
 
     def __init__(self, model, batch_buckets=(1, 2, 4, 8, 16, 32, 64), seqlen_step: int = 32,
                  max_seqlen: int | None = None, capture: bool | None = None):
-        if model.training:
-            raise ValueError("PaddedCUDAGraphRunner runs inference: put the model in eval mode first")
-        self.model = model
+        super().__init__(model, capture)
         self.batch_buckets = sorted(batch_buckets)
         self.seqlen_step = seqlen_step
         # A bucket never outgrows the position table (longer input runs eagerly, and fails there).
         positions = model.config.max_position_embeddings
         self.max_seqlen = min(int(max_seqlen or positions), positions)
-        device = next(model.parameters()).device
-        self.capture = device.type == "cuda" if capture is None else capture
-        if self.capture and device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
-        self.device = device
-        self._buckets: dict[tuple[int, int], _PaddedBucket] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self._init_serialized(model)
 
     def _forward(self, bucket: _PaddedBucket):
         """The captured work: the value checks of what the static buffers hold, and the model on them
@@ -351,7 +341,7 @@ class PaddedCUDAGraphRunner(_Serialized):
             kwargs["position_ids"] = position_ids
         if not self._takes(input_ids, attention_mask, token_type_ids, kwargs):
             return self.model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
-        # Ordinary tensors, not inference tensors; one call at a time (see _Serialized).
+        # Ordinary tensors, not inference tensors; one call at a time (see _GraphRunner).
         with torch.no_grad(), _on_device(self.device, self.capture), self._serialized():
             return self._replay(input_ids, attention_mask, token_type_ids)
 

@@ -315,10 +315,10 @@ class BertLayer(GradientCheckpointingLayer):
         ``weights``: what ``_fast_path_weights`` returned, when the encoder already read every layer's
         and checked them against its input (each layer's output has the layout of its input)."""
         if fast_path in ("cublas", "triton") and not output_attentions:
-            if weights is not None:  # read and checked by the encoder, against its input's layout
-                return encoder_layer(hidden_states, packing, weights, fast_path == "triton", rows), None
-            weights = self._fast_path_weights()
-            if weights is not None and weights_ready(weights, hidden_states):
+            if weights is None:  # else read and checked by the encoder, against its input's layout
+                weights = self._fast_path_weights()
+                weights = weights if weights is not None and weights_ready(weights, hidden_states) else None
+            if weights is not None:
                 return encoder_layer(hidden_states, packing, weights, fast_path == "triton", rows), None
         attention_output, probs = self.attention(hidden_states, packing, output_attentions, rows)
         return self.output(self.intermediate(attention_output), attention_output), probs

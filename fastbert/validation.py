@@ -166,12 +166,7 @@ def _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_le
         return ops.Packing(None, cu_seqlens, int(max_length_q), batch, total)
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("packed sequences (cu_seq_lens_q) take no padding: attention_mask must be all ones")
-    seqlens = cu_seqlens.diff()
-    first, last, smallest, longest = torch.stack(
-        [cu_seqlens[0], cu_seqlens[-1], seqlens.min(), seqlens.max()]).tolist()
-    if first != 0 or last != total or smallest < 0:
-        raise ValueError(f"cu_seq_lens_q must rise from 0 to the number of tokens {total}; it goes from {first} "
-                         f"to {last}" + (" and decreases" if smallest < 0 else ""))
+    longest = ops.padding.check_offsets(cu_seqlens, total, "cu_seq_lens_q", "tokens")
     if max_length_q is not None and int(max_length_q) < longest:
         raise ValueError(f"max_length_q={int(max_length_q)} is shorter than the longest packed sequence ({longest})")
     return ops.Packing(None, cu_seqlens, longest, batch, total)
@@ -362,7 +357,7 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
         # torch.compile only the padding the static form carries is looked up as 0 (its ids never
         # matter): a bad value at a real token still fails the lookup's bounds check, as in compiled
         # transformers, rather than being clamped into a silently wrong answer.
-        if not torch.compiler.is_compiling() and _STATIC_FORMS.get() is not None:  # (the order keeps compile off the var)
+        if checks is not None:  # inside static_forms (never under torch.compile: see above)
             if packed_ids is not None:
                 packed_ids = packed_ids.clamp(0, config.vocab_size - 1)
             packed_types = packed_types.clamp(0, config.type_vocab_size - 1)

@@ -243,22 +243,20 @@ def row_configs():
 def layer_norm_configs():
     """``(name, config)`` of every configuration ``layer_norm_config`` can pick: each single block
     masked and even, the loop, and three chunks of 32 to 2048 columns, masked and even; each with its
-    default rows per program and with one row."""
-    seen = set()
+    default rows per program and with one row (named once where both are the same)."""
+    picked = {}
     for one_row in (False, True):
         for n_cols in (128, 256, 512, 1024, 2048, 4096, 8192, 2 * MAX_SINGLE_BLOCK):
             for cols in {n_cols - 1, n_cols} if n_cols <= MAX_SINGLE_BLOCK else {n_cols}:
                 cfg = layer_norm_config(cols, one_row)
-                if cfg["CHUNKS"] == 1 and _config_name(cfg) not in seen:  # n_cols - 1 may pick chunks
-                    seen.add(_config_name(cfg))
-                    yield _config_name(cfg), cfg
+                if cfg["CHUNKS"] == 1:  # n_cols - 1 may pick three chunks: listed below
+                    picked.setdefault(_config_name(cfg), cfg)
         for chunk in (32, 64, 128, 256, 512, 1024, 2048):
             for n_cols in (3 * chunk - 1, 3 * chunk):
                 cfg = layer_norm_config(n_cols, one_row)
                 assert cfg["CHUNKS"] == 3 and cfg["BLOCK_N"] == chunk, (n_cols, cfg)
-                if _config_name(cfg) not in seen:
-                    seen.add(_config_name(cfg))
-                    yield _config_name(cfg), cfg
+                picked.setdefault(_config_name(cfg), cfg)
+    yield from picked.items()
 
 
 def compile_configs() -> list[dict]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend
-from .padding import sequence_positions
+from .padding import check_offsets, sequence_positions
 
 
 def _check(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int) -> tuple[int, int]:
@@ -43,11 +43,7 @@ def _check_offsets(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int)
         if tokens:
             raise ValueError(f"cu_seqlens {cu_seqlens.tolist()} holds no sequence for the {tokens} rows of qkv")
         return
-    first, last, smallest, longest = torch.stack(
-        [cu_seqlens[0], cu_seqlens[-1], (d := cu_seqlens.diff()).min(), d.max()]).tolist()
-    if first != 0 or last != tokens or smallest < 0:
-        raise ValueError(f"cu_seqlens must rise from 0 to the number of rows of qkv ({tokens}); it goes from "
-                         f"{first} to {last}" + (" and decreases" if smallest < 0 else ""))
+    longest = check_offsets(cu_seqlens, tokens, "cu_seqlens", "rows of qkv")
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest} rows)")
 

@@ -28,6 +28,7 @@ import os
 import threading
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("auto", "torch", "triton")
@@ -174,8 +175,6 @@ def check_eps(eps, what: str) -> float:
 def may_read_back(t: torch.Tensor) -> bool:
     """Whether reading ``t`` on the host is allowed here: not while tracing (torch.compile), not on fake
     tensors (FakeTensorMode), not inside CUDA-graph capture."""
-    from torch._subclasses.fake_tensor import is_fake
-
     if torch.compiler.is_compiling() or is_fake(t):
         return False
     return not capturing(t)

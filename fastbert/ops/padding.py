@@ -127,6 +127,18 @@ def pad(packed: torch.Tensor, packing: Packing) -> torch.Tensor:
     return out.view(packing.batch, packing.seqlen, *packed.shape[1:])
 
 
+def check_offsets(cu_seqlens: torch.Tensor, rows: int, name: str, of_what: str) -> int:
+    """Raise ValueError unless ``cu_seqlens`` (at least two offsets, called ``name``) rises from 0 to
+    ``rows`` (the number of ``of_what``); the longest sequence otherwise. One host read."""
+    seqlens = cu_seqlens.diff()
+    first, last, smallest, longest = torch.stack(
+        [cu_seqlens[0], cu_seqlens[-1], seqlens.min(), seqlens.max()]).tolist()
+    if first != 0 or last != rows or smallest < 0:
+        raise ValueError(f"{name} must rise from 0 to the number of {of_what} ({rows}); it goes from {first} "
+                         f"to {last}" + (" and decreases" if smallest < 0 else ""))
+    return longest
+
+
 def sequence_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each packed token: the sequence it belongs to and its index inside that sequence."""
     batch = cu_seqlens.numel() - 1
