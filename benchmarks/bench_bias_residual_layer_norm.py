@@ -18,6 +18,8 @@ file's rows go to the suite's results table (benchmarks/conftest.py).
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -35,6 +37,7 @@ TOKENS = [4096, 16384]
 SMALL_TOKENS = [128, 1024]
 SWEEP = {"fastbert-triton-M8-w4": dict(BLOCK_M=8, num_warps=4), "fastbert-triton-M2-w1": dict(BLOCK_M=2, num_warps=1),
          "fastbert-triton-M4-w2": dict(BLOCK_M=4, num_warps=2)}
+SWEEP_HIDDEN = 768  # BERT-base's width
 IMPLS = ["fastbert-triton", "torch-eager", "torch-compile"]
 EPS = 1e-12
 if SMOKE:  # bf16 is not exact under the Triton interpreter
@@ -43,34 +46,33 @@ if SMOKE:  # bf16 is not exact under the Triton interpreter
     TOKENS = [256]
     SMALL_TOKENS = [16]
     SWEEP = {"fastbert-triton-M8-w4": dict(BLOCK_M=8, num_warps=4)}
+    SWEEP_HIDDEN = 64
 _compiled = {}
 
 
 def _cases():
     """Every impl on TOKENS; at SMALL_TOKENS, fastbert and eager PyTorch only, and the sweep at
-    BERT-base's width (or the smoke run's) in 16-bit dtypes."""
-    for dtype_name in DTYPES:
-        for hidden in HIDDEN:
-            for tokens in TOKENS + SMALL_TOKENS:
-                for impl in IMPLS + list(SWEEP):
-                    small = tokens in SMALL_TOKENS
-                    if small and impl == "torch-compile":
-                        continue
-                    if impl in SWEEP and not (small and hidden in (768, 64) and dtype_name != "fp32"):
-                        continue
-                    yield dtype_name, hidden, tokens, impl
+    SWEEP_HIDDEN in 16-bit dtypes."""
+    for dtype_name, hidden, tokens, impl in itertools.product(DTYPES, HIDDEN, TOKENS + SMALL_TOKENS,
+                                                              IMPLS + list(SWEEP)):
+        small = tokens in SMALL_TOKENS
+        if small and impl == "torch-compile":
+            continue
+        if impl in SWEEP and not (small and hidden == SWEEP_HIDDEN and dtype_name != "fp32"):
+            continue
+        yield dtype_name, hidden, tokens, impl
 
 
 @pytest.mark.parametrize("dtype_name, hidden, tokens, impl", list(_cases()))
 def test_bias_residual_layer_norm(benchmark, record, copy_bandwidth_gbs, dtype_name, hidden, tokens, impl):
     device_or_skip()
-    from fastbert.kernels.bias_residual_layer_norm import bias_residual_layer_norm_fwd
     from fastbert.ops import backend
     from fastbert.ops.bias_residual_layer_norm import bias_residual_layer_norm
     from fastbert.ops.bias_residual_layer_norm import bias_residual_layer_norm_reference as reference
 
     dtype = DTYPES[dtype_name]
-    if impl == "fastbert-triton" or impl in SWEEP:
+    ours = impl.startswith("fastbert-triton")  # the op, or the launcher with a swept block
+    if ours:
         triton_or_skip()
     if impl == "torch-compile":
         _compiled.setdefault("reference", compile_peer(reference))
@@ -85,6 +87,8 @@ def test_bias_residual_layer_norm(benchmark, record, copy_bandwidth_gbs, dtype_n
                 with backend.use_backend("triton"):
                     return bias_residual_layer_norm(*args)
         elif impl in SWEEP:  # the launcher with another block (the op's checks are the same)
+            from fastbert.kernels.bias_residual_layer_norm import bias_residual_layer_norm_fwd
+
             out = torch.empty_like(x)
 
             def call():
@@ -101,7 +105,7 @@ def test_bias_residual_layer_norm(benchmark, record, copy_bandwidth_gbs, dtype_n
     size = torch.finfo(dtype).bits // 8
     moved = 3 * tokens * hidden * size + 3 * hidden * size
     with torch.inference_mode():
-        if impl == "fastbert-triton" or impl in SWEEP:  # agrees with the reference before it is timed
+        if ours:  # agrees with the reference before it is timed
             first = build(0)
             expected = reference(*(t.float() for t in first.args[:5]), EPS)
             assert (first().float() - expected).abs().max().item() < (1e-4 if dtype == torch.float32 else 0.1)

@@ -24,6 +24,12 @@ class PackedBatch(NamedTuple):
     packing: Packing
     extremes: torch.Tensor
 
+    def outputs(self) -> tuple[torch.Tensor, ...]:
+        """The kernel's (and ``pack_padded_batch_reference``'s) outputs, in their order: indices, valid,
+        packed ids, packed token types, positions, cu_seqlens, extremes."""
+        return (self.packing.indices, self.packing.valid, self.input_ids, self.token_type_ids,
+                self.position_ids, self.packing.cu_seqlens, self.extremes)
+
 
 def pack_padded_batch_reference(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                 token_type_ids: torch.Tensor, vocab_size: int, type_vocab_size: int):

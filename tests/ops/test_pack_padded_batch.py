@@ -74,8 +74,7 @@ def case_matches_reference(device, kind, shape, mask_dtype, id_dtype, out_of_ran
     assert_same(launch(ids, mask, types, device), want, f"{kind} {shape} {mask_dtype} {id_dtype}")
     with backend.use_backend("triton"):
         packed = P.pack_padded_batch(ids, mask, types, VOCAB, TYPES)
-    got = (packed.packing.indices, packed.packing.valid, packed.input_ids, packed.token_type_ids,
-           packed.position_ids, packed.packing.cu_seqlens, packed.extremes)
+    got = packed.outputs()
     assert_same(got, want, f"op {kind} {shape}")
 
 
@@ -100,8 +99,7 @@ def case_broadcast_and_strided(device):
         want = P.pack_padded_batch_reference(*(v.contiguous() for v in views), VOCAB, TYPES)
         with backend.use_backend("triton"):
             packed = P.pack_padded_batch(*views, VOCAB, TYPES)
-        got = (packed.packing.indices, packed.packing.valid, packed.input_ids, packed.token_type_ids,
-               packed.position_ids, packed.packing.cu_seqlens, packed.extremes)
+        got = packed.outputs()
         assert_same(got, want, what)
 
 
@@ -153,8 +151,7 @@ def test_cpu_defaults_to_the_reference(monkeypatch):
     ids, mask, types = make_batch("holes", 3, 9)
     packed = P.pack_padded_batch(ids, mask, types, VOCAB, TYPES)
     want = P.pack_padded_batch_reference(ids, mask, types, VOCAB, TYPES)
-    assert_same((packed.packing.indices, packed.packing.valid, packed.input_ids, packed.token_type_ids,
-                 packed.position_ids, packed.packing.cu_seqlens, packed.extremes), want, "cpu")
+    assert_same(packed.outputs(), want, "cpu")
     assert packed.packing.max_seqlen == 9 and (packed.packing.batch, packed.packing.seqlen) == (3, 9)
 
 
