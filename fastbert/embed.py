@@ -338,11 +338,10 @@ def _progress_bars(enabled: bool):
     hf_logging.disable_progress_bar()
     try:
         yield
-    finally:
+    finally:  # each restored on its own (transformers' switch turns huggingface_hub's too)
         if was_enabled:
             hf_logging.enable_progress_bar()
-            if hub_was_disabled:
-                hub_utils.disable_progress_bars()
+        (hub_utils.disable_progress_bars if hub_was_disabled else hub_utils.enable_progress_bars)()
 
 
 def _check_output(path: str) -> None:

@@ -221,6 +221,27 @@ def test_embed_quiet_silences_the_loading_bar(tmp_path, capfd):
     assert hf_logging.is_progress_bar_enabled()  # restored for the rest of the process
 
 
+def test_quiet_restores_each_progress_bar_switch_on_its_own():
+    """transformers' switch turns huggingface_hub's too: with transformers' bar off and hub's on
+    before, hub's was left off after a quiet run."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    from fastbert.embed import _progress_bars
+
+    try:
+        for transformers_on, hub_on in ((False, True), (True, False), (False, False), (True, True)):
+            (hf_logging.enable_progress_bar if transformers_on else hf_logging.disable_progress_bar)()
+            (hub_utils.enable_progress_bars if hub_on else hub_utils.disable_progress_bars)()
+            with _progress_bars(False):
+                assert not hf_logging.is_progress_bar_enabled()
+            assert hf_logging.is_progress_bar_enabled() == transformers_on
+            assert hub_utils.are_progress_bars_disabled() == (not hub_on), (transformers_on, hub_on)
+    finally:
+        hf_logging.enable_progress_bar()
+        hub_utils.enable_progress_bars()
+
+
 def test_embed_dtype_auto(tmp_path, capsys):
     from tests.test_embed_edge_cases import _fp16_st_dir
 
