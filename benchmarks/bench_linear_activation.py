@@ -7,6 +7,8 @@ Implementations, each on the same inputs ``x [tokens, hidden]``, ``weight [inter
 - ``fastbert-triton-gemm-<tile>``: the same launch helper with the tiles of ``SWEEP`` (16-bit only);
 - ``fastbert-cublas+epilogue``: what the model runs by default: ``F.linear`` (cuBLAS) and then the
   ``bias_activation`` kernel;
+- ``fastbert-cublaslt``: the op under ``FASTBERT_GEMM=cublaslt``: one cuBLASLt GEMM with the bias and
+  (tanh-form) GELU in its epilogue (``torch._addmm_activation``);
 - ``torch-eager``: ``F.linear(x, weight, bias)`` (cuBLAS with the bias in its epilogue) then ``F.gelu``;
 - ``torch-compile``: the same under ``torch.compile`` (default mode).
 
@@ -26,8 +28,8 @@ from benchmarks.conftest import DEVICE, SMOKE, compile_peer, device_or_skip, tim
 
 DTYPES = {"bf16": torch.bfloat16}
 SHAPES = {"bert-base": (768, 3072), "bert-large": (1024, 4096)}  # (hidden, intermediate)
-TOKENS = [4096, 16384]
-IMPLS = ["fastbert-triton-gemm", "fastbert-cublas+epilogue", "torch-eager", "torch-compile"]
+TOKENS = [128, 4096, 16384]  # 128: the batch of one whose CUDA-graph replay is launch-bound
+IMPLS = ["fastbert-triton-gemm", "fastbert-cublas+epilogue", "fastbert-cublaslt", "torch-eager", "torch-compile"]
 if SMOKE:  # bf16 is not exact under the Triton interpreter
     DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
     SHAPES = {"tiny": (64, 96)}
@@ -67,7 +69,8 @@ def test_linear_activation(benchmark, record, matmul_peak_tflops, monkeypatch, d
         pytest.skip("the tile sweep is for 16-bit inputs")
     if impl == "torch-compile" and "fn" not in _compiled:
         _compiled["fn"] = compile_peer(lambda x, w, b: F.gelu(F.linear(x, w, b)))
-    monkeypatch.setenv("FASTBERT_GEMM", "triton" if impl.startswith("fastbert-triton-gemm") else "cublas")
+    monkeypatch.setenv("FASTBERT_GEMM", "triton" if impl.startswith("fastbert-triton-gemm") else
+                       "cublaslt" if impl == "fastbert-cublaslt" else "cublas")
 
     def build(seed):
         gen = torch.Generator(device=DEVICE).manual_seed(seed)

@@ -7,7 +7,8 @@ padded batch through the same API (it unpads inside), eagerly and through its tw
 (``CUDAGraphRunner``: eager validation and unpadding around a replay per token-count bucket;
 ``PaddedCUDAGraphRunner``: the whole forward in a graph per batch-shape bucket). On BERT-base bf16,
 ``+triton-gemm`` rows run the same with ``FASTBERT_GEMM=triton`` (the FFN's first matmul and its
-GELU as one Triton GEMM instead of cuBLAS + the epilogue kernel), and ``module-path`` rows time eager
+GELU as one Triton GEMM instead of cuBLAS + the epilogue kernel), ``+cublaslt`` rows with
+``FASTBERT_GEMM=cublaslt`` (the same in cuBLASLt's epilogue, GELU in its tanh form), and ``module-path`` rows time eager
 fastbert without the encoder's fast path (each layer through its modules and ops: what the fast
 path saves in host time, measured as a peer). On the headline cases,
 ``fastbert+torch.compile`` is ``torch.compile(fastbert model, fullgraph=True)`` (the fused ops as
@@ -144,21 +145,23 @@ def graph_runner(name: str, dtype_name: str, gemm_kind: str = "cublas"):
 
 
 @functools.cache
-def padded_graph_runner(name: str, dtype_name: str):
+def padded_graph_runner(name: str, dtype_name: str, gemm_kind: str = "cublas"):
     return PaddedCUDAGraphRunner(models(name, dtype_name)["fastbert"], max_seqlen=512)
 
 
 IMPLS = ["fastbert", "fastbert+cudagraphs", "fastbert+padded-cudagraphs", "fastbert+triton-gemm",
-         "fastbert+cudagraphs+triton-gemm", "fastbert+torch.compile", "module-path", "transformers-eager",
-         "transformers-sdpa", "torch.compile", "torch.compile-max-autotune"]
-ON_HEADLINE_MODEL = ("triton-gemm", "module-path")  # rows run on HEADLINE_MODEL only (time)
+         "fastbert+cudagraphs+triton-gemm", "fastbert+cublaslt", "fastbert+padded-cudagraphs+cublaslt",
+         "fastbert+torch.compile", "module-path", "transformers-eager", "transformers-sdpa", "torch.compile",
+         "torch.compile-max-autotune"]
+GEMM_ROWS = {"+triton-gemm": "triton", "+cublaslt": "cublaslt"}  # impl suffix -> FASTBERT_GEMM (else cublas)
+ON_HEADLINE_MODEL = ("triton-gemm", "cublaslt", "module-path")  # rows run on HEADLINE_MODEL only (time)
 # Rows that compile for minutes: only on the headline cases, after everything else.
 HEADLINE_ONLY = ("fastbert+torch.compile", "torch.compile-max-autotune")
 HEADLINE_MODEL = ("bert-base", "bf16")  # QUICK's only model and dtype; ON_HEADLINE_MODEL's rows' too
 
 
 def cases():
-    """Every (model, dtype, shape, peer); the ``+triton-gemm`` rows after the others, then
+    """Every (model, dtype, shape, peer); the ``+triton-gemm`` and ``+cublaslt`` rows after the others, then
     fastbert's torch.compile and max-autotune (their compilation takes minutes), so a call cut at its
     time limit loses the optional rows first (run them alone with ``-k max-autotune`` and the like)."""
     everything = [(name, dtype_name, shape, impl)
@@ -169,7 +172,7 @@ def cases():
                        or SMOKE)]
     # Stable: the order is kept otherwise.
     order = {"fastbert+torch.compile": 2, "torch.compile-max-autotune": 3}
-    everything.sort(key=lambda case: order.get(case[3], "triton-gemm" in case[3]))
+    everything.sort(key=lambda case: order.get(case[3], any(case[3].endswith(k) for k in GEMM_ROWS)))
     for case in everything:
         yield pytest.param(*case, id="-".join(case))
 
@@ -191,6 +194,8 @@ def test_model(benchmark, record, matmul_peak_tflops, monkeypatch, name, dtype_n
         "fastbert+triton-gemm": lambda: group["fastbert"](ids, attention_mask=mask),
         "fastbert+cudagraphs+triton-gemm": lambda: graph_runner(name, dtype_name, "triton")(ids, mask),
         "fastbert+padded-cudagraphs": lambda: padded_graph_runner(name, dtype_name)(ids, mask),
+        "fastbert+cublaslt": lambda: group["fastbert"](ids, attention_mask=mask),
+        "fastbert+padded-cudagraphs+cublaslt": lambda: padded_graph_runner(name, dtype_name, "cublaslt")(ids, mask),
         "module-path": lambda: group["fastbert"](ids, attention_mask=mask),
         "transformers-eager": lambda: group["eager"](ids, attention_mask=mask),
         "transformers-sdpa": lambda: group["sdpa"](ids, attention_mask=mask),
@@ -198,11 +203,12 @@ def test_model(benchmark, record, matmul_peak_tflops, monkeypatch, name, dtype_n
         "torch.compile": lambda: compiled(name, dtype_name, None)(ids, attention_mask=mask),
         "torch.compile-max-autotune": lambda: compiled(name, dtype_name, "max-autotune")(ids, attention_mask=mask),
     }[impl]
-    with use_gemm("triton" if impl.endswith("+triton-gemm") else "cublas"):
-        if impl.endswith("+triton-gemm") and not SMOKE:  # the row times the fused GEMM, or nothing
+    gemm = next((kind for suffix, kind in GEMM_ROWS.items() if impl.endswith(suffix)), "cublas")
+    with use_gemm(gemm):
+        if gemm != "cublas" and not SMOKE:  # the row times its GEMM setting, or nothing
             from fastbert.ops.linear_activation import active_backend
 
-            assert active_backend(DEVICE) == "triton", active_backend(DEVICE)
+            assert active_backend(DEVICE) == gemm, active_backend(DEVICE)
         if impl.startswith("fastbert"):
             check_output(fn(), name, dtype_name, ids, mask)
         benchmark.group = f"{name} {dtype_name} {shape}"

@@ -309,17 +309,17 @@ class BertLayer(GradientCheckpointingLayer):
         self.output = BertOutput(config)
 
     def forward(self, hidden_states, packing, output_attentions=False, rows=None, fast_path=None, weights=None):
-        """``fast_path``: ``"cublas"`` or ``"triton"`` when the encoder found the call eligible
+        """``fast_path``: the GEMM setting (``ops.backend.GEMMS``) when the encoder found the call eligible
         (``fast_path_ready``), saying which GEMM the FFN uses (anything else: off); the layer then
         launches its kernels from one function (``ops.encoder_layer``) if its own modules allow.
         ``weights``: what ``_fast_path_weights`` returned, when the encoder already read every layer's
         and checked them against its input (each layer's output has the layout of its input)."""
-        if fast_path in ("cublas", "triton") and not output_attentions:
+        if fast_path in ops.backend.GEMMS and not output_attentions:
             if weights is None:  # else read and checked by the encoder, against its input's layout
                 weights = self._fast_path_weights()
                 weights = weights if weights is not None and weights_ready(weights, hidden_states) else None
             if weights is not None:
-                return encoder_layer(hidden_states, packing, weights, fast_path == "triton", rows), None
+                return encoder_layer(hidden_states, packing, weights, fast_path, rows), None
         attention_output, probs = self.attention(hidden_states, packing, output_attentions, rows)
         return self.output(self.intermediate(attention_output), attention_output), probs
 

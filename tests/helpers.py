@@ -153,7 +153,8 @@ def registered_schema_test(op: str, schema: str):
 
 class RecordFastbertOps:
     """``with RecordFastbertOps() as ops:`` collects the names of the ``torch.ops.fastbert.*`` ops
-    called inside (proof that a model ran the fused kernels, not the PyTorch fallback)."""
+    called inside (proof that a model ran the fused kernels, not the PyTorch fallback), and of
+    ``aten._addmm_activation`` (cuBLASLt's epilogue, ``FASTBERT_GEMM=cublaslt``)."""
 
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -162,7 +163,7 @@ class RecordFastbertOps:
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if str(func).startswith("fastbert."):
+                if str(func).startswith("fastbert.") or func is torch.ops.aten._addmm_activation.default:
                     names.append(str(func))
                 return func(*args, **(kwargs or {}))
 

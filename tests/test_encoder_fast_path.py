@@ -31,7 +31,7 @@ from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
 needs_triton = pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 
-test_fast_path_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 42, FASTBERT_BACKEND="triton")
+test_fast_path_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 44, FASTBERT_BACKEND="triton")
 
 
 @pytest.fixture
@@ -100,6 +100,30 @@ if IN_CHILD:
             theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
         keep = mask.bool()
         assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, "fused GEMM against transformers")
+
+    @pytest.mark.parametrize("mask_kind", ["none", "holes"])
+    def test_interpreter_case_cublaslt_setting(mask_kind, fast_layers, monkeypatch):
+        """FASTBERT_GEMM=cublaslt: the fast path runs the FFN's first matmul with its bias + GELU in one
+        ``torch._addmm_activation``, as ops.linear_activation does, and no epilogue kernel. cuBLASLt
+        runs on CUDA tensors only: here ``cublaslt_takes`` is let take CPU tensors, whose
+        ``_addmm_activation`` computes erf-GELU, so the output is also transformers' within fp32's budget."""
+        monkeypatch.setenv("FASTBERT_GEMM", "cublaslt")
+        gemm = importlib.import_module("fastbert.ops.linear_activation")
+        takes = gemm.cublaslt_takes
+        monkeypatch.setattr(gemm, "cublaslt_takes", lambda x, *args: x.device.type == "cpu" or takes(x, *args))
+        epilogues, original = [], torch._addmm_activation
+        monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: epilogues.append(k) or original(*a, **k))
+        separate = importlib.import_module("fastbert.ops.bias_activation")
+        monkeypatch.setattr(separate, "bias_activation_fwd", lambda *a, **k: pytest.fail("the epilogue kernel ran"))
+        fast, hf = model_pair(make_config("h144", layers=2))
+        ids, types = random_inputs(fast.config, 3, 11)
+        mask = make_mask(mask_kind, 3, 11)
+        hidden, _ = assert_fast_equals_module_path(fast, ids, mask, types)
+        assert len(fast_layers) == 2 and epilogues == [{"use_gelu": True}] * 4, (fast_layers, epilogues)
+        with torch.no_grad():
+            theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        keep = mask.bool()
+        assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, "cuBLASLt setting against transformers")
 
     def test_interpreter_case_each_layer_runs_on_its_tensors_gpu(fast_layers, monkeypatch):
         """The fast path makes its hidden states' GPU current (``backend.device_guard``) around each

@@ -47,18 +47,20 @@ LAUNCH_HELPERS = {  # op module -> launch helper
 MY_KERNELS = ("_attention_fwd_kernel", "_bias_activation_fwd_kernel", "_bias_residual_layer_norm_fwd_kernel",
               "_linear_activation_fwd_kernel")
 MY_OPS = ("fastbert.varlen_attention.default", "fastbert.bias_activation.default",
-          "fastbert.bias_residual_layer_norm.default", "fastbert.linear_activation.default")
+          "fastbert.bias_residual_layer_norm.default", "fastbert.linear_activation.default",
+          "aten._addmm_activation.default")
 
 
 class RecordFastbertOps(TorchDispatchMode):
-    """Records (op name, tensor shapes, tensor dtypes, tensor devices) of every fastbert op."""
+    """Records (op name, tensor shapes, tensor dtypes, tensor devices) of every fastbert op, and of
+    cuBLASLt's matmul with a bias + activation epilogue (``aten._addmm_activation``, FASTBERT_GEMM=cublaslt)."""
 
     def __init__(self):
         super().__init__()
         self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fastbert":
+        if func.namespace == "fastbert" or func is torch.ops.aten._addmm_activation.default:
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             self.calls.append((str(func), [tuple(t.shape) for t in tensors], [t.dtype for t in tensors],
                                {t.device.type for t in tensors}))
@@ -237,6 +239,35 @@ def test_fused_gemm_takes_the_triton_path_on_cuda(dtype, launches, monkeypatch):
     ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cublaslt_setting_runs_the_epilogue_in_the_gemm(dtype, launches, monkeypatch):
+    """FASTBERT_GEMM=cublaslt: one ``aten._addmm_activation`` (cuBLASLt's bias + GELU / ReLU epilogue,
+    tanh-approximated GELU) and no Triton launch, where that is exact (ReLU, tanh-GELU) or within
+    the 16-bit budget (erf-GELU in fp16 / bf16). Everything else runs the matmul and the epilogue
+    kernel: erf-GELU in fp32, no bias, autograd (the epilogue op has no backward)."""
+    from fastbert import ops
+
+    A = importlib.import_module("fastbert.ops.linear_activation")  # the module, not the same-named function
+    mode, record = FakeTensorMode(), RecordFastbertOps()
+    x, weight, bias = fake_cuda(mode, torch.randn(2, 150, 40).to(dtype), torch.randn(70, 40).to(dtype),
+                                torch.randn(70).to(dtype))
+    monkeypatch.setenv("FASTBERT_GEMM", "cublaslt")
+    assert A.active_backend("cuda") == "cublaslt" and A.active_backend("cpu") == "torch"
+    with mode, record:
+        outs = [ops.linear_activation(x, weight, bias, activation) for activation in ("gelu", "gelu_tanh", "relu")]
+        outs.append(ops.linear_activation(x, weight, None, "gelu_tanh"))
+        x.requires_grad_()
+        outs.append(ops.linear_activation(x, weight, bias, "relu"))
+    for out in outs:
+        assert out.shape == (2, 150, 70) and out.dtype == dtype and out.device.type == "cuda"
+    epilogue = ("aten._addmm_activation.default", [(70,), (300, 40), (40, 70)], [dtype] * 3, {"cuda"})
+    separate = ("fastbert.bias_activation.default", [(2, 150, 70)], [dtype], {"cuda"})
+    with_bias = ("fastbert.bias_activation.default", [(2, 150, 70), (70,)], [dtype] * 2, {"cuda"})
+    gelu = epilogue if dtype != torch.float32 else with_bias
+    assert record.mine() == [gelu, epilogue, epilogue, separate, with_bias], record.mine()
+    assert [entry[0] for entry in launches if entry[0] != "launch"] == ["bias_activation"] * (2 + (dtype == torch.float32))
+
+
 @pytest.mark.parametrize("fused_gemm", [False, True], ids=["cublas", "triton-gemm"])
 def test_linear_activation_traces_a_symbolic_token_count(fused_gemm, launches, monkeypatch):
     """A token count that is a SymInt (torch.compile's dynamic shapes, or its recompile after a new
@@ -301,10 +332,16 @@ def fake_state(model, mode, dtype, prefix=""):
                 for name, t in items if name.startswith(prefix)}
 
 
-def expected_layer_calls(layers, tokens, hidden, heads, inter, batch, dtype, fused_gemm=False):
-    ffn = (("fastbert.linear_activation.default", [(tokens, hidden), (inter, hidden), (inter,)], [dtype] * 3,
-            {"cuda"}) if fused_gemm else
-           ("fastbert.bias_activation.default", [(tokens, inter), (inter,)], [dtype, dtype], {"cuda"}))
+def expected_layer_calls(layers, tokens, hidden, heads, inter, batch, dtype, gemm="cublas"):
+    """Per layer: attention, LayerNorm, the FFN's first matmul's epilogue as ``gemm`` runs it (a
+    ``make_config`` model's erf-GELU: cuBLASLt's epilogue in 16-bit only), LayerNorm."""
+    if gemm == "triton":
+        ffn = ("fastbert.linear_activation.default", [(tokens, hidden), (inter, hidden), (inter,)], [dtype] * 3,
+               {"cuda"})
+    elif gemm == "cublaslt" and dtype != torch.float32:
+        ffn = ("aten._addmm_activation.default", [(inter,), (tokens, hidden), (hidden, inter)], [dtype] * 3, {"cuda"})
+    else:
+        ffn = ("fastbert.bias_activation.default", [(tokens, inter), (inter,)], [dtype, dtype], {"cuda"})
     per_layer = [
         ("fastbert.varlen_attention.default", [(tokens, 3 * hidden), (batch + 1,)], [dtype, torch.int32], {"cuda"}),
         ("fastbert.bias_residual_layer_norm.default", [(tokens, hidden), (hidden,), (tokens, hidden), (hidden,),
@@ -316,12 +353,12 @@ def expected_layer_calls(layers, tokens, hidden, heads, inter, batch, dtype, fus
     return per_layer * layers
 
 
-@pytest.mark.parametrize("fused_gemm", [False, True], ids=["cublas", "triton-gemm"])
+@pytest.mark.parametrize("gemm", backend.GEMMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_encoder_runs_the_fused_triton_ops(dtype, fused_gemm, launches, monkeypatch):
+def test_encoder_runs_the_fused_triton_ops(dtype, gemm, launches, monkeypatch):
     import fastbert
 
-    monkeypatch.setenv("FASTBERT_GEMM", "triton" if fused_gemm else "cublas")
+    monkeypatch.setenv("FASTBERT_GEMM", gemm)
     config = make_config("h144", layers=2)  # hidden 144, 3 heads of 48, intermediate 288
     model = fastbert.BertModel(config).eval()
     mode, record = FakeTensorMode(), RecordFastbertOps()
@@ -333,23 +370,24 @@ def test_encoder_runs_the_fused_triton_ops(dtype, fused_gemm, launches, monkeypa
     with mode, record, torch.no_grad():
         out, _, _ = torch.func.functional_call(model.encoder, state, (hidden_states, packing))
     assert out.shape == (14, 144) and out.dtype == dtype and out.device.type == "cuda"
-    assert record.calls == expected_layer_calls(2, 14, 144, 3, 288, 3, dtype, fused_gemm)
+    assert record.calls == expected_layer_calls(2, 14, 144, 3, 288, 3, dtype, gemm)
     mine = [e for e in launches if e[0] != "launch" or e[1] in MY_KERNELS]  # not the embeddings kernel
     helpers, kernels = mine[0::2], mine[1::2]
-    assert len(helpers) == 8 and all(wrapped and devices == {"cuda"} for _, wrapped, devices in helpers)
-    assert [k[0] for k in kernels] == ["launch"] * 8
+    triton_ops = 6 if gemm == "cublaslt" and dtype != torch.float32 else 8
+    assert len(helpers) == triton_ops and all(wrapped and devices == {"cuda"} for _, wrapped, devices in helpers)
+    assert [k[0] for k in kernels] == ["launch"] * triton_ops
 
 
-@pytest.mark.parametrize("fused_gemm", [False, True], ids=["cublas", "triton-gemm"])
+@pytest.mark.parametrize("gemm", backend.GEMMS)
 @pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "mask"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_model_traces_on_the_compile_path(dtype, mask, fused_gemm, launches, monkeypatch):
+def test_model_traces_on_the_compile_path(dtype, mask, gemm, launches, monkeypatch):
     """The whole model as torch.compile traces it (no host sync): every layer runs the three fused
     Triton ops on CUDA tensors. With a mask, the static packing carries all batch * seqlen rows in
     2 * batch sequences (see ``static_unpad_input``)."""
     import fastbert
 
-    monkeypatch.setenv("FASTBERT_GEMM", "triton" if fused_gemm else "cublas")
+    monkeypatch.setenv("FASTBERT_GEMM", gemm)
     config = make_config("h144", layers=2)
     model = fastbert.BertModel(config).eval()
     mode, record = FakeTensorMode(), RecordFastbertOps()
@@ -363,11 +401,12 @@ def test_model_traces_on_the_compile_path(dtype, mask, fused_gemm, launches, mon
     assert out.last_hidden_state.shape == (batch, seqlen, 144) and out.last_hidden_state.dtype == dtype
     assert out.last_hidden_state.device.type == "cuda"
     sequences = 2 * batch if mask else batch
-    assert record.mine() == expected_layer_calls(2, batch * seqlen, 144, 3, 288, sequences, dtype, fused_gemm)
+    assert record.mine() == expected_layer_calls(2, batch * seqlen, 144, 3, 288, sequences, dtype, gemm)
     mine = [e for e in launches if e[0] != "launch" or e[1] in MY_KERNELS]  # not the embeddings kernel
     helpers, kernels = mine[0::2], mine[1::2]
-    assert len(helpers) == 8 and all(wrapped and devices == {"cuda"} for _, wrapped, devices in helpers)
-    assert [k[0] for k in kernels] == ["launch"] * 8
+    triton_ops = 6 if gemm == "cublaslt" and dtype != torch.float32 else 8
+    assert len(helpers) == triton_ops and all(wrapped and devices == {"cuda"} for _, wrapped, devices in helpers)
+    assert [k[0] for k in kernels] == ["launch"] * triton_ops
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -59,12 +59,14 @@ def _fastbert_impls(family: str, dtype: str, case: str = "") -> set[str]:
         return {"fastbert-triton"} | (SMOKE_LAYER_NORM_SWEEP if dtype == "fp16" else set())
     if family == "attention":  # the block-configuration sweep runs on 16-bit inputs
         return {"fastbert-triton"} | ({"fastbert-triton-M32-N16-w4"} if dtype == "fp16" else set())
-    if family == "linear+gelu":  # the fused GEMM (and its tile sweep, 16-bit), and cuBLAS + the epilogue
+    if family == "linear+gelu":  # the fused GEMM (and its tile sweep, 16-bit), cuBLAS + the epilogue, and
+        # FASTBERT_GEMM=cublaslt (on the CPU: its fallback, cuBLAS + the epilogue's path; wiring only)
         from fastbert.kernels.linear_activation import SWEEP
 
         sweep = {f"fastbert-triton-gemm-{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}-w{c['num_warps']}-s{c['num_stages']}"
                  for c in SWEEP}
-        return {"fastbert-triton-gemm", "fastbert-cublas+epilogue"} | (sweep if dtype == "fp16" else set())
+        return ({"fastbert-triton-gemm", "fastbert-cublas+epilogue", "fastbert-cublaslt"}
+                | (sweep if dtype == "fp16" else set()))
     if family != "embeddings":
         return {"fastbert-triton"}
     from fastbert import _extension

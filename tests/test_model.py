@@ -8,7 +8,7 @@ import transformers
 
 import fastbert
 from tests.helpers import (DEVICES, FP32_MODEL_RANDOM, RecordFastbertOps, assert_close, assert_gradients_match,
-                           assert_low_precision_within_budget, max_abs_diff)
+                           assert_low_precision_within_budget, max_abs_diff, needs_cuda)
 from tests.model_utils import SHAPES, make_config, make_mask, model_pair, random_inputs
 
 
@@ -163,6 +163,38 @@ def test_low_precision_within_budget(dtype, shape, mask_kind, device):
         ran = {name.split(".")[1] for name in record.names}
         assert {"varlen_attention", "bias_activation", "bias_residual_layer_norm"} <= ran, ran
         assert ran & {"embedding_layer_norm", "embedding_layer_norm_triton"}, ran
+
+
+@needs_cuda
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
+@pytest.mark.parametrize("mask_kind", ["right", "holes"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cublaslt_setting_within_budget(dtype, mask_kind, hidden_act, monkeypatch):
+    """FASTBERT_GEMM=cublaslt on a GPU: the FFN's first matmul runs with its bias + GELU in cuBLASLt's
+    epilogue (tanh-approximated; erf-GELU models too, in 16-bit), within the 16-bit budget of
+    transformers in fp32, in eager calls and through PaddedCUDAGraphRunner."""
+    from fastbert.cuda_graphs import PaddedCUDAGraphRunner
+
+    monkeypatch.setenv("FASTBERT_GEMM", "cublaslt")
+    fast32, hf32 = model_pair(make_config("base", layers=2, hidden_act=hidden_act), device="cuda")
+    fast = fastbert.BertModel(fast32.config).to("cuda", dtype).eval()
+    fast.load_state_dict(fast32.state_dict())
+    hf = transformers.BertModel(hf32.config).to("cuda", dtype).eval()
+    hf.load_state_dict(hf32.state_dict())
+    ids, types = random_inputs(fast.config, 3, 37, device="cuda")
+    mask = make_mask(mask_kind, 3, 37).to("cuda")
+    keep = mask.bool()
+    with torch.no_grad(), RecordFastbertOps() as record:
+        ours = fast(ids, attention_mask=mask, token_type_ids=types).last_hidden_state[keep]
+    with torch.no_grad():
+        graphed = PaddedCUDAGraphRunner(fast)(ids, mask, types).last_hidden_state[keep]
+        reference = hf32(ids, attention_mask=mask, token_type_ids=types).last_hidden_state[keep]
+        theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state[keep]
+    assert record.names.count("aten._addmm_activation.default") == 2, record.names
+    assert "fastbert.bias_activation.default" not in record.names, record.names
+    for out, what in ((ours, "eager"), (graphed, "graphs")):
+        assert out.dtype == dtype
+        assert_low_precision_within_budget(out.float(), reference, theirs.float(), f"{dtype} {hidden_act} {what}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -47,7 +47,7 @@ class EncoderLayerWeights(NamedTuple):
 
 
 def fast_path_ready(hidden_states: torch.Tensor, packing: Packing) -> str | None:
-    """The GEMM setting (``"cublas"`` or ``"triton"``, ``encoder_layer``'s ``fused_gemm``) when an
+    """The GEMM setting (``backend.GEMMS``: ``encoder_layer``'s ``gemm``) when an
     encoder forward on ``hidden_states`` may take the fast path, else None: the Triton backend on
     their device, gradients off (inference), no autocast, a kernel dtype,
     ``cu_seqlens`` as the attention op takes it (1-D int32 on the same device; else the op says what
@@ -106,17 +106,19 @@ def weights_ready(weights: EncoderLayerWeights, hidden_states: torch.Tensor) -> 
 
 
 def encoder_layer(hidden_states: torch.Tensor, packing: Packing, weights: EncoderLayerWeights,
-                  fused_gemm: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+                  gemm: str = "cublas", rows: torch.Tensor | None = None) -> torch.Tensor:
     """``[tokens, hidden]`` -> ``[tokens, hidden]``: QKV GEMM, attention, output projection, bias +
-    residual + LayerNorm, FFN GEMM, bias + activation (in place; ``fused_gemm``, the setting
-    ``FASTBERT_GEMM=triton``: in the Triton GEMM's epilogue instead), FFN GEMM, bias + residual +
-    LayerNorm. ``rows``: only these rows go on after attention (``[len(rows), hidden]`` out), as in
-    BertAttention. Call only where ``fast_path_ready`` and ``weights_ready`` hold."""
+    residual + LayerNorm, FFN GEMM, bias + activation (in place), FFN GEMM, bias + residual +
+    LayerNorm. ``gemm``, the ``FASTBERT_GEMM`` setting: under ``triton`` the bias + activation run in
+    the Triton GEMM's epilogue, under ``cublaslt`` in cuBLASLt's (where ``cublaslt_takes``), as
+    ``ops.linear_activation`` runs them. ``rows``: only these rows go on after attention
+    (``[len(rows), hidden]`` out), as in BertAttention. Call only where ``fast_path_ready`` and
+    ``weights_ready`` hold."""
     with backend.device_guard(hidden_states):
-        return _encoder_layer(hidden_states, packing, weights, fused_gemm, rows)
+        return _encoder_layer(hidden_states, packing, weights, gemm, rows)
 
 
-def _encoder_layer(x: torch.Tensor, packing: Packing, weights: EncoderLayerWeights, fused_gemm: bool,
+def _encoder_layer(x: torch.Tensor, packing: Packing, weights: EncoderLayerWeights, gemm: str,
                    rows: torch.Tensor | None) -> torch.Tensor:
     qkv = F.linear(x, weights.qkv_weight, weights.qkv_bias)
     context = torch.empty_like(x)
@@ -129,9 +131,11 @@ def _encoder_layer(x: torch.Tensor, packing: Packing, weights: EncoderLayerWeigh
     _layer_norm.bias_residual_layer_norm_fwd(F.linear(context, weights.attention_output_weight),
                                              weights.attention_output_bias, x, *weights.attention_norm,
                                              attention_output, num_sms)
-    if fused_gemm:  # as ops.linear_activation launches it under FASTBERT_GEMM=triton
-        intermediate = _gemm._launch(attention_output, weights.intermediate_weight, weights.intermediate_bias,
-                                     weights.activation)
+    ffn = (attention_output, weights.intermediate_weight, weights.intermediate_bias, weights.activation)
+    if gemm == "triton":  # as ops.linear_activation runs the FFN's first matmul under each setting
+        intermediate = _gemm._launch(*ffn)
+    elif gemm == "cublaslt" and _gemm.cublaslt_takes(*ffn):
+        intermediate = _gemm.cublaslt_linear_activation(*ffn)
     else:
         intermediate = F.linear(attention_output, weights.intermediate_weight)
         # In place: the kernel reads each element once, then writes it (saves a [tokens, intermediate] buffer).

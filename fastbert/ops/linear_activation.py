@@ -1,9 +1,11 @@
 """Linear + bias + activation, ``act(x @ weight.T + bias)``: BERT's first FFN matmul and its epilogue.
 
-Two fast paths, picked by ``FASTBERT_GEMM`` (``backend.gemm_setting``) when the Triton backend is
+Three fast paths, picked by ``FASTBERT_GEMM`` (``backend.gemm_setting``) when the Triton backend is
 active: ``cublas`` (default) runs PyTorch's matmul and then the ``bias_activation`` kernel;
 ``triton`` runs one Triton GEMM with the bias and activation applied to its fp32 accumulator
-(``kernels/linear_activation.py``), so the pre-activation is never written.
+(``kernels/linear_activation.py``), so the pre-activation is never written; ``cublaslt`` does the
+same in cuBLASLt's epilogue (``torch._addmm_activation``) where its tanh-approximated GELU is exact
+or below the dtype's rounding (``cublaslt_takes``), else runs as ``cublas``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,31 @@ from .bias_activation import _KINDS, bias_activation, bias_activation_reference
 def linear_activation_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                 activation: str) -> torch.Tensor:
     return bias_activation_reference(F.linear(x, weight), bias, activation)
+
+
+# cuBLASLt's GELU epilogue is the tanh approximation (as PyTorch's CUDA ``_addmm_activation``): at
+# most 4.7e-4 (absolute, near x = -2.7) from erf-GELU. That is inside DESIGN.md's 16-bit budget
+# (2x PyTorch's own error + 1e-3; bf16's spacing at 1 is 7.8e-3, fp16's 9.8e-4), far over fp32's
+# (1e-5): erf-GELU in fp32 keeps the separate epilogue.
+_EXACT_IN_FP32 = ("gelu_tanh", "relu")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def cublaslt_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> bool:
+    """Whether ``FASTBERT_GEMM=cublaslt`` runs this product in cuBLASLt's epilogue: CUDA tensors of one
+    dtype with a bias, and an activation that its epilogue computes exactly (``gelu_tanh``, ``relu``)
+    or, for erf-GELU, a 16-bit dtype. Anything else runs PyTorch's matmul and the epilogue kernel."""
+    return (x.device.type == "cuda" and bias is not None and weight.dtype == x.dtype and bias.dtype == x.dtype
+            and (x.dtype in _HALF_DTYPES or (x.dtype == torch.float32 and activation in _EXACT_IN_FP32)))
+
+
+def cublaslt_linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               activation: str) -> torch.Tensor:
+    """``activation(x @ weight.T + bias)`` as one cuBLASLt GEMM with its bias + ReLU / GELU epilogue
+    (where ``cublaslt_takes``; no autograd: ``_addmm_activation`` has no backward), any leading shape."""
+    rows = backend.as_rows(x)
+    out = torch._addmm_activation(bias.contiguous(), rows, weight.t(), use_gelu=activation != "relu")
+    return backend.unrows(out, x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,8 +123,12 @@ def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     # Under autocast the matmul's dtype is autocast's business: F.linear takes it (this op would run
     # the fp32 inputs as an fp32 GEMM).
     autocast = torch.is_autocast_enabled(x.device.type)
+    gemm = backend.gemm_setting()
+    if (gemm == "cublaslt" and not autocast and cublaslt_takes(x, weight, bias, activation)
+            and backend.use_triton(x, weight, bias)):  # not differentiable: autograd takes the path below
+        return cublaslt_linear_activation(x, weight, bias, activation)
     fused = (not autocast and _kernel_takes(x, weight, bias)
-             and backend.use_triton(x, weight, bias, differentiable=True) and backend.gemm_setting() == "triton")
+             and backend.use_triton(x, weight, bias, differentiable=True) and gemm == "triton")
     if not fused:
         pre = F.linear(x, weight)
         if bias is not None and autocast:
@@ -114,8 +145,12 @@ def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def active_backend(device: torch.device | str) -> str:
     """What ``linear_activation`` runs on tensors of ``device`` under the current settings:
-    ``"triton"`` (the fused GEMM), ``"cublas+triton"`` (PyTorch's matmul, then the Triton epilogue) or
+    ``"triton"`` (the fused GEMM), ``"cublaslt"`` (cuBLASLt's epilogue, where ``cublaslt_takes``, else
+    as ``"cublas+triton"``), ``"cublas+triton"`` (PyTorch's matmul, then the Triton epilogue) or
     ``"torch"``."""
     if not backend.triton_backend_for(device):
         return "torch"
-    return "triton" if backend.gemm_setting() == "triton" else "cublas+triton"
+    gemm = backend.gemm_setting()
+    if gemm == "cublaslt":
+        return "cublaslt" if torch.device(device).type == "cuda" else "cublas+triton"
+    return "triton" if gemm == "triton" else "cublas+triton"

@@ -5,7 +5,9 @@
   tiles, grouped tile order with several groups), a strided input, no bias, zero rows, K = 0,
   gradients, opcheck.
 - On a GPU (skipped without one): the same checks, bf16 and BERT-sized shapes too.
-- Here, without Triton running: which path ``FASTBERT_GEMM`` picks, and the input checks.
+- Here, without Triton running: which path ``FASTBERT_GEMM`` picks, the input checks, and the rule
+  of ``FASTBERT_GEMM=cublaslt`` on its numbers (cuBLASLt's tanh-form GELU, emulated: within the budget
+  wherever the rule takes it; its GPU cases run the real epilogue).
 
 Budgets (DESIGN.md): fp32 1e-5 (the op); fp16 / bf16: error against the fp32 reference <= 2x
 PyTorch's own error at that dtype + 1e-3. Weights are scaled by 1/sqrt(K) as in a trained layer, so
@@ -217,6 +219,40 @@ def test_bad_inputs_are_refused():
         A.linear_activation(x, weight, bias, "silu")
 
 
+def cublaslt_emulated(x, weight, bias, activation):
+    """What cuBLASLt's epilogue computes: the fp32 accumulator plus the bias, then ReLU or GELU in its
+    tanh form, rounded once to the output dtype (PyTorch's CPU ``_addmm_activation`` uses erf-GELU)."""
+    pre = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+    out = torch.relu(pre) if activation == "relu" else torch.nn.functional.gelu(pre, approximate="tanh")
+    return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cublaslt_takes_only_what_its_epilogue_computes_within_budget(dtype, shape):
+    """FASTBERT_GEMM=cublaslt's rule, on its numbers: where ``cublaslt_takes`` (asked about fake CUDA
+    copies of the inputs), the epilogue's result is within the op's budget of the reference; the one
+    case it refuses, erf-GELU in fp32, would not be (the tanh form is up to 4.7e-4 off)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, weight, bias = make_inputs(*shape, dtype)
+    x = 4 * x  # pre-activations of order 4: GELU's region where the tanh form is furthest from erf's
+    mode = FakeTensorMode()
+    with mode:
+        on_cuda = [mode.from_tensor(t).to("cuda") for t in (x, weight, bias)]
+    for activation in ACTIVATIONS:
+        takes = A.cublaslt_takes(*on_cuda, activation)
+        assert not A.cublaslt_takes(*on_cuda[:2], None, activation)  # the epilogue needs a bias
+        assert not A.cublaslt_takes(x, weight, bias, activation)  # CPU tensors: never
+        assert takes == (dtype != torch.float32 or activation != "gelu"), (dtype, activation)
+        out = cublaslt_emulated(x, weight, bias, activation)
+        if takes:
+            check(out, x, weight, bias, activation, f"cuBLASLt epilogue {dtype} {activation}")
+        else:
+            with pytest.raises(AssertionError):
+                check(out, x, weight, bias, activation, "tanh-GELU for erf-GELU in fp32")
+
+
 test_fused_op_is_registered = registered_schema_test(
     "linear_activation",
     "fastbert::linear_activation(Tensor x, Tensor weight, Tensor? bias, str activation) "
@@ -296,6 +332,21 @@ class TestCuda:
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_op(self, dtype, activation, monkeypatch):
         case_op("cuda", dtype, activation, monkeypatch)
+
+    @pytest.mark.parametrize("shape", [(1, 1, 1), (37, 97, 301), (4096, 768, 3072)], ids=str)
+    @pytest.mark.parametrize("activation", ACTIVATIONS)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_cublaslt_setting(self, dtype, activation, shape, monkeypatch):
+        """FASTBERT_GEMM=cublaslt: cuBLASLt's epilogue where it takes the product (within the budget),
+        else the matmul and the epilogue kernel; leading dimensions and no bias too."""
+        monkeypatch.setenv("FASTBERT_GEMM", "cublaslt")
+        counter = LaunchCounter(monkeypatch)
+        x, weight, bias = make_inputs(*shape, dtype, "cuda")
+        takes = A.cublaslt_takes(x, weight, bias, activation)
+        out = A.linear_activation(x.view(1, *x.shape), weight, bias, activation)[0]
+        assert (counter.fused, counter.epilogue) == (0, 0 if takes else 1)
+        check(out, x, weight, bias, activation, f"cublaslt {dtype} {activation} {shape}")
+        check(A.linear_activation(x, weight, None, activation), x, weight, None, activation, "cublaslt, no bias")
 
     def test_strided_empty_gradients_autocast(self, monkeypatch):
         case_strided_and_empty("cuda", monkeypatch)
