@@ -101,8 +101,31 @@ def _promoted(tensors: list[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def _dropout_p(module: nn.Dropout) -> float:
+def _dropout_p(module: nn.Module) -> float:
+    """The drop probability a fused op applies in place of calling ``module``: an ``nn.Dropout``'s
+    (0 in eval mode), 0 for an ``nn.Identity`` (a dropout removed by replacing it)."""
+    if type(module) is nn.Identity:
+        return 0.0
     return module.p if module.training else 0.0
+
+
+def _fusable_dropout(module: nn.Module) -> bool:
+    """Whether a fused op may apply ``module``'s dropout itself (``_dropout_p``) rather than call it: an
+    ``nn.Dropout`` or ``nn.Identity`` called as defined. Anything else (another class, a hook) is called
+    as a module, as transformers calls it."""
+    return type(module) in (nn.Dropout, nn.Identity) and _called_as_defined(module)
+
+
+def _fusable_embedding(module: nn.Module) -> bool:
+    """Whether the fused embeddings op may read ``module``'s table directly: a ``_plain`` nn.Embedding
+    without the options that change a lookup or its gradient (``max_norm`` renormalizes rows in place,
+    ``scale_grad_by_freq`` and ``sparse`` change the gradient), whose ``padding_idx`` row needs no
+    gradient kept at zero (the op's backward would give it one: with autograd on its table, the
+    lookup runs as ``nn.Embedding``). Looked up as a module, a table sees the packed tokens: its
+    ``scale_grad_by_freq`` counts real tokens only (transformers' also counts padded positions)."""
+    return (_plain(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
+            and not module.sparse
+            and (module.padding_idx is None or not ops.backend.needs_autograd(module._parameters["weight"])))
 
 
 def _no_global_hooks() -> bool:
@@ -130,23 +153,27 @@ class BertEmbeddings(nn.Module):
                              persistent=False)
 
     def forward(self, input_ids, position_ids, token_type_ids, inputs_embeds=None) -> torch.Tensor:
-        if inputs_embeds is None and not _plain(self.word_embeddings, nn.Embedding):
-            inputs_embeds = self.word_embeddings(input_ids)  # a wrapped, resized or hooked table
-        if not (_plain(self.position_embeddings, nn.Embedding) and _plain(self.token_type_embeddings, nn.Embedding)
+        if inputs_embeds is None and not _fusable_embedding(self.word_embeddings):
+            # A wrapped, resized or hooked table, one with lookup options, or a padding row to keep
+            # without gradient (training): looked up as a module.
+            inputs_embeds = self.word_embeddings(input_ids)
+        if not (_fusable_embedding(self.position_embeddings) and _fusable_embedding(self.token_type_embeddings)
                 and _plain(self.LayerNorm, nn.LayerNorm)):
             # As transformers computes it, module by module, so that their hooks and wrappers run.
             if inputs_embeds is None:
                 inputs_embeds = self.word_embeddings(input_ids)
             x = inputs_embeds + self.token_type_embeddings(token_type_ids)
             return self.dropout(self.LayerNorm(x + self.position_embeddings(position_ids)))
-        return ops.embeddings(
+        fused_dropout = _fusable_dropout(self.dropout)
+        out = ops.embeddings(
             input_ids, position_ids, token_type_ids,
             self.word_embeddings.weight if inputs_embeds is None else None,
             self.position_embeddings.weight, self.token_type_embeddings.weight,
             self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
-            _dropout_p(self.dropout), inputs_embeds=inputs_embeds,
+            _dropout_p(self.dropout) if fused_dropout else 0.0, inputs_embeds=inputs_embeds,
             validate_indices=False,  # the model validated them at its boundary, once per batch
         )
+        return out if fused_dropout else self.dropout(out)
 
 
 class BertSelfAttention(nn.Module):
@@ -258,7 +285,8 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         x, bias = _linear_without_bias(self.dense, hidden_states)
-        if not _plain(self.LayerNorm, nn.LayerNorm):  # wrapped or hooked: called as a module
+        if not (_plain(self.LayerNorm, nn.LayerNorm) and _fusable_dropout(self.dropout)):
+            # Wrapped, hooked or replaced: called as modules.
             return self.LayerNorm(self.dropout(x if bias is None else x + bias) + input_tensor)
         return ops.bias_residual_layer_norm(x, bias, input_tensor, self.LayerNorm.weight, self.LayerNorm.bias,
                                             self.LayerNorm.eps, _dropout_p(self.dropout))
@@ -327,7 +355,7 @@ class BertLayer(GradientCheckpointingLayer):
         """What ``encoder_layer`` reads, or None where the module path must run: a sub-module of another
         class (a subclass, an adapter's wrapper), a sub-module not ``_called_as_defined`` (a hook, a
         replaced ``forward``), a Linear or LayerNorm that is not ``_plain``, a missing bias or
-        LayerNorm affine, or an active dropout. Reads ``_modules``
+        LayerNorm affine, a hidden dropout that is not a ``_fusable_dropout``, or an active dropout. Reads ``_modules``
         and ``_parameters`` directly (host time: this runs per layer and forward). ``copies``: as for
         ``_fused_qkv_parameters`` (the QKV weights' copy left to the caller)."""
         attention, intermediate, output = (self._modules[k] for k in ("attention", "intermediate", "output"))
@@ -340,9 +368,11 @@ class BertLayer(GradientCheckpointingLayer):
         for module in (attention, self_attention, self_output, intermediate, output):
             if not _called_as_defined(module):
                 return None
-        for module in (self_attention, self_output, output):
-            if _dropout_p(module._modules["dropout"]):
+        for module in (self_output, output):
+            if not _fusable_dropout(module._modules["dropout"]) or _dropout_p(module._modules["dropout"]):
                 return None
+        if _dropout_p(self_attention._modules["dropout"]):
+            return None
         linears = (self_output._modules["dense"], intermediate._modules["dense"], output._modules["dense"])
         norms = (self_output._modules["LayerNorm"], output._modules["LayerNorm"])
         for linear in linears:

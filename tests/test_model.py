@@ -225,6 +225,76 @@ def test_gradients_equal_transformers_in_train_mode(device):
     assert_gradients_match(fast, hf)
 
 
+def _train_step_gradients(model, ids, mask):
+    out = model(ids, attention_mask=mask)
+    ((out.last_hidden_state * mask[..., None]).pow(2).sum() + out.pooler_output.sum()).backward()
+
+
+def test_padding_row_gets_no_gradient():
+    """``pad_token_id`` inside computed positions (no mask, or a pad id within a sequence): the word
+    table's padding row gets no gradient, as ``nn.Embedding(padding_idx=...)`` gives it in transformers;
+    every other gradient matches."""
+    fast, hf = model_pair(make_config())
+    fast.train(), hf.train()
+    pad = fast.config.pad_token_id
+    ids, _ = random_inputs(fast.config, 3, 9)
+    ids[:, 3] = pad
+    for mask in (None, make_mask("holes", 3, 9)):
+        for model in (fast, hf):
+            model.zero_grad()
+            _train_step_gradients(model, ids, torch.ones(3, 9, dtype=torch.long) if mask is None else mask)
+        assert fast.embeddings.word_embeddings.weight.grad[pad].abs().max() == 0
+        assert_gradients_match(fast, hf)
+
+
+@pytest.mark.parametrize("option, value", [("max_norm", 1.0), ("scale_grad_by_freq", True), ("sparse", True)])
+def test_embedding_options_are_honoured(option, value):
+    """An ``nn.Embedding`` option that changes the lookup (max_norm) or its gradient (scale_grad_by_freq,
+    sparse) on any table: the table is looked up as a module, as transformers does. (scale_grad_by_freq
+    counts the packed tokens a table is looked up for: transformers also counts padded positions, and
+    looks positions up once for the whole batch, so only the word table without padding compares.)"""
+    frequency = option == "scale_grad_by_freq"
+    for table in ("word_embeddings",) if frequency else ("word_embeddings", "position_embeddings",
+                                                         "token_type_embeddings"):
+        fast, hf = model_pair(make_config())
+        fast.train(), hf.train()
+        ids, _ = random_inputs(fast.config, 2, 6)
+        ids[:, :3] = ids[0, 0]  # repeated ids: scale_grad_by_freq scales their gradients
+        mask = make_mask("none" if frequency else "right", 2, 6)
+        for model in (fast, hf):
+            setattr(getattr(model.embeddings, table), option, value)
+            _train_step_gradients(model, ids, mask)
+        for name, p in fast.named_parameters():
+            q = dict(hf.named_parameters())[name]
+            assert p.grad.layout == q.grad.layout, (table, name)
+            assert max_abs_diff(p.grad.to_dense(), q.grad.to_dense()) <= 1e-4 * q.grad.to_dense().abs().max().item() + 1e-5, \
+                (table, name)
+        with torch.no_grad():
+            _compare(fast.eval(), hf.eval(), ids, mask)
+
+
+@pytest.mark.parametrize("where", ["embeddings.dropout", "encoder.layer.0.attention.output.dropout",
+                                   "encoder.layer.1.output.dropout"])
+def test_dropout_replaced_or_hooked(where):
+    """A hidden dropout replaced by ``nn.Identity`` (a common way to turn one off) runs in training and
+    inference; one with a forward hook is called, as in transformers."""
+    fast, hf = model_pair(make_config())
+    ids, _ = random_inputs(fast.config, 2, 6)
+    mask = make_mask("right", 2, 6)
+    for model in (fast, hf):
+        parent, _, name = where.rpartition(".")
+        setattr(model.get_submodule(parent), name, torch.nn.Identity())
+    for train in (True, False):
+        fast.train(train), hf.train(train)
+        with torch.no_grad():
+            _compare(fast, hf, ids, mask)
+    calls = []
+    fast.eval().get_submodule(where).register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        fast(ids, attention_mask=mask)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast_inference_within_budget(device):
     """Inference under bf16 autocast without autograd (evaluation inside a bf16 Trainer): within 2x
