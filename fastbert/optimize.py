@@ -33,11 +33,16 @@ def to_fastbert(hf_model: transformers.BertModel) -> BertModel:
         if buffer is None:  # versions of transformers without these buffers
             buffer = getattr(_fresh_buffers(hf_model), name)
         model.embeddings.register_buffer(name, buffer, persistent=False)
-    # Each module keeps the training flag it had (a user may have put one dropout in eval mode).
+    # Each module keeps the training flag it had (a user may have put one dropout in eval mode), and
+    # each layer its gradient checkpointing (gradient_checkpointing_enable() before the swap).
     hf_modules = dict(hf_model.named_modules())
     for name, module in model.named_modules():
         if name in hf_modules:
             module.training = hf_modules[name].training
+            if hasattr(module, "gradient_checkpointing"):
+                for attr in ("gradient_checkpointing", "_gradient_checkpointing_func"):
+                    if attr in vars(hf_modules[name]):
+                        setattr(module, attr, vars(hf_modules[name])[attr])
     _warn_of_dropped_hooks(hf_model, model)
     return model
 

@@ -173,6 +173,20 @@ def test_training_flags_kept_and_dropped_hooks_named():
     assert hf.training and not hf.encoder.layer[0].attention.self.dropout.training
 
 
+def test_gradient_checkpointing_enabled_before_the_swap_is_kept():
+    """``gradient_checkpointing_enable()`` and then ``optimize``: each fastbert layer keeps its flag and
+    checkpointing function, so a training step recomputes each layer (its FFN runs twice)."""
+    head = transformers.BertForSequenceClassification(make_config()).train()
+    head.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimize(head)
+    assert all(layer.gradient_checkpointing for layer in head.bert.encoder.layer)
+    calls = []
+    head.bert.encoder.layer[0].intermediate.register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.randint(0, head.config.vocab_size, (2, 7))
+    head(ids, labels=torch.tensor([0, 1])).loss.backward()
+    assert len(calls) == 2, calls  # the forward, then its recomputation in backward
+
+
 def _logged(text):
     """A context manager asserting that fastbert.optimize's logger emitted ``text`` (transformers'
     loggers do not propagate to caplog, so the handler is attached here)."""
