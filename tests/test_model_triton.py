@@ -29,7 +29,7 @@ OPS = {  # op module -> the launch helper it calls
 }
 
 
-test_model_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 25, FASTBERT_BACKEND="triton")
+test_model_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 26, FASTBERT_BACKEND="triton")
 
 
 if IN_CHILD:
@@ -97,6 +97,15 @@ if IN_CHILD:
         ids, types = random_inputs(fast.config, 3, 13)
         compare(fast, hf, ids, make_mask(mask_kind, 3, 13), types)
         expect_launches(launches, layers=2, fused_gemm=True)
+
+    def test_interpreter_case_bfloat16_is_refused_by_name(launches):
+        """The interpreter stores bfloat16 as raw integers: a bf16 model under it raises, naming the
+        dtype, instead of returning wrong numbers (on a GPU bf16 runs; FASTBERT_BACKEND=torch too)."""
+        fast, _ = model_pair(make_config("h144", layers=1))
+        ids, types = random_inputs(fast.config, 2, 7)
+        with pytest.raises(NotImplementedError, match="cannot compute bfloat16 under TRITON_INTERPRET=1"), \
+                torch.no_grad():
+            fast.to(torch.bfloat16)(ids, token_type_ids=types)
 
     def test_interpreter_case_long_sequences(launches):
         """Sequences past two key blocks (the kernels' blocks are 32 to 64 keys), with holes."""

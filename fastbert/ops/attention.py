@@ -200,7 +200,7 @@ def varlen_attention(
     if (dropout_p > 0 or not _kernel_takes(qkv, cu_seqlens, head_dim, scale)
             or not backend.use_triton(qkv, differentiable=True)):
         return varlen_attention_reference(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p)
-    backend.check_kernel_runs_here(_attention_fwd_kernel, qkv.device)
+    backend.check_kernel_runs_here(_attention_fwd_kernel, qkv.device, qkv.dtype)
     if backend.direct_launch(qkv, cu_seqlens):
         return _launch(qkv, cu_seqlens, max_seqlen, num_heads, scale)
     return torch.ops.fastbert.varlen_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale)

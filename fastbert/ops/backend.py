@@ -252,15 +252,23 @@ def is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-def check_kernel_runs_here(kernel, device: torch.device) -> None:
+def check_kernel_runs_here(kernel, device: torch.device, dtype: torch.dtype | None = None) -> None:
     """Raise a clear error when ``kernel`` (a ``@triton.jit`` function) cannot run on ``device``
-    tensors: CPU tensors need a kernel defined under ``TRITON_INTERPRET=1``, and Triton reads that
-    variable when the kernel module is first imported, not at the call."""
+    tensors of ``dtype``: CPU tensors need a kernel defined under ``TRITON_INTERPRET=1`` (Triton reads
+    that variable when the kernel module is first imported, not at the call), and not bfloat16, which
+    Triton's interpreter stores as raw 16-bit integers (its results would be silently wrong)."""
     if device.type == "cuda":
         return
+    name = getattr(kernel, "__name__", kernel)
     if not is_interpreted(kernel):
         raise RuntimeError(
-            f"Triton kernel {getattr(kernel, '__name__', kernel)} cannot run on {device.type} tensors: "
+            f"Triton kernel {name} cannot run on {device.type} tensors: "
             "it was defined without TRITON_INTERPRET=1. Set TRITON_INTERPRET=1 before importing fastbert "
             "(Triton reads it when the kernels are defined), or use FASTBERT_BACKEND=torch."
+        )
+    if dtype == torch.bfloat16:
+        raise NotImplementedError(
+            f"Triton kernel {name} cannot compute bfloat16 under TRITON_INTERPRET=1: the interpreter stores "
+            "bfloat16 as raw 16-bit integers, so its results would be wrong. Use float32 or float16 there, "
+            "or FASTBERT_BACKEND=torch."
         )

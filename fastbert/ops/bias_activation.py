@@ -98,7 +98,7 @@ def bias_activation(x: torch.Tensor, bias: torch.Tensor | None, activation: str)
         raise ValueError(f"unknown activation {activation!r}; expected gelu, gelu_tanh or relu")
     if not _kernel_takes(x, bias) or not backend.use_triton(x, bias, differentiable=True):
         return bias_activation_reference(x, bias, activation)
-    backend.check_kernel_runs_here(_bias_activation_fwd_kernel, x.device)
+    backend.check_kernel_runs_here(_bias_activation_fwd_kernel, x.device, x.dtype)
     if backend.direct_launch(x, bias):
         return _launch(x, bias, activation)
     return torch.ops.fastbert.bias_activation(x, bias, activation)

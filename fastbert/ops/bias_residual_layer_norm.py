@@ -126,7 +126,7 @@ def bias_residual_layer_norm(
     tensors = (x, bias, residual, weight, ln_bias)
     if dropout_p > 0 or not _kernel_takes(*tensors) or not backend.use_triton(*tensors, differentiable=True):
         return bias_residual_layer_norm_reference(x, bias, residual, weight, ln_bias, eps, dropout_p)
-    backend.check_kernel_runs_here(_bias_residual_layer_norm_fwd_kernel, x.device)
+    backend.check_kernel_runs_here(_bias_residual_layer_norm_fwd_kernel, x.device, x.dtype)
     if backend.direct_launch(*tensors):
         return _launch(x, bias, residual, weight, ln_bias, float(eps))
     return torch.ops.fastbert.bias_residual_layer_norm(x, bias, residual, weight, ln_bias, float(eps))

@@ -245,10 +245,7 @@ def embeddings(
         return torch.ops.fastbert.embedding_layer_norm(*indices, *floats, float(eps), validate_indices and not checked)
 
     backend.use_triton(*floats)  # raises when the Triton path cannot run here (CPU without the interpreter)
-    if word_weight.device.type != "cuda" and type(_kernels._embeddings_fwd_kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(f"{TRITON_OP}: the Triton kernel was defined without TRITON_INTERPRET=1, so it cannot "
-                           f"run on {word_weight.device.type} tensors; Triton reads the variable when the kernel "
-                           "is defined: set it before importing fastbert")
+    backend.check_kernel_runs_here(_kernels._embeddings_fwd_kernel, word_weight.device, word_weight.dtype)
     _check_shapes(*indices, *floats)
     indices = tuple(t.contiguous() for t in indices)
     floats = tuple(t.contiguous() for t in floats)

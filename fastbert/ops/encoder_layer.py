@@ -65,7 +65,7 @@ def fast_path_ready(hidden_states: torch.Tensor, packing: Packing) -> str | None
     gemm = backend.gemm_setting()
     kernels = _KERNELS + ((_gemm._linear_activation_fwd_kernel,) if gemm == "triton" else ())
     for kernel in kernels:  # CPU tensors need kernels defined under TRITON_INTERPRET=1: else say so
-        backend.check_kernel_runs_here(kernel, hidden_states.device)
+        backend.check_kernel_runs_here(kernel, hidden_states.device, hidden_states.dtype)
     return gemm
 
 

@@ -137,7 +137,7 @@ def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             # promote it to.
             bias = bias.to(pre.dtype)
         return bias_activation(pre, bias, activation)
-    backend.check_kernel_runs_here(_linear_activation_fwd_kernel, x.device)
+    backend.check_kernel_runs_here(_linear_activation_fwd_kernel, x.device, x.dtype)
     if backend.direct_launch(x, weight, bias):
         return _launch(x, weight, bias, activation)
     return torch.ops.fastbert.linear_activation(x, weight, bias, activation)

@@ -86,3 +86,22 @@ def test_overrides_are_per_thread_and_restored(force, setting, choices, monkeypa
     thread.join(10)
     assert seen == {"other inside": choices[1], "main inside": choices[0], "other after": default}
     assert setting() == default
+
+
+def test_kernels_refuse_what_they_cannot_run_here():
+    """CPU tensors need a kernel defined under TRITON_INTERPRET=1, and never bfloat16 there (the
+    interpreter stores it as raw 16-bit integers: its results would be silently wrong); CUDA tensors
+    pass. ``InterpretedFunction`` stands in for an interpreted kernel (Triton's class of that name)."""
+    class InterpretedFunction:
+        __name__ = "_some_fwd_kernel"
+
+    class JITFunction:
+        __name__ = "_some_fwd_kernel"
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    backend.check_kernel_runs_here(InterpretedFunction(), cpu, torch.float16)
+    backend.check_kernel_runs_here(JITFunction(), cuda, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="_some_fwd_kernel cannot run on cpu tensors.*TRITON_INTERPRET=1"):
+        backend.check_kernel_runs_here(JITFunction(), cpu, torch.float32)
+    with pytest.raises(NotImplementedError, match="_some_fwd_kernel cannot compute bfloat16 under TRITON_INTERPRET=1"):
+        backend.check_kernel_runs_here(InterpretedFunction(), cpu, torch.bfloat16)
