@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from transformers import PretrainedConfig
+from transformers.utils.peft_utils import find_adapter_config_file
 
 # Top-level modules of fastbert.BertModel: an unexpected checkpoint key under one of these is a
 # weight the model would silently drop. Keys of task heads (``cls.*``, ``classifier.*``) are not
@@ -13,14 +16,39 @@ _CONFIG_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "r
 
 def check_model_type(path, kwargs: dict) -> None:
     """Refuse a checkpoint of another model type, naming it; a config without ``model_type`` loads as
-    BERT, as ``transformers.BertModel.from_pretrained`` loads it."""
-    config_dict, _ = PretrainedConfig.get_config_dict(path, **{k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs})
+    BERT, as ``transformers.BertModel.from_pretrained`` loads it. A PEFT adapter's folder (no
+    config.json, an ``adapter_config.json``) is checked by its base model, which transformers loads
+    before the adapter."""
+    hub_kwargs = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(path, **hub_kwargs)
+    except OSError:
+        config_dict, error = None, True
+    else:
+        error = False
     if not config_dict:
+        base = _adapter_base_model(path, hub_kwargs)
+        if base:
+            return check_model_type(base, {k: v for k, v in kwargs.items() if k != "subfolder"})
+        if error:
+            raise  # transformers' own message (no such folder or hub id, no network, ...)
         raise OSError(f"{path} has no config.json (a BERT checkpoint directory holds config.json and its weights)")
     model_type = config_dict.get("model_type", "bert")
     if model_type != "bert":
         raise ValueError(f"{path} holds a {model_type!r} model; fastbert.BertModel loads BERT checkpoints "
                          "(model_type 'bert') only")
+
+
+def _adapter_base_model(path, hub_kwargs: dict) -> str | None:
+    """``base_model_name_or_path`` of the PEFT adapter at ``path``, or None where there is none."""
+    try:
+        adapter = find_adapter_config_file(str(path), **hub_kwargs)
+    except OSError:
+        return None
+    if adapter is None:
+        return None
+    with open(adapter) as f:
+        return json.load(f).get("base_model_name_or_path")
 
 
 def check_loading_info(model, info: dict, path) -> None:

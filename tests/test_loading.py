@@ -156,3 +156,23 @@ def test_decoder_arguments_are_refused(argument):
         fast(ids, **{argument: torch.zeros(1, 4, 144)})
     with pytest.raises(NotImplementedError, match="use_cache"):
         fast(ids, use_cache=True)
+
+
+def test_peft_adapter_folder_loads_its_base_and_adapter(tmp_path):
+    """A PEFT adapter's folder (adapter_config.json naming a local base checkpoint, no config.json):
+    transformers loads the base model and then the adapter, and so does fastbert (its model-type check
+    reads the base's config); the output is the PeftModel's."""
+    peft = pytest.importorskip("peft")
+    _, hf = model_pair(make_config())
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    hf.save_pretrained(base)
+    lora = peft.get_peft_model(transformers.BertModel.from_pretrained(base),
+                               peft.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    lora.save_pretrained(adapter)
+    assert not (adapter / "config.json").exists()
+    fast = fastbert.BertModel.from_pretrained(adapter).eval()
+    ids, types = random_inputs(hf.config, 2, 7)
+    with torch.no_grad():
+        expected = lora.eval()(ids, token_type_ids=types).last_hidden_state
+        assert_close(fast(ids, token_type_ids=types).last_hidden_state, expected, FP32_MODEL_RANDOM, "adapter model")
+        assert (expected - hf(ids, token_type_ids=types).last_hidden_state).abs().max() > 1e-3  # the adapter counts
