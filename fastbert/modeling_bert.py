@@ -554,13 +554,15 @@ class BertModel(BertPreTrainedModel):
         what ``DataCollatorWithFlattening`` produces) and ``first_token_only``: the last layer then
         computes only the first token of each row (of each sequence, for packed input), and
         ``last_hidden_state`` is ``[batch, 1, hidden]`` (``[1, sequences, hidden]``)."""
-        for name, value in (("encoder_hidden_states", encoder_hidden_states),
-                            ("encoder_attention_mask", encoder_attention_mask),
-                            ("past_key_values", past_key_values), ("cache", cache)):
+        # encoder_hidden_states, encoder_attention_mask and use_cache are ignored, as transformers ignores
+        # them without is_decoder / add_cross_attention (which check_config refuses). A cache would
+        # shift transformers' positions: refused.
+        for name, value in (("past_key_values", past_key_values), ("cache", cache)):
             if value is not None:
                 raise NotImplementedError(f"fastbert.BertModel is an encoder: {name} (decoder use) is not supported")
-        if use_cache:
-            raise NotImplementedError("fastbert.BertModel is an encoder: use_cache (decoder use) is not supported")
+        if kwargs.get("is_causal"):
+            raise NotImplementedError("fastbert.BertModel is a bidirectional encoder: is_causal=True (causal "
+                                      "attention) is not supported")
         if torch.jit.is_tracing():
             raise NotImplementedError(
                 "fastbert.BertModel cannot be traced with torch.jit.trace: it unpads each batch by its mask "

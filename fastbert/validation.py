@@ -21,6 +21,9 @@ def check_config(config) -> None:
         raise NotImplementedError("fastbert.BertModel is an encoder: is_decoder=True (decoder use) is not supported")
     if getattr(config, "add_cross_attention", False):
         raise NotImplementedError("fastbert.BertModel is an encoder: add_cross_attention=True is not supported")
+    if getattr(config, "is_causal", False):  # transformers' SDPA attention then masks future tokens
+        raise NotImplementedError("fastbert.BertModel is a bidirectional encoder: is_causal=True (causal "
+                                  "attention) is not supported")
     position_type = getattr(config, "position_embedding_type", "absolute")
     if position_type != "absolute":
         raise NotImplementedError(

@@ -148,14 +148,26 @@ def test_decoder_and_relative_positions_are_refused(feature):
         fastbert.BertModel(config)
 
 
-@pytest.mark.parametrize("argument", ["encoder_hidden_states", "encoder_attention_mask", "past_key_values"])
-def test_decoder_arguments_are_refused(argument):
-    fast, _ = model_pair(make_config())
-    ids, _ = random_inputs(fast.config, 1, 4)
-    with pytest.raises(NotImplementedError, match=argument):
-        fast(ids, **{argument: torch.zeros(1, 4, 144)})
-    with pytest.raises(NotImplementedError, match="use_cache"):
-        fast(ids, use_cache=True)
+def test_decoder_arguments_as_transformers_takes_them_on_an_encoder():
+    """Without is_decoder / add_cross_attention, transformers ignores encoder_hidden_states,
+    encoder_attention_mask and use_cache: so does fastbert. A cache (it would shift transformers'
+    positions) and causal attention (transformers' SDPA masks future tokens) are refused by name."""
+    fast, hf = model_pair(make_config())
+    ids, types = random_inputs(fast.config, 2, 5)
+    extra = {"encoder_hidden_states": torch.randn(2, 3, 144), "encoder_attention_mask": torch.ones(2, 3),
+             "use_cache": True}
+    with torch.no_grad():
+        ours = fast(ids, token_type_ids=types, **extra).last_hidden_state
+        theirs = hf(ids, token_type_ids=types, **extra).last_hidden_state
+    assert_close(ours, theirs, FP32_MODEL_RANDOM, "with decoder arguments")
+    with pytest.raises(NotImplementedError, match="past_key_values"):
+        fast(ids, past_key_values=transformers.DynamicCache())
+    with pytest.raises(NotImplementedError, match="is_causal=True"):
+        fast(ids, is_causal=True)
+    config = make_config()
+    config.is_causal = True
+    with pytest.raises(NotImplementedError, match="is_causal=True"):
+        fastbert.BertModel(config)
 
 
 def test_peft_adapter_folder_loads_its_base_and_adapter(tmp_path):
