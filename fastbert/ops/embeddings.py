@@ -82,10 +82,12 @@ if backend.triton_available():
         ``error_flag`` is 1 when some index was out of range (those rows of ``out`` are NaN)."""
         out = word_weight.new_empty((input_ids.shape[0], word_weight.shape[1]))
         error_flag = torch.zeros(1, dtype=torch.int32, device=word_weight.device)
+        # An interpreted kernel runs as it is (torch 2.11's wrap_triton refuses one, as the other ops know).
+        interpreted = backend.is_interpreted(_kernels._embeddings_fwd_kernel)
         with backend.device_guard(word_weight):
             _kernels.embeddings_fwd(input_ids, position_ids, token_type_ids, word_weight, position_weight,
                                     token_type_weight, ln_weight, ln_bias, eps, out, error_flag,
-                                    launch=torch.library.wrap_triton)
+                                    launch=None if interpreted else torch.library.wrap_triton)
         return out, error_flag
 
 
