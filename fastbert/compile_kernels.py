@@ -179,13 +179,14 @@ def _worker_init() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
 
 
-def _jobs(kernels) -> list[tuple[str, int]]:
+def _jobs(kernels) -> list[tuple[str, int, tuple[int, ...] | None]]:
     # Listing the jobs only reads the configuration lists, so the kernel modules may be imported here
     # whatever TRITON_INTERPRET says; compiling happens where the kernels are real JIT functions.
+    # A job's "archs" (compute capabilities) limits it to the GPUs it is meant for (None: every one).
     out = []
     for name in kernels:
         module = importlib.import_module(f"fastbert.kernels.{name}")
-        out += [(name, i) for i in range(len(module.compile_configs()))]
+        out += [(name, i, job.get("archs")) for i, job in enumerate(module.compile_configs())]
     return out
 
 
@@ -205,7 +206,8 @@ def compile_all(archs: list[int], kernels=None, jobs: int = 0) -> list[dict]:
     dict each, in job order. ``jobs``: worker processes (0: one per CPU core); with one, compiles in
     this process when it can."""
     kernels = tuple(kernels or kernel_modules())
-    tasks = [(name, i, cc) for name, i in _jobs(kernels) for cc in archs]
+    tasks = [(name, i, cc) for name, i, meant_for in _jobs(kernels) for cc in archs
+             if meant_for is None or cc in meant_for]
     workers = min(jobs or os.cpu_count() or 1, len(tasks)) or 1
     if workers == 1 and _compilable_here(kernels):
         return [_compile_one(*t) for t in tasks]
@@ -255,7 +257,8 @@ def run(args) -> int:
     print(format_rows(rows))
     errors = [r for r in rows if r["error"]]
     spills = [r for r in rows if not r["error"] and r["spills"]]
-    print(f"\n{len(rows)} compilations ({len(rows) // len(archs)} configurations x {len(archs)} architectures) "
+    configurations = len({(r["kernel"], r["config"]) for r in rows})
+    print(f"\n{len(rows)} compilations ({configurations} configurations, {len(archs)} architectures) "
           f"with triton {triton.__version__} in {time.perf_counter() - started:.0f}s: "
           f"{len(errors)} failed, {len(spills)} spill")
     for r in errors:

@@ -138,7 +138,8 @@ def linear_activation_fwd(x, weight, bias, activation: str, out, capability: int
 # The default 128 x 128 tile with 8 warps holds one CTA per SM on sm_90 (136 registers, 128 KB of
 # shared memory), so its GELU epilogue (about 30 instructions per element) cannot overlap another
 # tile's MMAs; the last two hold two CTAs per SM (registers and shared memory from the sm_90 cubin).
-# The last is a Hopper candidate: Triton 3.6 spills it on sm_80 (3.8 does not).
+# The last is a Hopper candidate: Triton 3.6 (the GPU image's) spills it on sm_80 (3.8 does not), so
+# its compile job is for sm_90 only (``archs``: it is a benchmark sweep's tile, never a default).
 SWEEP = (
     MappingProxyType({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}),
     MappingProxyType({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}),
@@ -160,7 +161,9 @@ def compile_configs() -> list[dict]:
     jobs = []
     for dtype, name, cfg, even_ks in plans:
         for even_k in even_ks:
+            archs = {"archs": (90,)} if cfg is SWEEP[-1] else {}
             jobs.append({
+                **archs,
                 "kernel": "linear_activation",
                 "name": f"{dtype} {name} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} "
                         f"w={cfg['num_warps']} s={cfg['num_stages']}{'' if even_k else ' ragged K'}",

@@ -2,9 +2,10 @@
 sm_120 on this machine (no GPU needed), without register spills; compile errors and spills make the
 command fail.
 
-The full run compiles 167 configurations x 3 architectures in worker processes: about 3 minutes on 2
-cores with a cold Triton cache, about 20 s with a warm one (the cubins come from the cache, and
-cuobjdump still reads each).
+The full run compiles 233 configurations for 3 architectures (a sweep tile meant for Hopper for sm_90
+only) in worker processes: minutes on 2 cores with a cold Triton cache, about 20 s with a warm one
+(the cubins come from the cache, and cuobjdump still reads each). Triton 3.8 and the GPU image's 3.6
+both compile them without spills.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def test_every_configuration_compiles_for_every_arch_without_spills():
         assert configs, name
         for job in configs:
             for arch in ARCHS:
+                if job.get("archs") is not None and int(arch[3:]) not in job["archs"]:
+                    assert (job["kernel"], job["name"], arch) not in rows, (job["name"], arch)
+                    continue  # a job meant for other GPUs (a sweep's Hopper tile) is not compiled for this one
                 rest = rows.get((job["kernel"], job["name"], arch))
                 assert rest is not None, f"no row for {job['kernel']} [{job['name']}] {arch}\n{result.stdout[-3000:]}"
                 regs, spills, shared = rest.split()[:3]
