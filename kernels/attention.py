@@ -41,8 +41,9 @@ cast to the input dtype for the second matmul, as flash attention does.
 
 Block sizes and warps (``attention_config``)
 --------------------------------------------
-Chosen from ``BLOCK_D`` and the dtype only (not from sequence lengths, so a CUDA graph or a compiled
-graph sees one kernel per model):
+Chosen from ``BLOCK_D`` and the dtype, and for 16-bit inputs of head dim 64 (BERT-base's, and
+-large's) from whether ``max_seqlen`` exceeds ``LONG_SEQLEN`` (128): a model sees at most two
+kernels, a CUDA graph or a compiled graph the one of its static bound.
 
 - 16-bit inputs (tensor cores): ``BLOCK_M = 64`` query rows on 4 warps, one warpgroup (32 rows for
   ``BLOCK_D = 256``). sm_90's warpgroup MMA covers 64 rows per warpgroup: 64 rows on 8 warps (the
@@ -65,6 +66,11 @@ graph sees one kernel per model):
   Triton 3.6; fp32: ``BLOCK_D = 16`` with 64 keys). Only the tile of the H200 run has been timed on a
   GPU; ``benchmarks/bench_attention.py`` sweeps it and larger ones against this default.
 - ``num_stages = 2``: double-buffer the K/V loads of the key loop (1 for fp32 ``BLOCK_D = 256``).
+- Long sequences, 16-bit, head dim 64: ``BLOCK_M = 128`` on 8 warps (two warpgroups of 64 rows,
+  each its own rows: not the duplicated 64-row tile above) with 64 keys and 3 stages. In the H200
+  sweep of 2026-11-26 (bf16, 12 heads, batch 32) it took 0.055 ms at ``seqlen <= 512`` against 0.064
+  for the 64-row default (0.064 with 2 stages: the third stage made the difference), and 0.014
+  against 0.012 at ``seqlen <= 128``, hence the bound.
 
 ``compile_configs()`` lists every configuration the launcher can pick (for
 ``fastbert compile-kernels``). Nothing here imports torch at module level, touches a device or
@@ -73,6 +79,7 @@ when it is set before this module is first imported.
 """
 
 import functools
+import itertools
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -217,10 +224,13 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+LONG_SEQLEN = 128
+
+
 @functools.cache  # called at every launch: a dict lookup instead of recomputing (host time)
-def attention_config(head_dim: int, fp32: bool) -> Mapping[str, int]:
-    """Block sizes and launch options for one head dim and dtype class (see the module docstring);
-    read-only, shared by every launch."""
+def attention_config(head_dim: int, fp32: bool, long_sequences: bool = False) -> Mapping[str, int]:
+    """Block sizes and launch options for one head dim and dtype class, and whether ``max_seqlen``
+    exceeds ``LONG_SEQLEN`` (see the module docstring); read-only, shared by every launch."""
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"attention kernel supports head dims 1 to {MAX_HEAD_DIM}, got {head_dim}")
     d = block_d(head_dim)
@@ -230,6 +240,8 @@ def attention_config(head_dim: int, fp32: bool) -> Mapping[str, int]:
         block_n = {16: 32, 32: 64, 64: 32, 128: 16, 256: 16}[d]
         warps = 4 if d in (16, 128) else 8
         stages = 1 if d == 256 else 2
+    elif long_sequences and d == head_dim == 64:
+        block_m, block_n, warps, stages = 128, 64, 8, 3
     else:
         block_m, block_n, warps = _TENSOR_CORE_TILES[d, head_dim == d]
     return MappingProxyType({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": d, "num_warps": warps,
@@ -253,7 +265,7 @@ def attention_fwd(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float
         return out
     head_dim = hidden // num_heads
     fp32 = qkv.dtype.itemsize == 4
-    cfg = attention_config(head_dim, fp32)
+    cfg = attention_config(head_dim, fp32, max_seqlen > LONG_SEQLEN)
     if config is not None:
         cfg = {**cfg, **config}
     # Plain integer ceil-division: triton.cdiv called from Python costs ~3 us a call (host time).
@@ -276,31 +288,33 @@ _DTYPES = ("fp32", "fp16", "bf16")
 
 def compile_configs() -> list[dict]:
     """Every configuration ``attention_fwd`` can launch, as ahead-of-time compile jobs: one per
-    ``BLOCK_D`` (16 to 256), masked or even head dim, and dtype (fp32, fp16, bf16)."""
+    ``BLOCK_D`` (16 to 256), masked or even head dim, dtype (fp32, fp16, bf16), and short or long
+    sequences where that changes the configuration."""
     jobs = []
-    for dtype in _DTYPES:
-        for d in (16, 32, 64, 128, 256):
-            for even in (True, False):
-                head_dim = d if even else d - 6  # any head dim in (d/2, d) picks the same config
-                cfg = attention_config(head_dim, dtype == "fp32")
-                constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-                constexprs.update(EVEN_D=even, IEEE=dtype == "fp32")
-                jobs.append({
-                    "kernel": "attention",
-                    "name": f"{dtype} D={d}{'' if even else ' masked'} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} "
-                            f"w={cfg['num_warps']}",
-                    "fn": _attention_fwd_kernel,
-                    "signature": {
-                        "qkv_ptr": f"*{dtype}", "cu_seqlens_ptr": "*i32", "out_ptr": f"*{dtype}",
-                        "stride_qkv": "i32", "stride_out": "i32", "hidden": "i32", "head_dim": "i32",
-                        "qk_scale": "fp32",
-                    },
-                    "constexprs": constexprs,
-                    # What the JIT would see at run time: 16-byte aligned buffers, strides and hidden
-                    # multiples of 16 (BERT's hidden sizes), head_dim a multiple of 16 when even.
-                    "divisible": ["qkv_ptr", "cu_seqlens_ptr", "out_ptr", "stride_qkv", "stride_out", "hidden"]
-                    + (["head_dim"] if even else []),
-                    "num_warps": cfg["num_warps"],
-                    "num_stages": cfg["num_stages"],
-                })
+    for dtype, d, even, long_sequences in itertools.product(_DTYPES, (16, 32, 64, 128, 256), (True, False),
+                                                           (False, True)):
+        head_dim = d if even else d - 6  # any head dim in (d/2, d) picks the same config
+        cfg = attention_config(head_dim, dtype == "fp32", long_sequences)
+        if long_sequences and cfg == attention_config(head_dim, dtype == "fp32"):
+            continue
+        constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+        constexprs.update(EVEN_D=even, IEEE=dtype == "fp32")
+        jobs.append({
+            "kernel": "attention",
+            "name": f"{dtype} D={d}{'' if even else ' masked'}{' long' if long_sequences else ''} "
+                    f"M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={cfg['num_warps']}",
+            "fn": _attention_fwd_kernel,
+            "signature": {
+                "qkv_ptr": f"*{dtype}", "cu_seqlens_ptr": "*i32", "out_ptr": f"*{dtype}",
+                "stride_qkv": "i32", "stride_out": "i32", "hidden": "i32", "head_dim": "i32",
+                "qk_scale": "fp32",
+            },
+            "constexprs": constexprs,
+            # What the JIT would see at run time: 16-byte aligned buffers, strides and hidden
+            # multiples of 16 (BERT's hidden sizes), head_dim a multiple of 16 when even.
+            "divisible": ["qkv_ptr", "cu_seqlens_ptr", "out_ptr", "stride_qkv", "stride_out", "hidden"]
+            + (["head_dim"] if even else []),
+            "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"],
+        })
     return jobs

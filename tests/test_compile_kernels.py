@@ -108,13 +108,15 @@ def test_kernel_modules_lists_the_fused_ops():
                                                     "linear_activation")
 
 
+@pytest.mark.parametrize("tile", ["D=64 M=", "D=64 long M="], ids=["short", "long"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_hopper_attention_uses_wgmma_and_wide_loads(dtype):
-    """BERT-base's attention (head dim 64) on sm_90: the matrix products are warpgroup MMAs (HGMMA in
-    SASS; HMMA would be the slower pre-Hopper path) and K/V come in by 16-byte asynchronous copies."""
+def test_hopper_attention_uses_wgmma_and_wide_loads(dtype, tile):
+    """BERT-base's attention (head dim 64, short and long sequences) on sm_90: the matrix products are
+    warpgroup MMAs (HGMMA in SASS; HMMA would be the slower pre-Hopper path) and K/V come in by 16-byte
+    asynchronous copies."""
     from fastbert.kernels import attention
 
-    job = next(j for j in attention.compile_configs() if j["name"].startswith(f"{dtype} D=64 M="))
+    job = next(j for j in attention.compile_configs() if j["name"].startswith(f"{dtype} {tile}"))
     code = compile_kernels.sass(compile_kernels.compile_job(job, 90).asm["cubin"])
     assert re.search(r"\bHGMMA\.", code) and not re.search(r"\bHMMA\.", code), job["name"]
     assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", code) or re.search(r"\bLDG\.E\.128\b", code), job["name"]
@@ -189,15 +191,16 @@ def _loop_lengths(code: str) -> list[int]:
     return loops
 
 
-@pytest.mark.parametrize("head_dim", [64, 32])
-def test_attention_key_loop_instructions_per_score(head_dim):
-    """The key loop of BERT's attention (head dim 64: BERT-base and -large; 32: MiniLM) on sm_90 issues
-    at most 12 thread-instructions per score in its full blocks (9.3 and 11.0 with Triton 3.8), so the
-    MMA and exp2 units, not instruction issue, set its pace. The tile of the H200 run (64 rows on 8
-    warps: two warpgroups computing the same scores) with a key mask in every block took 24.1."""
+@pytest.mark.parametrize("tile", ["D=64 M=", "D=64 long M=", "D=32 M="], ids=["64", "64-long", "32"])
+def test_attention_key_loop_instructions_per_score(tile):
+    """The key loop of BERT's attention (head dim 64: BERT-base and -large, with the long-sequence tile
+    too; 32: MiniLM) on sm_90 issues at most 12 thread-instructions per score in its full blocks (9.3
+    and 11.0 with Triton 3.8), so the MMA and exp2 units, not instruction issue, set its pace. The tile
+    of the H200 run (64 rows on 8 warps: two warpgroups computing the same scores) with a key mask in
+    every block took 24.1."""
     from fastbert.kernels import attention
 
-    job = next(j for j in attention.compile_configs() if j["name"].startswith(f"bf16 D={head_dim} M="))
+    job = next(j for j in attention.compile_configs() if j["name"].startswith(f"bf16 {tile}"))
     loops = _loop_lengths(compile_kernels.sass(compile_kernels.compile_job(job, 90).asm["cubin"]))
     assert len(loops) == 2, loops  # full key blocks, then the masked partial block
     c = job["constexprs"]

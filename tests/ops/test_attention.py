@@ -250,6 +250,32 @@ def test_block_sizes_cover_every_head_dim():
         K.attention_config(K.MAX_HEAD_DIM + 1, True)
 
 
+def test_long_sequences_take_the_long_tile_at_head_dim_64_in_16_bit(monkeypatch):
+    """Past LONG_SEQLEN (128) rows, 16-bit head dim 64 launches 128 rows on 8 warps with 3 stages (the
+    H200 sweep's best at seqlen <= 512); up to it, and for fp32 or other head dims, the tile stays."""
+    if not backend.triton_available():
+        pytest.skip("triton is not installed")
+    from fastbert.kernels import attention as K
+
+    short, long = K.attention_config(64, False), K.attention_config(64, False, True)
+    assert (short["BLOCK_M"], long["BLOCK_M"], long["BLOCK_N"], long["num_warps"], long["num_stages"]) == \
+        (64, 128, 64, 8, 3)
+    for head_dim, fp32 in ((64, True), (48, False), (32, False), (128, False)):
+        assert K.attention_config(head_dim, fp32, True) == K.attention_config(head_dim, fp32)
+    grids = []
+
+    class Kernel:  # records the grid and options a launch would use
+        def __getitem__(self, grid):
+            return lambda *args, **options: grids.append((grid, options["BLOCK_M"], options["num_stages"]))
+
+    qkv = torch.randn(300, 3 * 128, dtype=torch.float16)
+    for max_seqlen in (128, 129, 300):
+        cu = torch.tensor([0, max_seqlen], dtype=torch.int32)
+        K.attention_fwd(qkv[:max_seqlen], cu, max_seqlen, 2, 0.125, torch.empty(max_seqlen, 128, dtype=qkv.dtype),
+                        kernel=Kernel())
+    assert grids == [((2, 1, 2), 64, 2), ((2, 1, 2), 128, 3), ((3, 1, 2), 128, 3)], grids
+
+
 test_fused_op_is_registered = registered_schema_test(
     "varlen_attention",
     "fastbert::varlen_attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, "
