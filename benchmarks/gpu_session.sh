@@ -32,7 +32,7 @@ MODEL_K=${MODEL_K:-not max-autotune and (1x128 or 32x128 or 32x512 or varlen16x5
 MICRO_K=${MICRO_K:-(bf16 or pack_padded_batch) and not (test_linear_activation and torch-compile)}
 mkdir -p "$OUT_ROOT/test" "$OUT_ROOT/model" "$OUT_ROOT/micro"
 
-TESTS=${TESTS:-tests/ops tests/test_model.py tests/test_model_triton.py tests/test_encoder_fast_path.py \
+TESTS=${TESTS:-tests/ops tests/test_model.py tests/test_encoder_fast_path.py \
 tests/test_compile_and_graphs.py tests/test_optimize.py tests/test_cli.py tests/test_bad_inputs.py}
 TEST_TIMEOUT=${TEST_TIMEOUT:-200}
 
