@@ -22,16 +22,16 @@ def check_model_type(path, kwargs: dict) -> None:
     hub_kwargs = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(path, **hub_kwargs)
-    except OSError:
-        config_dict, error = None, True
+    except OSError as error:
+        config_dict, failure = None, error
     else:
-        error = False
+        failure = None
     if not config_dict:
         base = _adapter_base_model(path, hub_kwargs)
         if base:
             return check_model_type(base, {k: v for k, v in kwargs.items() if k != "subfolder"})
-        if error:
-            raise  # transformers' own message (no such folder or hub id, no network, ...)
+        if failure is not None:
+            raise failure  # transformers' own message (no such folder or hub id, no network, bad JSON, ...)
         raise OSError(f"{path} has no config.json (a BERT checkpoint directory holds config.json and its weights)")
     model_type = config_dict.get("model_type", "bert")
     if model_type != "bert":

@@ -170,6 +170,16 @@ def test_decoder_arguments_as_transformers_takes_them_on_an_encoder():
         fastbert.BertModel(config)
 
 
+def test_a_path_transformers_cannot_read_keeps_transformers_error(tmp_path):
+    """A folder that does not exist, or a config.json that is not JSON: transformers' own OSError and
+    message come through (code catching OSError keeps working)."""
+    with pytest.raises(OSError):
+        fastbert.BertModel.from_pretrained(tmp_path / "does-not-exist", local_files_only=True)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(OSError, match="not a valid JSON"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
 def test_peft_adapter_folder_loads_its_base_and_adapter(tmp_path):
     """A PEFT adapter's folder (adapter_config.json naming a local base checkpoint, no config.json):
     transformers loads the base model and then the adapter, and so does fastbert (its model-type check
