@@ -36,6 +36,7 @@ def cublaslt_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     dtype with a bias, and an activation that its epilogue computes exactly (``gelu_tanh``, ``relu``)
     or, for erf-GELU, a 16-bit dtype. Anything else runs PyTorch's matmul and the epilogue kernel."""
     return (x.device.type == "cuda" and bias is not None and weight.dtype == x.dtype and bias.dtype == x.dtype
+            and weight.shape[1] > 0  # K = 0: PyTorch's CUDA addmm returns the bias, skipping the activation
             and (x.dtype in _HALF_DTYPES or (x.dtype == torch.float32 and activation in _EXACT_IN_FP32)))
 
 

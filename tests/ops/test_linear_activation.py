@@ -243,6 +243,8 @@ def test_cublaslt_takes_only_what_its_epilogue_computes_within_budget(dtype, sha
     for activation in ACTIVATIONS:
         takes = A.cublaslt_takes(*on_cuda, activation)
         assert not A.cublaslt_takes(*on_cuda[:2], None, activation)  # the epilogue needs a bias
+        # K = 0: PyTorch's CUDA addmm returns the bias without the activation
+        assert not A.cublaslt_takes(on_cuda[0][:, :0], on_cuda[1][:, :0], on_cuda[2], activation)
         assert not A.cublaslt_takes(x, weight, bias, activation)  # CPU tensors: never
         assert takes == (dtype != torch.float32 or activation != "gelu"), (dtype, activation)
         out = cublaslt_emulated(x, weight, bias, activation)
