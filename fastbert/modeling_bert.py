@@ -79,10 +79,12 @@ _capturing = ops.backend.capturing  # looked up at each call (tests stand in for
 
 
 def _needs_autograd_or_tracing(tensors: list[torch.Tensor]) -> bool:
-    """Autograd on, torch.compile tracing, or a tensor subclass among ``tensors`` (fake tensors,
-    functional wrappers): where parameters must be used through ops, not copied into storage."""
+    """Autograd on (backward or forward mode), torch.compile tracing, or a tensor subclass among
+    ``tensors`` (fake tensors, functional wrappers): where parameters must be used through ops, not
+    copied into storage."""
     plain = ops.backend.PLAIN_TENSOR_TYPES
-    return torch.is_grad_enabled() or torch.compiler.is_compiling() or any(type(t) not in plain for t in tensors)
+    return (torch.is_grad_enabled() or ops.backend.forward_ad_active() or torch.compiler.is_compiling()
+            or any(type(t) not in plain for t in tensors))
 
 
 def _cpu_inference(x: torch.Tensor, tensors: list[torch.Tensor]) -> bool:

@@ -29,7 +29,7 @@ OPS = {  # op module -> the launch helper it calls
 }
 
 
-test_model_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 26, FASTBERT_BACKEND="triton")
+test_model_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 27, FASTBERT_BACKEND="triton")
 
 
 if IN_CHILD:
@@ -106,6 +106,22 @@ if IN_CHILD:
         with pytest.raises(NotImplementedError, match="cannot compute bfloat16 under TRITON_INTERPRET=1"), \
                 torch.no_grad():
             fast.to(torch.bfloat16)(ids, token_type_ids=types)
+
+    def test_interpreter_case_forward_mode_ad_equals_the_pytorch_path(launches):
+        """torch.func.jvp through the model on the Triton backend: the ops take their references (the
+        kernels have no forward-mode rule), so the tangent is the PyTorch path's, not zeros."""
+        fast, _ = model_pair(make_config("h144", layers=1))
+        embeds, tangent = torch.randn(2, 7, 144), torch.randn(2, 7, 144)
+        mask = make_mask("right", 2, 7)
+
+        def hidden(e):
+            return fast(inputs_embeds=e, attention_mask=mask).last_hidden_state
+
+        _, ours = torch.func.jvp(hidden, (embeds,), (tangent,))
+        with backend.use_backend("torch"):
+            _, expected = torch.func.jvp(hidden, (embeds,), (tangent,))
+        assert ours.abs().max() > 0.1
+        assert_close(ours, expected, FP32_INTERPRETER, "jvp tangent")
 
     def test_interpreter_case_long_sequences(launches):
         """Sequences past two key blocks (the kernels' blocks are 32 to 64 keys), with holes."""

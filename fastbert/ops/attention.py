@@ -9,10 +9,12 @@ is laid out like the queries, ready for the output projection.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import backend
 from .padding import check_offsets, sequence_positions
@@ -78,7 +80,9 @@ def varlen_attention_reference(
     if qkv.shape[0] == 0:
         return qkv.new_zeros(0, hidden)
     q, k, v, key_mask, seq_idx, offset = _padded_qkv(qkv, cu_seqlens, max_seqlen, num_heads)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p, scale=scale)
+    # Forward-mode AD (torch.func.jvp): only SDPA's math backend has the rule (the CPU flash kernel raises).
+    with sdpa_kernel(SDPBackend.MATH) if backend.forward_ad_active() else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2)[seq_idx, offset].reshape(-1, hidden)
 
 

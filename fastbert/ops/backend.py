@@ -33,6 +33,7 @@ import os
 import threading
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -99,9 +100,18 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD is on (``torch.autograd.forward_ad.dual_level``, ``torch.func.jvp``):
+    the fused ops register a backward only, so their kernels would drop the tangents (a jvp through
+    them came out 0); the PyTorch references carry them."""
+    return _forward_ad._current_level >= 0
+
+
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
     # Loops rather than any(<generator>) here and below: these run several times per op call, and a
     # generator costs about a microsecond of host time each (an eager small batch waits on it).
+    if _forward_ad._current_level >= 0:  # forward_ad_active(): any tensor may carry a tangent
+        return True
     if not torch.is_grad_enabled():
         return False
     for t in tensors:
@@ -116,7 +126,7 @@ def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> b
     ``differentiable``: the op's Triton path has a backward, so needing autograd does not force the
     reference."""
     name = backend_setting()
-    if name == "torch" or (not differentiable and needs_autograd(*tensors)):
+    if name == "torch" or forward_ad_active() or (not differentiable and needs_autograd(*tensors)):
         return False
     device = (tensors[0] if tensors[0] is not None else next(t for t in tensors if t is not None)).device
     if name == "triton":

@@ -105,3 +105,26 @@ def test_kernels_refuse_what_they_cannot_run_here():
         backend.check_kernel_runs_here(JITFunction(), cpu, torch.float32)
     with pytest.raises(NotImplementedError, match="_some_fwd_kernel cannot compute bfloat16 under TRITON_INTERPRET=1"):
         backend.check_kernel_runs_here(InterpretedFunction(), cpu, torch.bfloat16)
+
+
+def test_forward_mode_ad_takes_the_references(monkeypatch):
+    """The fused ops register a backward only: under forward-mode AD (a dual level, torch.func.jvp) their
+    kernels would drop the tangents, so every op takes its PyTorch reference, whatever the backend
+    (FASTBERT_BACKEND=triton on CPU tensors would raise here if it asked for a kernel)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from fastbert import ops
+
+    monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    x, weight, bias = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
+    assert not backend.forward_ad_active()
+    with fwAD.dual_level():
+        assert backend.forward_ad_active() and not backend.use_triton(x, differentiable=True)
+        assert backend.needs_autograd(x)
+        dual = fwAD.make_dual(weight, torch.ones_like(weight))
+        tangent = fwAD.unpack_dual(ops.linear_activation(x, dual, bias, "gelu")).tangent
+    _, expected = torch.func.jvp(lambda w: ops.linear_activation_reference(x, w, bias, "gelu"), (weight,),
+                                 (torch.ones_like(weight),))
+    _, through_jvp = torch.func.jvp(lambda w: ops.linear_activation(x, w, bias, "gelu"), (weight,),
+                                    (torch.ones_like(weight),))
+    assert tangent is not None and torch.allclose(tangent, expected) and torch.allclose(through_jvp, expected)
