@@ -2,6 +2,8 @@
 and, where the test takes a ``device``, on a GPU too (the fused kernels, against transformers on the
 same GPU)."""
 
+import importlib
+
 import pytest
 import torch
 import transformers
@@ -184,15 +186,20 @@ def test_cublaslt_setting_within_budget(dtype, mask_kind, hidden_act, monkeypatc
     ids, types = random_inputs(fast.config, 3, 37, device="cuda")
     mask = make_mask(mask_kind, 3, 37).to("cuda")
     keep = mask.bool()
-    with torch.no_grad(), RecordFastbertOps() as record:
+    with torch.no_grad(), RecordFastbertOps() as record:  # the module path (a dispatch mode is active)
         ours = fast(ids, attention_mask=mask, token_type_ids=types).last_hidden_state[keep]
+    gemm = importlib.import_module("fastbert.ops.linear_activation")
+    fast_path_calls, original = [], gemm.cublaslt_linear_activation
+    monkeypatch.setattr(gemm, "cublaslt_linear_activation", lambda *a: fast_path_calls.append(1) or original(*a))
     with torch.no_grad():
+        fast_path = fast(ids, attention_mask=mask, token_type_ids=types).last_hidden_state[keep]
         graphed = PaddedCUDAGraphRunner(fast)(ids, mask, types).last_hidden_state[keep]
         reference = hf32(ids, attention_mask=mask, token_type_ids=types).last_hidden_state[keep]
         theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state[keep]
     assert record.names.count("aten._addmm_activation.default") == 2, record.names
     assert "fastbert.bias_activation.default" not in record.names, record.names
-    for out, what in ((ours, "eager"), (graphed, "graphs")):
+    assert len(fast_path_calls) >= 4, fast_path_calls  # the eager fast path's 2 layers, then the capture's
+    for out, what in ((ours, "eager"), (fast_path, "fast path"), (graphed, "graphs")):
         assert out.dtype == dtype
         assert_low_precision_within_budget(out.float(), reference, theirs.float(), f"{dtype} {hidden_act} {what}")
 
