@@ -357,8 +357,8 @@ class BertLayer(GradientCheckpointingLayer):
         """What ``encoder_layer`` reads, or None where the module path must run: a sub-module of another
         class (a subclass, an adapter's wrapper), a sub-module not ``_called_as_defined`` (a hook, a
         replaced ``forward``), a Linear or LayerNorm that is not ``_plain``, a missing bias or
-        LayerNorm affine, a hidden dropout that is not a ``_fusable_dropout``, or an active dropout. Reads ``_modules``
-        and ``_parameters`` directly (host time: this runs per layer and forward). ``copies``: as for
+        LayerNorm affine, a hidden dropout that is not a ``_fusable_dropout``, or an active dropout.
+        Reads ``_modules`` and ``_parameters`` directly (host time: this runs per layer and forward). ``copies``: as for
         ``_fused_qkv_parameters`` (the QKV weights' copy left to the caller)."""
         attention, intermediate, output = (self._modules[k] for k in ("attention", "intermediate", "output"))
         if type(attention) is not BertAttention or type(intermediate) is not BertIntermediate \
