@@ -364,11 +364,6 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise SystemExit("fastbert embed: --batch-size must be at least 1")
     try:
-        device = resolve_device(args.device)
-        model_dir = check_model_dir(args.model) if args.model is not None else default_model_dir()
-    except (ValueError, ModuleNotFoundError) as exc:
-        raise SystemExit(f"fastbert embed: {exc}") from None
-    try:
         lines = read_lines(args.input)
     except IsADirectoryError:
         raise SystemExit(f"fastbert embed: input {args.input!r} is a directory, not a text file") from None
@@ -376,6 +371,11 @@ def run(args) -> int:
         raise SystemExit(f"fastbert embed: cannot read input {args.input!r}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise SystemExit(f"fastbert embed: input {exc}") from None
+    try:  # then the device and the model (the default one may not be installed)
+        device = resolve_device(args.device)
+        model_dir = check_model_dir(args.model) if args.model is not None else default_model_dir()
+    except (ValueError, ModuleNotFoundError) as exc:
+        raise SystemExit(f"fastbert embed: {exc}") from None
     with _progress_bars(not args.quiet):
         embedder = SentenceEmbedder(model_dir, device=device, dtype=_DTYPES[args.dtype])
         start = time.perf_counter()
