@@ -9,8 +9,8 @@
 #      its torch.compile peer: minutes of compiling), then the memory-bound kernels.
 # STEPS picks and orders the steps (default "test profile model micro"); MODEL_K and MICRO_K replace
 # the model and microbenchmark steps' -k expressions, TESTS and TEST_TIMEOUT the test step's files
-# and limit (defaults below). The microbenchmarks' share of
-# the time is BUDGET / 5 when they come last, else whatever the steps before them left. E.g. the
+# and limit (defaults below). Each step ends early enough to leave the steps after it their usual
+# need (reserve_after: profile 80 s, model 150 s, micro BUDGET / 5). E.g. the
 # max-autotune peers first, then the LayerNorm and attention sweeps:
 #   STEPS="model micro profile" MODEL_K="torch.compile and (32x128 or 32x512)" \
 #   MICRO_K="(bf16 and (bias_residual_layer_norm or attention)) or pack_padded_batch" BUDGET=555 \
@@ -55,23 +55,35 @@ step_test() {
 
 # Where the time of one eager forward goes (device time per kernel; host time per operator), and
 # of PaddedCUDAGraphRunner calls (the kernels a replay runs, their times, and the wall time beside them).
+# Seconds a step leaves for the steps after it in STEPS (each step's usual need: the profile 80 s,
+# the headline model cases 150 s, the microbenchmarks BUDGET / 5), so an early step cannot take them.
+reserve_after() {
+  local seen=0 total=15 s
+  for s in $STEPS; do
+    if [ "$seen" = 1 ]; then
+      case $s in profile) total=$(( total + 80 ));; model) total=$(( total + 150 ));;
+                 micro) total=$(( total + BUDGET / 5 ));; esac
+    fi
+    [ "$s" = "$1" ] && seen=1
+  done
+  echo "$total"
+}
+
 step_profile() {
-  local limit; limit=$(left $(( BUDGET - 15 )))
+  local limit; limit=$(left $(( BUDGET - $(reserve_after profile) )))
   timeout $(( limit < 180 ? limit : 180 )) python3 benchmarks/profile_model.py --out "$OUT_ROOT/test" >/dev/null \
     2>"$OUT_ROOT/test/profile.err"
   echo "gpu_session.sh: profile exit $? at $((SECONDS - start)) s (test/profile.txt)"
 }
 
 step_model() {
-  local reserve=15
-  case " $STEPS " in *" model "*" micro "*) reserve=$(( BUDGET / 5 + 15 ));; esac
-  OUT=$OUT_ROOT/model FASTBERT_BENCH_QUICK=1 BENCH_TIMEOUT=$(left $(( BUDGET - reserve ))) \
+  OUT=$OUT_ROOT/model FASTBERT_BENCH_QUICK=1 BENCH_TIMEOUT=$(left $(( BUDGET - $(reserve_after model) ))) \
     benchmarks/run_gpu.sh bench benchmarks/bench_model.py -k "$MODEL_K"
   echo "gpu_session.sh: model benchmarks exit $? at $((SECONDS - start)) s"
 }
 
 step_micro() {
-  OUT=$OUT_ROOT/micro BENCH_TIMEOUT=$(left $(( BUDGET - 15 ))) benchmarks/run_gpu.sh bench \
+  OUT=$OUT_ROOT/micro BENCH_TIMEOUT=$(left $(( BUDGET - $(reserve_after micro) ))) benchmarks/run_gpu.sh bench \
     benchmarks/bench_attention.py benchmarks/bench_linear_activation.py benchmarks/bench_bias_activation.py \
     benchmarks/bench_bias_residual_layer_norm.py benchmarks/bench_embeddings.py benchmarks/bench_pack_padded_batch.py \
     -k "$MICRO_K"

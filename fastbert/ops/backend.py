@@ -11,7 +11,7 @@ backend is active:
 
 - ``cublas`` (default): PyTorch's matmul (cuBLAS), then the epilogue as its own Triton kernel;
 - ``triton``: one Triton GEMM with the epilogue applied to its accumulator (``linear_activation``).
-  Not the default: on the H200 it ran at 0.80 to 0.96x cuBLAS + the separate epilogue.
+  Not the default: on the H200 it ran at 0.72 to 0.96x cuBLAS + the separate epilogue.
 - ``cublaslt``: cuBLASLt's bias + activation epilogue (``torch._addmm_activation``) on CUDA
   tensors, one cuBLAS kernel. Its GELU is the tanh approximation: exact for ``gelu_tanh`` and
   ``relu`` models; for erf-GELU models (BERT's ``gelu``) it is taken in fp16 / bf16 only, where the
