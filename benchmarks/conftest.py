@@ -206,6 +206,7 @@ def _environment() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env["device"] = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+        env["gpu_uuid"] = str(getattr(props, "uuid", "unknown"))  # one machine from another of the same kind
         try:
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                            capture_output=True, text=True, timeout=20).stdout.strip()

@@ -81,13 +81,18 @@ def add_ratios(rows: list[dict]) -> None:
                               if not impl.startswith("fastbert")}
 
 
+CEILINGS = ("matmul_peak_tflops_bf16", "copy_bandwidth_gbs")
+
+
 def merge(payloads: list[dict]) -> dict:
     """Several runs' results (GPU calls of under 10 minutes each) as one table. A (case, impl) measured
     again replaces the earlier run's row, and fastbert's ratios are recomputed over the merged rows, so
     a peer measured in a later call (max-autotune, say) counts against fastbert measured in an earlier
-    one: give it only calls made on one machine, back to back. Runs on different devices, drivers or
-    versions are refused: their numbers do not belong in one table."""
-    keys = ("device", "driver", "torch", "triton", "transformers")
+    one: give it only calls made on one machine, back to back. Runs on different devices (the GPU's
+    UUID where recorded: two H200s are two machines), drivers or versions are refused: their numbers
+    do not belong in one table. The ceilings measured in the runs (matmul peak, copy bandwidth) are
+    kept from whichever run measured them (the first, where several did)."""
+    keys = ("device", "gpu_uuid", "driver", "torch", "triton", "transformers")
     first = payloads[0]["environment"]
     for other in payloads[1:]:
         env = other["environment"]
@@ -103,6 +108,10 @@ def merge(payloads: list[dict]) -> dict:
     add_ratios(merged)
     dates = sorted({p["environment"].get("date", "") for p in payloads})
     environment = dict(first, date=" .. ".join([dates[0], dates[-1]]) if len(dates) > 1 else dates[0])
+    for payload in payloads[1:]:
+        for key in CEILINGS:
+            if environment.get(key) is None and payload["environment"].get(key) is not None:
+                environment[key] = payload["environment"][key]
     return {"environment": environment, "results": merged}
 
 

@@ -101,6 +101,12 @@ def test_report_merges_runs_and_refuses_other_devices():
     assert merged["environment"]["date"] == "d1 .. d2"
     with pytest.raises(SystemExit, match="device"):
         merge([run("d1", a), run("d2", b, device="NVIDIA H200")])
+    with pytest.raises(SystemExit, match="gpu_uuid"):  # another machine of the same kind
+        merge([run("d1", a, gpu_uuid="GPU-1"), run("d2", b, gpu_uuid="GPU-2")])
+    # The ceilings come from whichever run measured them (the kernel call's copy bandwidth, say).
+    ceilings = merge([run("d1", a, matmul_peak_tflops_bf16=800.0), run("d2", b, copy_bandwidth_gbs=4100.0,
+                                                                       matmul_peak_tflops_bf16=790.0)])["environment"]
+    assert (ceilings["matmul_peak_tflops_bf16"], ceilings["copy_bandwidth_gbs"]) == (800.0, 4100.0)
 
 
 def test_profile_model_smoke(tmp_path):
