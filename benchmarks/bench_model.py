@@ -126,15 +126,23 @@ def compiled_fastbert(name: str, dtype_name: str):
 
 
 def check_output(output, name: str, dtype_name: str, ids, mask) -> None:
-    """fastbert's last_hidden_state at real tokens against the fp32 reference: within 2x the error of
-    transformers (SDPA) at the same dtype + 1e-3 (DESIGN.md), so that no wrong result is ever timed."""
+    """fastbert's last_hidden_state at real tokens and its pooler output against the fp32 reference:
+    within 2x the error of transformers (SDPA) at the same dtype + 1e-3 (DESIGN.md), so that no wrong
+    result is ever timed."""
     group = models(name, dtype_name)
     keep = mask.bool()
-    reference = group["reference"](ids, attention_mask=mask).last_hidden_state[keep]
-    peer = group["sdpa"](ids, attention_mask=mask).last_hidden_state[keep]
-    err = max_abs_diff(output.last_hidden_state[keep], reference)
-    budget = 2 * max_abs_diff(peer, reference) + LOW_PRECISION_SLACK
-    assert err <= budget, f"fastbert's output is off by {err:.3g} (budget {budget:.3g}): not timed"
+    reference, peer = group["reference"](ids, attention_mask=mask), group["sdpa"](ids, attention_mask=mask)
+    # last_hidden_state at real tokens; the pooler of rows whose first token is real (the batches here
+    # are right-padded: every row).
+    first_real = keep[:, 0]
+    for what, ours, ref, theirs in (
+            ("last_hidden_state", output.last_hidden_state[keep], reference.last_hidden_state[keep],
+             peer.last_hidden_state[keep]),
+            ("pooler_output", output.pooler_output[first_real], reference.pooler_output[first_real],
+             peer.pooler_output[first_real])):
+        err = max_abs_diff(ours, ref)
+        budget = 2 * max_abs_diff(theirs, ref) + LOW_PRECISION_SLACK
+        assert err <= budget, f"fastbert's {what} is off by {err:.3g} (budget {budget:.3g}): not timed"
 
 
 @functools.cache
