@@ -31,7 +31,7 @@ from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
 needs_triton = pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 
-test_fast_path_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 44, FASTBERT_BACKEND="triton")
+test_fast_path_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 46, FASTBERT_BACKEND="triton")
 
 
 @pytest.fixture
@@ -219,6 +219,8 @@ if IN_CHILD:
         ("encoder.layer.1.intermediate.dense", True, 1),
         ("encoder.layer.1.output.LayerNorm", False, 1),
         ("encoder.layer.0.attention.self.query", False, 1),
+        ("encoder.layer.1.output.dropout", False, 1),  # a hidden dropout is called, hooks and all
+        ("encoder.layer.0.attention.output.dropout", True, 1),
     ])
     def test_interpreter_case_hooked_leaf_module_runs_its_layer_as_modules(where, pre, fast_count, fast_layers):
         fast, hf = hooked_pair(where, pre)

@@ -245,6 +245,8 @@ def test_cublaslt_takes_only_what_its_epilogue_computes_within_budget(dtype, sha
         assert not A.cublaslt_takes(*on_cuda[:2], None, activation)  # the epilogue needs a bias
         # K = 0: PyTorch's CUDA addmm returns the bias without the activation
         assert not A.cublaslt_takes(on_cuda[0][:, :0], on_cuda[1][:, :0], on_cuda[2], activation)
+        other = torch.float32 if dtype != torch.float32 else torch.float16
+        assert not A.cublaslt_takes(*on_cuda[:2], on_cuda[2].to(other), activation)  # one dtype for all three
         assert not A.cublaslt_takes(x, weight, bias, activation)  # CPU tensors: never
         assert takes == (dtype != torch.float32 or activation != "gelu"), (dtype, activation)
         out = cublaslt_emulated(x, weight, bias, activation)
@@ -253,6 +255,21 @@ def test_cublaslt_takes_only_what_its_epilogue_computes_within_budget(dtype, sha
         else:
             with pytest.raises(AssertionError):
                 check(out, x, weight, bias, activation, "tanh-GELU for erf-GELU in fp32")
+
+
+def test_cublaslt_setting_leaves_autocast_to_the_matmul(monkeypatch):
+    """Under autocast the matmul's dtype is autocast's: FASTBERT_GEMM=cublaslt runs F.linear and the
+    epilogue, never the cuBLASLt op on the uncast inputs (cublaslt_takes let take CPU tensors here)."""
+    monkeypatch.setenv("FASTBERT_GEMM", "cublaslt")
+    monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    monkeypatch.setattr(A, "cublaslt_takes", lambda *args: True)
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: pytest.fail("cuBLASLt's op ran under autocast"))
+    monkeypatch.setattr(A, "bias_activation", lambda pre, bias, activation: B.bias_activation_reference(pre, bias, activation))
+    x, weight, bias = make_inputs(5, 24, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = A.linear_activation(x, weight, bias, "gelu")
+    assert out.dtype == torch.bfloat16
+    assert A.active_backend("cpu") == "cublas+triton"  # cuBLASLt is for CUDA tensors only
 
 
 test_fused_op_is_registered = registered_schema_test(
