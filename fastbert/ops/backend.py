@@ -110,7 +110,7 @@ def forward_ad_active() -> bool:
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
     # Loops rather than any(<generator>) here and below: these run several times per op call, and a
     # generator costs about a microsecond of host time each (an eager small batch waits on it).
-    if _forward_ad._current_level >= 0:  # forward_ad_active(): any tensor may carry a tangent
+    if forward_ad_active():  # any tensor may carry a tangent
         return True
     if not torch.is_grad_enabled():
         return False

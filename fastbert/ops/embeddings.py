@@ -94,9 +94,6 @@ if backend.triton_available():
 # ------------------------------------------------------------------------------------------------
 # Checks shared by the fast paths.
 
-_may_read_back = backend.may_read_back
-
-
 def raise_out_of_range(input_ids, position_ids, token_type_ids, word_weight, position_weight,
                        token_type_weight) -> None:
     """Raise IndexError for the first index outside its table (host-side search: the error path).
@@ -123,7 +120,7 @@ def check_indices(input_ids, position_ids, token_type_ids, word_weight, position
                                          (token_type_ids, token_type_weight))
              if t is not None and table is not None
              and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)]
-    if not pairs or not _may_read_back(pairs[0][0]):
+    if not pairs or not backend.may_read_back(pairs[0][0]):
         return
     bad = torch.stack([((t < 0) | (t >= table.shape[0])).any() for t, table in pairs])
     if bool(bad.any()):
@@ -241,7 +238,7 @@ def embeddings(
         # exception thrown by the extension crashed the process. The op checks again only where Python
         # could not read the indices back (torch.compile tracing).
         _check_shapes(*indices, *floats)
-        checked = validate_indices and _may_read_back(indices[0])
+        checked = validate_indices and backend.may_read_back(indices[0])
         if checked:
             check_indices(*indices, *floats[:3])
         return torch.ops.fastbert.embedding_layer_norm(*indices, *floats, float(eps), validate_indices and not checked)
@@ -252,6 +249,6 @@ def embeddings(
     indices = tuple(t.contiguous() for t in indices)
     floats = tuple(t.contiguous() for t in floats)
     out, error_flag = torch.ops.fastbert.embedding_layer_norm_triton(*indices, *floats, float(eps))
-    if validate_indices and _may_read_back(error_flag) and bool(error_flag.item()):
+    if validate_indices and backend.may_read_back(error_flag) and bool(error_flag.item()):
         raise_out_of_range(*indices, *floats[:3])
     return out

@@ -5,7 +5,7 @@ active: ``cublas`` (default) runs PyTorch's matmul and then the ``bias_activatio
 ``triton`` runs one Triton GEMM with the bias and activation applied to its fp32 accumulator
 (``kernels/linear_activation.py``), so the pre-activation is never written; ``cublaslt`` does the
 same in cuBLASLt's epilogue (``torch._addmm_activation``) where its tanh-approximated GELU is exact
-or below the dtype's rounding (``cublaslt_takes``), else runs as ``cublas``.
+or inside the 16-bit error budget (``cublaslt_takes``), else runs as ``cublas``.
 """
 
 from __future__ import annotations
