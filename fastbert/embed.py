@@ -377,7 +377,10 @@ def run(args) -> int:
     except (ValueError, ModuleNotFoundError) as exc:
         raise SystemExit(f"fastbert embed: {exc}") from None
     with _progress_bars(not args.quiet):
-        embedder = SentenceEmbedder(model_dir, device=device, dtype=_DTYPES[args.dtype])
+        try:
+            embedder = SentenceEmbedder(model_dir, device=device, dtype=_DTYPES[args.dtype])
+        except ValueError as exc:  # a model fastbert refuses (another model type, a config, its keys): named
+            raise SystemExit(f"fastbert embed: {exc}") from None
         start = time.perf_counter()
         embeddings = embedder.encode(lines, batch_size=args.batch_size, progress=not args.quiet)
         seconds = time.perf_counter() - start

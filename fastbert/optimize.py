@@ -3,6 +3,9 @@ sentence-transformers model, sharing its weights."""
 
 from __future__ import annotations
 
+import copy
+import inspect
+
 import torch
 import transformers
 from torch import nn
@@ -54,12 +57,20 @@ def _warn_of_dropped_hooks(hf_model: nn.Module, model: BertModel) -> None:
     silently."""
     shared = {id(m) for m in model.modules()}
     dropped = [name or type(hf_model).__name__ for name, m in hf_model.named_modules()
-               if id(m) not in shared and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                                          or m._backward_pre_hooks or "forward" in m.__dict__)]
+               if id(m) not in shared and (_users_hooks(m._forward_hooks) or m._forward_pre_hooks
+                                          or m._backward_hooks or m._backward_pre_hooks or "forward" in m.__dict__)]
     if dropped:
         logger.warning("fastbert.optimize: hooks (or a replaced forward) on %s are not carried over: "
                        "fastbert replaces transformers' container modules and shares only their leaf "
                        "modules (Linear, Embedding, LayerNorm, Dropout)", ", ".join(dropped))
+
+
+def _users_hooks(hooks) -> list:
+    """The forward hooks in ``hooks`` that are not transformers' own output-capturing hooks (which a
+    call with ``output_hidden_states`` or ``output_attentions`` leaves on the layers, inactive outside
+    such a call: fastbert returns those outputs itself)."""
+    return [hook for hook in hooks.values()
+            if getattr(hook, "__module__", None) != "transformers.utils.output_capturing"]
 
 
 def _fresh_buffers(hf_model) -> nn.Module:
@@ -85,6 +96,66 @@ def _not_swappable(module: transformers.BertModel) -> str | None:
         check_config(module.config)  # so that no model is left half swapped
     except (NotImplementedError, ValueError) as error:
         return str(error)
+    return _tree_difference(module)
+
+
+def _tree_difference(module: transformers.BertModel) -> str | None:
+    """Where this BertModel's module tree is not the one transformers builds from its config, as far
+    as fastbert's copy of it would compute something else; None where it is.
+
+    fastbert builds its own containers from the config and shares only transformers' leaf modules
+    (Linear, Embedding, LayerNorm, Dropout, the pooler's activation), which it calls as modules where
+    they are wrapped (PEFT) or hooked. Anything else changed by hand would be silently dropped: a
+    container of another class (a subclass, a wrapper), a layer added or removed without the config
+    saying so, another FFN activation module, a method replaced on an instance (``forward`` aside:
+    the warning of ``_warn_of_dropped_hooks`` names those), or a transformers BERT class patched with a
+    function from outside transformers."""
+    config = copy.deepcopy(module.config)  # transformers' constructor may set attributes on its config
+    config._attn_implementation = "eager"  # the tree is the same; others may check for their packages
+    add_pooling_layer = module.pooler is not None
+    try:
+        with torch.device("meta"):
+            expected = dict(transformers.BertModel(config, add_pooling_layer=add_pooling_layer).named_modules())
+            ours = BertModel(config, add_pooling_layer=add_pooling_layer)
+    except Exception as error:  # noqa: BLE001 - whatever it is, the swap cannot be shown safe
+        return f"its module tree could not be checked against transformers' ({type(error).__name__}: {error})"
+    shared = {name for name, m in ours.named_modules() if name and next(m.children(), None) is None}
+    actual = dict(module.named_modules())
+    layers = f"config.num_hidden_layers = {config.num_hidden_layers}"
+    patched = _patched_method(type(module), ("forward",))
+    if patched:
+        return patched
+    for name, want in expected.items():
+        got = actual.get(name)
+        if got is None:
+            return f"it has no {name} ({layers})"
+        if not name or name in shared:  # the root's class is checked above; shared leaves may be wrapped
+            continue
+        if type(got) is not type(want):
+            return f"{name} is a {type(got).__qualname__}, not transformers' {type(want).__qualname__}"
+        replaced = [attr for attr, value in vars(got).items()
+                    if attr != "forward" and callable(value) and inspect.isfunction(getattr(type(got), attr, None))]
+        if replaced:
+            return f"{name}.{replaced[0]} is replaced on the instance"
+        patched = _patched_method(type(got))
+        if patched:
+            return patched
+    for name, got in actual.items():
+        if name not in expected and not any(name.startswith(f"{leaf}.") for leaf in shared):
+            return f"{name} ({type(got).__qualname__}) is not part of a BertModel of its config ({layers})"
+    return None
+
+
+def _patched_method(cls: type, names: tuple[str, ...] | None = None) -> str | None:
+    """A function of transformers' class ``cls`` (only ``names`` if given) that is not transformers'
+    own: the class was patched at run time, and fastbert's copy would not run the patch."""
+    if not cls.__module__.startswith("transformers."):
+        return None  # torch's ModuleList, activations: their behaviour is theirs, not patched by users
+    for attr in names or vars(cls):
+        value = getattr(cls, attr, None) if names else vars(cls)[attr]
+        module_name = getattr(value, "__module__", None) or ""
+        if inspect.isfunction(value) and not module_name.startswith("transformers."):
+            return f"{cls.__name__}.{attr} is not transformers' own ({module_name}.{value.__qualname__})"
     return None
 
 
@@ -122,5 +193,8 @@ def optimize(model: nn.Module) -> nn.Module:
                              + "; ".join(skipped))
         if any(isinstance(m, BertModel) for m in model.modules()):
             return model  # already optimized
-        raise ValueError(f"fastbert.optimize found no transformers BertModel inside {type(model).__name__}")
+        others = sorted({f"{type(m).__name__} (model_type {getattr(m.config, 'model_type', None)!r})"
+                         for m in model.modules() if isinstance(m, transformers.PreTrainedModel)})
+        holds = f"; it holds {', '.join(others)}: fastbert runs BERT (model_type 'bert') only" if others else ""
+        raise ValueError(f"fastbert.optimize found no transformers BertModel inside {type(model).__name__}{holds}")
     return model

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from fastbert.cli import main
 from tests.helpers import FP32_MODEL_RANDOM, minilm_path, needs_cuda
@@ -177,6 +178,32 @@ def test_embed_user_error_prints_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"fastbert embed: cannot read input '{tmp_path / 'missing.txt'}': No such file or directory"]
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["transformers", "sentence-transformers"])
+def test_embed_names_a_model_of_another_type(tmp_path, pipeline):
+    """A DistilBERT folder (sentence-transformers embeds it; fastbert runs BERT only): one line that
+    names the model type, not a traceback."""
+    model_dir = tmp_path / "distilbert"
+    transformers.DistilBertModel(transformers.DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(model_dir)
+    if pipeline:
+        (model_dir / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]))
+    src = tmp_path / "in.txt"
+    src.write_text("hello\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "fastbert.cli", "embed", str(src), "-o", str(tmp_path / "e.npy"),
+                             "--model", str(model_dir), "--quiet", "--device", "cpu"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    if pipeline:  # a pipeline sentence-transformers runs, on fastbert's encoder (none here)
+        assert last == ("fastbert embed: fastbert.optimize found no transformers BertModel inside SentenceTransformer; "
+                        "it holds DistilBertModel (model_type 'distilbert'): fastbert runs BERT (model_type 'bert') "
+                        "only"), result.stderr
+    else:
+        assert last == (f"fastbert embed: {model_dir} holds a 'distilbert' model; fastbert.BertModel loads BERT "
+                        "checkpoints (model_type 'bert') only"), result.stderr
 
 
 # --- input lines, empty input, --quiet, --dtype ------------------------------------------------------

@@ -160,6 +160,104 @@ def test_configs_fastbert_refuses_are_left_in_place_before_anything_is_swapped()
     assert type(silu.bert) is transformers.BertModel
 
 
+class _Doubled(transformers.models.bert.modeling_bert.BertSelfOutput):
+    def forward(self, hidden_states, input_tensor):
+        return super().forward(hidden_states, input_tensor) * 2
+
+
+class _Halved(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        return (out[0] / 2, *out[1:])
+
+
+def _patch_intermediate(head, monkeypatch):
+    forward = transformers.models.bert.modeling_bert.BertIntermediate.forward
+    monkeypatch.setattr(transformers.models.bert.modeling_bert.BertIntermediate, "forward",
+                        lambda self, hidden_states: forward(self, hidden_states) * 0)
+
+
+def _replace_feed_forward_chunk(head, monkeypatch):
+    layer = head.bert.encoder.layer[0]
+    layer.feed_forward_chunk = lambda attention_output: attention_output
+
+
+MODIFIED_TREES = {
+    "another activation module": (lambda head, mp: setattr(head.bert.encoder.layer[1].intermediate,
+                                                            "intermediate_act_fn", torch.nn.SiLU()),
+                                  "encoder.layer.1.intermediate.intermediate_act_fn is a SiLU, not transformers' "
+                                  "GELUActivation"),
+    "a container subclass": (lambda head, mp: setattr(head.bert.encoder.layer[0].attention, "output",
+                                                      _Doubled(head.config)),
+                             "encoder.layer.0.attention.output is a _Doubled, not transformers' BertSelfOutput"),
+    "a wrapped container": (lambda head, mp: setattr(head.bert.encoder.layer[1].attention, "self",
+                                                     _Halved(head.bert.encoder.layer[1].attention.self)),
+                            "encoder.layer.1.attention.self is a _Halved"),
+    "a layer removed": (lambda head, mp: setattr(head.bert.encoder, "layer", head.bert.encoder.layer[:1]),
+                        r"it has no encoder.layer.1 \(config.num_hidden_layers = 2\)"),
+    "a layer added": (lambda head, mp: head.bert.encoder.layer.append(
+                          transformers.models.bert.modeling_bert.BertLayer(head.config)),
+                      r"encoder.layer.2 \(BertLayer\) is not part of a BertModel of its config"),
+    "a class patched": (_patch_intermediate, "BertIntermediate.forward is not transformers' own"),
+    "a method replaced on an instance": (_replace_feed_forward_chunk,
+                                         "encoder.layer.0.feed_forward_chunk is replaced on the instance"),
+}
+
+
+@pytest.mark.parametrize("change", MODIFIED_TREES)
+def test_encoders_changed_by_hand_are_left_in_place(change, monkeypatch):
+    """A transformers BertModel changed after construction in a way fastbert's own containers would
+    not compute (they are built from the config; only leaf modules are shared): left in place, the
+    change named, its outputs unchanged, where a swap gave other numbers (0.36 to 3.7 off) or an
+    AttributeError naming no reason."""
+    torch.manual_seed(0)
+    head = transformers.BertForSequenceClassification(make_config()).eval()
+    modify, reason = MODIFIED_TREES[change]
+    modify(head, monkeypatch)
+    ids = torch.randint(0, head.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = head(ids).logits
+    encoder = head.bert
+    with pytest.raises(ValueError, match=f"any BertModel in BertForSequenceClassification: bert \\(.*{reason}"):
+        optimize(head)
+    assert head.bert is encoder and type(encoder) is transformers.BertModel
+    with torch.no_grad():
+        assert torch.equal(head(ids).logits, want)
+
+
+def test_unchanged_trees_and_wrapped_leaves_still_swap():
+    """What fastbert runs as transformers does: a PEFT-style wrapper around a shared Linear (with
+    modules of its own below it), a replaced pooler activation (the pooler calls it), and transformers'
+    own output-capturing hooks (left by a call with output_hidden_states, inert otherwise: no warning)."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+
+        def forward(self, x):
+            return self.base_layer(x) * 0.5
+
+    torch.manual_seed(0)
+    hf = transformers.BertModel(make_config()).eval()
+    hf.encoder.layer[0].attention.self.value = Scaled(hf.encoder.layer[0].attention.self.value)
+    hf.pooler.activation = torch.nn.Identity()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = hf(ids, output_hidden_states=True)
+    assert any(m._forward_hooks for m in hf.modules()), "transformers left its output-capturing hooks"
+    with _logged(None):
+        fast = optimize(hf)
+    with torch.no_grad():
+        got = fast(ids, output_hidden_states=True)
+    assert_close(got.last_hidden_state, want.last_hidden_state, FP32_MODEL_RANDOM, "last_hidden_state")
+    assert_close(got.pooler_output, want.pooler_output, FP32_MODEL_RANDOM, "pooler_output")
+
+
 def test_training_flags_kept_and_dropped_hooks_named():
     """Each module keeps its own training flag (one dropout put in eval mode stays so), and hooks on
     transformers' container modules, which fastbert replaces, are named in a warning."""
@@ -188,8 +286,9 @@ def test_gradient_checkpointing_enabled_before_the_swap_is_kept():
 
 
 def _logged(text):
-    """A context manager asserting that fastbert.optimize's logger emitted ``text`` (transformers'
-    loggers do not propagate to caplog, so the handler is attached here)."""
+    """A context manager asserting that fastbert.optimize's logger emitted ``text``, or nothing where
+    ``text`` is None (transformers' loggers do not propagate to caplog, so the handler is attached
+    here)."""
     import contextlib
     import logging
 
@@ -204,6 +303,7 @@ def _logged(text):
             yield
         finally:
             logger.removeHandler(handler)
-        assert any(text in record.getMessage() for record in records), [r.getMessage() for r in records]
+        messages = [record.getMessage() for record in records]
+        assert (not messages) if text is None else any(text in message for message in messages), messages
 
     return check()
