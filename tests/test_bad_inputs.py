@@ -213,3 +213,68 @@ def test_empty_batch_inside_static_forms():
         out = fast(torch.zeros(0, 8, dtype=torch.long), attention_mask=torch.zeros(0, 8, dtype=torch.long),
                    token_type_ids=torch.zeros(0, 8, dtype=torch.long))
     assert out.last_hidden_state.shape == (0, 8, fast.config.hidden_size)
+
+
+def test_sequence_of_exactly_max_positions_equals_transformers():
+    """A sequence of max_position_embeddings tokens (BERT's 512) is taken and equals transformers; one
+    more is refused (test_sequence_longer_than_max_positions)."""
+    from tests.helpers import FP32_MODEL_RANDOM, assert_close
+
+    fast, hf = model_pair(make_config(vocab=100, max_positions=16))
+    x = ids(2, 16)
+    with torch.no_grad():
+        assert_close(fast(x).last_hidden_state, hf(x).last_hidden_state, FP32_MODEL_RANDOM, "16 of 16 positions")
+
+
+PACKED = {"input_ids": torch.arange(9)[None] % 100, "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])}
+
+
+@pytest.mark.parametrize("case, kwargs, error, match", [
+    ("padding", {"attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0]])}, ValueError,
+     r"packed sequences \(cu_seq_lens_q\) take no padding: attention_mask must be all ones"),
+    ("batch of 2", {"input_ids": torch.arange(18).reshape(2, 9) % 100,
+                    "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]] * 2)}, ValueError,
+     r"input_ids must be \[1, total\], got \(2, 9\)"),
+    ("2-D offsets", {"cu_seq_lens_q": torch.tensor([[0, 4, 7, 9]])}, ValueError,
+     r"cu_seq_lens_q must be a 1-D integer tensor of offsets \[0, ..., total\], got torch.int64 of shape \(1, 4\)"),
+    ("float offsets", {"cu_seq_lens_q": torch.tensor([0.0, 4.0, 7.0, 9.0])}, ValueError,
+     "cu_seq_lens_q must be a 1-D integer tensor .* got torch.float32"),
+    ("one offset", {"cu_seq_lens_q": torch.tensor([0])}, ValueError,
+     r"cu_seq_lens_q must be a 1-D integer tensor .* of shape \(1,\)"),
+])
+def test_packed_input_that_is_not_packed_form_is_refused(model, case, kwargs, error, match):
+    """cu_seq_lens_q describes the sequences of one [1, total] row: with padding in it (which would be
+    computed on as real tokens), a batch of several rows, or offsets that are not a 1-D integer
+    tensor, the call names the problem."""
+    args = {**PACKED, "cu_seq_lens_q": torch.tensor([0, 4, 7, 9]), "max_length_q": 4, **kwargs}
+    with pytest.raises(error, match=match):
+        model(**args)
+
+
+def test_out_of_range_is_named_at_the_real_token_when_padding_before_it_is_bad_too(model):
+    """The first bad value in row order is at a padded position (never looked up): the error names
+    the real token's, after it."""
+    x = ids(3, 6)
+    mask = torch.ones_like(x)
+    mask[0, 3:] = 0
+    x[0, 4] = 5000  # padding: ignored
+    x[2, 1] = 100
+    with pytest.raises(ValueError, match=r"input_ids\[2, 1\] = 100 is out of range"):
+        model(x, attention_mask=mask)
+
+
+def test_token_types_of_one_column_are_refused(model):
+    """token_type_ids broadcast over the batch ([1, seqlen]) are taken; one value per row ([batch, 1],
+    which transformers would broadcast over the tokens) is named: one type per token is the contract."""
+    x = ids(2, 5)
+    types = torch.tensor([[0, 1, 1, 0, 1]])
+    with torch.no_grad():
+        assert torch.equal(model(x, token_type_ids=types).last_hidden_state,
+                           model(x, token_type_ids=types.expand(2, 5)).last_hidden_state)
+    with pytest.raises(ValueError, match=r"token_type_ids has shape \(2, 1\), but the input is \(2, 5\)"):
+        model(x, token_type_ids=torch.tensor([[1], [0]]))
+
+
+def test_integer_inputs_embeds_are_refused(model):
+    with pytest.raises(TypeError, match="inputs_embeds must be a floating-point tensor, got dtype torch.int64"):
+        model(inputs_embeds=torch.ones(1, 3, model.config.hidden_size, dtype=torch.long))

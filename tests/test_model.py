@@ -379,6 +379,34 @@ def test_dropout_is_applied_in_train_mode():
         assert torch.equal(fast(ids).last_hidden_state, fast(ids).last_hidden_state)
 
 
+DROPOUT_SITES = {
+    "embeddings": lambda model: [model.embeddings.dropout],
+    "attention probabilities": lambda model: [layer.attention.self.dropout for layer in model.encoder.layer],
+    "attention output": lambda model: [layer.attention.output.dropout for layer in model.encoder.layer],
+    "FFN output": lambda model: [layer.output.dropout for layer in model.encoder.layer],
+}
+
+
+@pytest.mark.parametrize("site", DROPOUT_SITES)
+def test_each_dropout_is_applied_in_train_mode(site):
+    """One dropout site at p = 0.5, every other at 0: training outputs leave the eval ones by far (a
+    site whose dropout was skipped would leave them equal), and about half of the elements of that
+    site's output are zeroed (the embeddings' output checked directly)."""
+    config = make_config()
+    fast = fastbert.BertModel(config)
+    for dropout in DROPOUT_SITES[site](fast):
+        dropout.p = 0.5
+    ids, _ = random_inputs(config, 2, 8)
+    with torch.no_grad():
+        expected = fast.eval()(ids).last_hidden_state
+    torch.manual_seed(0)
+    got = fast.train()(ids).last_hidden_state
+    assert (got - expected).abs().max() > 0.1, site
+    if site == "embeddings":
+        kept = fast.embeddings(ids.flatten(), torch.arange(8).repeat(2), torch.zeros(16, dtype=torch.long))
+        assert 0.3 < (kept == 0).float().mean() < 0.7
+
+
 @pytest.fixture(params=["cpu_blocks", "fused_storage"])
 def qkv_path(request, monkeypatch):
     """The two ways inference computes the QKV projection: on a CPU, three GEMMs into the blocks of one
