@@ -156,6 +156,48 @@ def case_gradients(device, head_dim=26):
     assert_close(grads[0], grads[1], FP32_OP, "grad qkv")
 
 
+def case_column_strided_qkv(device, dtype, monkeypatch):
+    """QKV whose columns are not adjacent (every other column of a wider buffer, column stride 2):
+    the kernel reads columns at unit stride, so the op copies such a view first."""
+    counter = LaunchCounter(monkeypatch)
+    lengths, heads, head_dim = [9, 0, 40], 2, 32
+    cu = cu_seqlens_of(lengths, device)
+    qkv = make_qkv(sum(lengths), heads, 2 * head_dim, dtype, device)[:, ::2]
+    assert qkv.stride(1) == 2
+    with backend.use_backend("triton"):
+        out = A.varlen_attention(qkv, cu, max(lengths), heads)
+    assert counter.count == 1
+    check(out, qkv.contiguous(), cu, max(lengths), heads, f"column stride 2 {dtype}")
+
+
+def case_strided_cu_seqlens(device, monkeypatch):
+    """Offsets read through a view with stride 2 (every other element of a longer tensor whose other
+    elements, read in place, would be valid offsets of other sequences): the op makes them contiguous."""
+    counter = LaunchCounter(monkeypatch)
+    lengths, heads = [5, 0, 33], 2
+    cu = torch.tensor([0, 38, 5, 38, 5, 38, 38], dtype=torch.int32, device=device)[::2]
+    assert cu.tolist() == cu_seqlens_of(lengths).tolist() and not cu.is_contiguous()
+    qkv = make_qkv(sum(lengths), heads, 16, device=device)
+    with backend.use_backend("triton"):
+        out = A.varlen_attention(qkv, cu, max(lengths), heads)
+    assert counter.count == 1
+    check(out, qkv, cu.contiguous(), max(lengths), heads, "non-contiguous cu_seqlens")
+
+
+def case_head_dim_above_the_kernel(device, dtype, head_dim, monkeypatch):
+    """Head dims past MAX_HEAD_DIM (256) are valid attention the kernel has no tile for: under the
+    Triton backend they take the reference, launch nothing and raise nothing."""
+    assert head_dim > A.MAX_HEAD_DIM
+    counter = LaunchCounter(monkeypatch)
+    lengths, heads = [5, 0, 9], 1
+    cu = cu_seqlens_of(lengths, device)
+    qkv = make_qkv(sum(lengths), heads, head_dim, dtype, device)
+    with backend.use_backend("triton"):
+        out = A.varlen_attention(qkv, cu, max(lengths), heads)
+    assert counter.count == 0
+    assert torch.equal(out, A.varlen_attention_reference(qkv, cu, max(lengths), heads))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Without Triton running (this process): backend choice and checks.
 
@@ -179,6 +221,31 @@ def test_bad_inputs_are_refused():
         A.varlen_attention(make_qkv(7, 2, 16), cu_seqlens_of([3, 4]), 4, 5)
     with pytest.raises(ValueError, match="int32"):
         A.varlen_attention(make_qkv(7, 2, 16), cu_seqlens_of([3, 4]).long(), 4, 2)
+
+
+@pytest.mark.parametrize("qkv, cu, message", [
+    (lambda: make_qkv(7, 2, 16), lambda: torch.empty(0, dtype=torch.int32),
+     r"cu_seqlens must be a 1-D int32 tensor of batch \+ 1 offsets, got torch.int32 of shape \(0,\)"),
+    (lambda: make_qkv(7, 2, 16), lambda: cu_seqlens_of([3, 4])[None],
+     r"cu_seqlens must be a 1-D int32 tensor .* of shape \(1, 3\)"),
+    (lambda: make_qkv(7, 2, 16).view(7, 6, 16), lambda: cu_seqlens_of([3, 4]),
+     r"qkv must be \[tokens, 3 \* hidden\] .*, got \(7, 6, 16\)"),
+    (lambda: make_qkv(6, 2, 16)[None], lambda: cu_seqlens_of([6]),
+     r"qkv must be \[tokens, 3 \* hidden\] .*, got \(1, 6, 96\)"),
+], ids=["empty cu_seqlens", "2-D cu_seqlens", "3-D qkv", "batched qkv"])
+def test_malformed_qkv_and_cu_seqlens_are_refused_by_name(qkv, cu, message):
+    """An empty or 2-D cu_seqlens, a qkv that is not 2-D (its second dim divisible by 3 * heads, so
+    only the rank is wrong): a ValueError names the tensor, on every entry point and backend, before
+    any offset is read (without it: an IndexError, a stack of rows, or a silent reshape)."""
+    qkv, cu = qkv(), cu()
+    for fn in (A.varlen_attention_reference, A.varlen_attention_with_probs):
+        with pytest.raises(ValueError, match=message):
+            fn(qkv, cu, 7, 2)
+    for name in ("torch", "triton"):
+        if name == "triton" and not backend.triton_available():
+            continue
+        with backend.use_backend(name), pytest.raises(ValueError, match=message):
+            A.varlen_attention(qkv, cu, 7, 2)
 
 
 def test_dropout_takes_the_reference(monkeypatch):
@@ -286,7 +353,7 @@ test_fused_op_is_registered = registered_schema_test(
 # ---------------------------------------------------------------------------------------------------
 # The interpreter: these cases are defined only in the child process.
 
-test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 30)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 37)
 
 
 if IN_CHILD:
@@ -320,6 +387,18 @@ if IN_CHILD:
 
     def test_interpreter_case_strided_qkv_and_loose_bound():
         case_strided_qkv_and_loose_bound("cpu")
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_column_strided_qkv(dtype, monkeypatch):
+        case_column_strided_qkv("cpu", dtype, monkeypatch)
+
+    def test_interpreter_case_strided_cu_seqlens(monkeypatch):
+        case_strided_cu_seqlens("cpu", monkeypatch)
+
+    @pytest.mark.parametrize("head_dim", [257, 320])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_head_dim_above_the_kernel(dtype, head_dim, monkeypatch):
+        case_head_dim_above_the_kernel("cpu", dtype, head_dim, monkeypatch)
 
     def test_interpreter_case_zero_tokens(monkeypatch):
         counter = LaunchCounter(monkeypatch)
@@ -392,3 +471,25 @@ def test_probabilities_are_returned_after_dropout():
         length = end - start
         want = torch.einsum("hqk,khd->qhd", probs[b, :, :length, :length], v[start:end]).reshape(length, -1)
         assert_close(out[start:end], want, 1e-6, f"sequence {b}: the values summed with the returned weights")
+
+
+@pytest.mark.parametrize("lengths", [[4, 6], [3, 0, 7], [5]], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_probabilities_are_zero_at_padded_queries_and_keys(dtype, lengths):
+    """``varlen_attention_with_probs``'s contract: ``[batch, heads, max_seqlen, max_seqlen]``, exactly
+    zero at every padded query row (an empty sequence's too) and padded key column, and each real
+    query's row sums to 1 over its sequence's keys; the output is the reference's."""
+    from fastbert.ops.attention import varlen_attention_with_probs
+
+    heads, head_dim, max_seqlen = 2, 16, max(lengths) + 2  # a loose bound: the longest is padded too
+    cu = cu_seqlens_of(lengths)
+    qkv = make_qkv(sum(lengths), heads, head_dim, dtype)
+    out, probs = varlen_attention_with_probs(qkv, cu, max_seqlen, heads)
+    assert probs.shape == (len(lengths), heads, max_seqlen, max_seqlen) and probs.dtype == dtype
+    rounding = 1e-6 if dtype == torch.float32 else 1e-2  # each probability rounded to 16 bits
+    for b, n in enumerate(lengths):
+        assert not probs[b, :, n:, :].any(), f"sequence {b}: padded query rows are not zero"
+        assert not probs[b, :, :n, n:].any(), f"sequence {b}: padded key columns are not zero"
+        sums = probs[b, :, :n, :n].float().sum(-1)
+        assert_close(sums, torch.ones_like(sums), rounding, f"sequence {b}: rows sum to 1")
+    check(out, qkv, cu, max_seqlen, heads, f"with_probs {dtype}")

@@ -140,9 +140,37 @@ def test_bad_inputs_are_refused():
         P.pack_padded_batch(ids, mask, types.float(), VOCAB, TYPES)
     with pytest.raises(TypeError, match="integer input_ids"):
         P.pack_padded_batch(ids.bool(), mask, types, VOCAB, TYPES)
-    for vocab, types_vocab in ((0, TYPES), (VOCAB, -1)):  # a clamp into no row would give -1
+    for vocab, types_vocab in ((0, TYPES), (VOCAB, 0), (VOCAB, -1)):  # a clamp into no row would give -1
         with pytest.raises(ValueError, match="tables of at least one row"):
             P.pack_padded_batch(ids, mask, types, vocab, types_vocab)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float16, torch.complex64], ids=str)
+def test_a_mask_that_is_not_integer_is_refused(mask_dtype):
+    """A float mask of fractions (0.5) would be read as 0 by the kernel (cast to int64) and as 1 by
+    the reference (cast to bool): two different packings. It is refused by name instead, on either
+    backend, before anything runs."""
+    ids, mask, types = make_batch("holes", 3, 9)
+    fractional = (mask * 0.5).to(mask_dtype)
+    for name in ("torch", "triton"):
+        if name == "triton" and not backend.triton_available():
+            continue
+        with backend.use_backend(name), pytest.raises(TypeError, match=r"integer attention_mask .*got torch\."):
+            P.pack_padded_batch(ids, fractional, types, VOCAB, TYPES)
+
+
+@pytest.mark.parametrize("which", ["attention_mask", "token_type_ids"])
+def test_a_tensor_on_another_device_is_refused_by_name(which):
+    """The mask or token types on another device than the ids (here: ``meta``, the other device this
+    machine has) would be read through the wrong device's pointers by the kernel: refused by name."""
+    ids, mask, types = make_batch("right", 2, 5)
+    args = {"attention_mask": mask, "token_type_ids": types}
+    args[which] = args[which].to("meta")
+    for name in ("torch", "triton"):
+        if name == "triton" and not backend.triton_available():
+            continue
+        with backend.use_backend(name), pytest.raises(ValueError, match=f"{which} is on meta, input_ids on cpu"):
+            P.pack_padded_batch(ids, args["attention_mask"], args["token_type_ids"], VOCAB, TYPES)
 
 
 def test_cpu_defaults_to_the_reference(monkeypatch):

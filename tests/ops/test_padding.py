@@ -4,7 +4,7 @@ padded CUDA-graph runner use, checked against the exact (host-synced) form it st
 import pytest
 import torch
 
-from fastbert.ops.padding import pack, pad, static_unpad_input, unpad_input
+from fastbert.ops.padding import Packing, pack, pad, static_unpad_input, unpad_input
 from tests.model_utils import make_mask
 
 MASK_KINDS = ["right", "left", "holes", "fully_masked_row", "none"]
@@ -75,3 +75,38 @@ def test_shapes_that_do_not_match_the_packing_are_refused():
         pack(torch.randn(4, 2), packing)
     with pytest.raises(ValueError, match=f"pad: packed \\(1, 3\\) must have one row per packed token \\({packing.num_tokens}\\)"):
         pad(torch.randn(1, 3), packing)
+    with pytest.raises(ValueError, match=r"pad: packed \(\) must have one row per packed token"):
+        pad(torch.tensor(1.0), packing)  # a 0-d tensor has no rows at all
+
+
+@pytest.mark.parametrize("lengths", [[4, 5, 0], [4, 0, 5], [0, 9], [9, 0, 0]], ids=str)
+def test_first_tokens_of_caller_packed_sequences_stay_inside_the_rows(lengths):
+    """One input row packed by the caller into several sequences (no indices): the first token of each
+    sequence, and whether it has one. An empty sequence at the end starts at the number of rows,
+    past the last: its start must still index a row (its pooled vector is zeroed, never read)."""
+    seqlen, hidden = sum(lengths), 4
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    packing = Packing(None, cu, max(lengths), 1, seqlen)
+    starts, real = packing.first_tokens()
+    assert real.tolist() == [n > 0 for n in lengths]
+    assert starts.dtype == torch.long and bool(((starts >= 0) & (starts < packing.num_tokens)).all()), starts
+    assert torch.equal(starts[real], cu[:-1].long()[real])
+    x = torch.randn(seqlen, hidden)
+    pooled = torch.where(real[:, None], x[starts], 0.0)  # what the pooler gathers
+    want = torch.stack([x[int(s)] if n else torch.zeros(hidden) for s, n in zip(cu[:-1], lengths)])
+    assert torch.equal(pooled, want)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.long, torch.int32, torch.bool], ids=str)
+@pytest.mark.parametrize("seqlen", [1, 5])
+def test_an_empty_batch_with_a_mask_packs_no_tokens(seqlen, mask_dtype):
+    """A batch of 0 rows with its (empty) mask: the same packing as without one (no token, one offset,
+    every token kept), and pack / pad pass the empty tensors through."""
+    mask = torch.ones(0, seqlen, dtype=mask_dtype)
+    packing = unpad_input(mask, 0, seqlen, "cpu")
+    plain = unpad_input(None, 0, seqlen, "cpu")
+    assert packing.indices is None and packing.num_tokens == 0 and packing.max_seqlen == plain.max_seqlen == 0
+    assert (packing.batch, packing.seqlen) == (0, seqlen)
+    assert packing.cu_seqlens.dtype == torch.int32 and packing.cu_seqlens.tolist() == plain.cu_seqlens.tolist() == [0]
+    assert pack(torch.randn(0, seqlen, 3), packing).shape == (0, 3)
+    assert pad(torch.randn(0, 3), packing).shape == (0, seqlen, 3)
