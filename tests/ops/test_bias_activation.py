@@ -148,6 +148,47 @@ def case_gelu_tails(device):
     assert got[0] == float("inf") and got[1].isnan() and got[2] == 0, got
 
 
+def case_relu_keeps_nan(device, dtype):
+    """ReLU of NaN is NaN, as ``torch.relu`` (a ``max(x, 0)`` would give 0 and hide it); the other
+    values are torch.relu's exactly: negatives and -0.0 to 0, +-inf to inf and 0."""
+    x = torch.tensor([[float("nan"), -1.0, 2.0, -0.0, float("inf"), -float("inf"), 0.5, float("nan")]],
+                     device=device).to(dtype).repeat(3, 1)
+    bias = torch.zeros(x.shape[1], device=device, dtype=dtype)
+    for out in (launch(x, bias, "relu"), A.bias_activation(x, bias, "relu")):
+        expected = torch.relu(x)
+        assert out.dtype == dtype and torch.isnan(out[:, [0, 7]]).all(), out
+        assert torch.equal(out[:, 1:7], expected[:, 1:7]), out
+
+
+def case_mixed_dtypes(device, x_dtype, bias_dtype, activation, monkeypatch):
+    """x and bias in different float dtypes: the kernel runs, and the result has the dtype of the
+    reference (``x + bias`` promoted as PyTorch does: fp32 for fp16 with fp32) and its values (fp32
+    budget: the fp16 operand is exact in fp32)."""
+    counter = LaunchCounter(monkeypatch)
+    x, bias = make_inputs(9, 301, device=device)
+    x, bias = x.to(x_dtype), bias.to(bias_dtype)
+    with backend.use_backend("triton"):
+        out = A.bias_activation(x, bias, activation)
+    assert counter.count == 1
+    reference = A.bias_activation_reference(x, bias, activation)
+    assert out.dtype == reference.dtype == torch.promote_types(x_dtype, bias_dtype), (out.dtype, reference.dtype)
+    assert_close(out, A.bias_activation_reference(x.float(), bias.float(), activation), FP32_OP,
+                 f"mixed {x_dtype} + {bias_dtype} {activation}")
+
+
+def case_non_contiguous_bias(device, dtype, activation, monkeypatch):
+    """A strided bias (every other element of a longer vector): the kernel reads it at unit stride,
+    so the op copies it; the result is the reference's."""
+    counter = LaunchCounter(monkeypatch)
+    x, _ = make_inputs(9, 301, dtype, device)
+    bias = torch.randn(2 * 301, device=device).to(dtype)[::2]  # cast, then slice: .to() would copy the view
+    assert not bias.is_contiguous()
+    with backend.use_backend("triton"):
+        out = A.bias_activation(x, bias, activation)
+    assert counter.count == 1
+    check(out, x, bias, activation, f"non-contiguous bias {dtype} {activation}")
+
+
 def case_gradients(device, activation):
     x, bias = make_inputs(13, 97, torch.float32, device)
     weight = torch.randn(13, 97, device=device)
@@ -204,7 +245,7 @@ test_fused_op_is_registered = registered_schema_test(
 # ---------------------------------------------------------------------------------------------------
 # The interpreter: these cases are defined only in the child process.
 
-test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 40)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 54)
 
 
 if IN_CHILD:
@@ -250,6 +291,22 @@ if IN_CHILD:
         case_gradients("cpu", activation)
         assert counter.count == 1  # the Triton forward ran under autograd; the backward is the reference's
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_relu_keeps_nan(dtype):
+        with backend.use_backend("triton"):
+            case_relu_keeps_nan("cpu", dtype)
+
+    @pytest.mark.parametrize("activation", ACTIVATIONS)
+    @pytest.mark.parametrize("x_dtype,bias_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)],
+                             ids=["fp16+fp32", "fp32+fp16"])
+    def test_interpreter_case_mixed_dtypes(x_dtype, bias_dtype, activation, monkeypatch):
+        case_mixed_dtypes("cpu", x_dtype, bias_dtype, activation, monkeypatch)
+
+    @pytest.mark.parametrize("activation", ACTIVATIONS)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_non_contiguous_bias(dtype, activation, monkeypatch):
+        case_non_contiguous_bias("cpu", dtype, activation, monkeypatch)
+
     def test_interpreter_case_opcheck():
         x, bias = make_inputs(5, 40)
         for args in ((x, bias, "gelu"), (x, None, "relu"), (x.requires_grad_(), bias, "gelu_tanh")):
@@ -293,6 +350,16 @@ class TestCuda:
 
     def test_zero_rows(self):
         case_zero_rows("cuda")
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_relu_nan_mixed_dtypes_and_non_contiguous_bias(self, dtype, monkeypatch):
+        with backend.use_backend("triton"):
+            case_relu_keeps_nan("cuda", dtype)
+        for activation in ACTIVATIONS:
+            case_non_contiguous_bias("cuda", dtype, activation, monkeypatch)
+            if dtype != torch.float32:
+                case_mixed_dtypes("cuda", dtype, torch.float32, activation, monkeypatch)
+                case_mixed_dtypes("cuda", torch.float32, dtype, activation, monkeypatch)
 
     def test_torch_compile_fullgraph(self):
         x, bias = make_inputs(64, 3072, torch.float16, "cuda")

@@ -15,6 +15,7 @@ PyTorch's own error at that dtype + 1e-3.
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -149,6 +150,63 @@ def case_gradients(device):
         assert_close(ours, ref, 1e-4 if name in ("bias", "weight", "ln_bias") else FP32_OP, f"grad {name}")
 
 
+def case_non_contiguous_vectors(device, dtype, which, monkeypatch):
+    """A strided bias, LayerNorm weight or LayerNorm bias (every other element of a longer vector): the
+    kernel reads them at unit stride, so the op copies them; the result is the reference's."""
+    counter = LaunchCounter(monkeypatch)
+    inputs = list(make_inputs(7, 312, dtype, device))
+    index = {"bias": 1, "weight": 3, "ln_bias": 4}[which]
+    # Cast first, then slice: .to() of a strided view would hand back a contiguous copy.
+    wide = (1 + 0.5 * torch.randn(2 * 312, device=device)).to(dtype)
+    inputs[index] = wide[::2]
+    assert not inputs[index].is_contiguous()
+    with backend.use_backend("triton"):
+        out = L.bias_residual_layer_norm(*inputs, 1e-12)
+    assert counter.count == 1
+    check(out, inputs, 1e-12, f"non-contiguous {which} {dtype}")
+
+
+MIXED = {  # which inputs are fp16 (the others fp32): the reference promotes x + bias + residual to fp32
+    "x": ("x",),
+    "x-and-bias": ("x", "bias"),
+    "x-and-residual": ("x", "residual"),
+    "x-no-bias": ("x",),
+    "residual": ("residual",),
+}
+
+
+def case_mixed_dtypes(device, case, monkeypatch):
+    """fp16 and fp32 inputs together (x in fp16 with an fp32 residual or bias, as when one sub-layer
+    runs in another precision): the kernel runs and its result has the reference's dtype (PyTorch's
+    promotion of ``x + bias + residual``: fp32) and is within the fp32 budget of the reference on the
+    same values in fp32 (the reference itself rounds an fp16 ``x + bias`` to fp16; the kernel sums in fp32)."""
+    counter = LaunchCounter(monkeypatch)
+    names = ("x", "bias", "residual", "weight", "ln_bias")
+    inputs = [t.to(torch.float16) if name in MIXED[case] else t
+              for name, t in zip(names, make_inputs(9, 97, device=device))]
+    if case == "x-no-bias":
+        inputs[1] = None
+    with backend.use_backend("triton"):
+        out = L.bias_residual_layer_norm(*inputs, 1e-5)
+    assert counter.count == 1
+    reference = L.bias_residual_layer_norm_reference(*inputs, 1e-5)
+    assert reference.dtype == torch.float32
+    assert out.dtype == reference.dtype and out.shape == reference.shape, (out.dtype, reference.dtype)
+    fp32 = L.bias_residual_layer_norm_reference(*(None if t is None else t.float() for t in inputs), 1e-5)
+    assert_close(out, fp32, FP32_OP, f"mixed dtypes {case}")
+
+
+def case_float64_takes_the_reference(device, monkeypatch):
+    """float64 inputs, even under a forced Triton backend: the kernel's fp32 statistics would lose
+    fp64 accuracy (and it has no fp64 variant), so the reference runs, bit for bit."""
+    counter = LaunchCounter(monkeypatch)
+    inputs = make_inputs(5, 97, torch.float64, device)
+    with backend.use_backend("triton"):
+        out = L.bias_residual_layer_norm(*inputs, 1e-12)
+    assert counter.count == 0
+    assert out.dtype == torch.float64 and torch.equal(out, L.bias_residual_layer_norm_reference(*inputs, 1e-12))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Without Triton running (this process): backend choice and checks.
 
@@ -172,6 +230,26 @@ def test_bad_inputs_are_refused():
         L.bias_residual_layer_norm(x, bias, residual[:, :-1], weight, ln_bias, 1e-12)
     with pytest.raises(ValueError, match="must be"):
         L.bias_residual_layer_norm(x, bias[:-1], residual, weight, ln_bias, 1e-12)
+
+
+@pytest.mark.parametrize("shape", [(96,), (98,), (1, 97)], ids=str)
+@pytest.mark.parametrize("which", ["weight", "ln_bias"])
+def test_layer_norm_weight_or_bias_of_another_shape_is_refused_by_name(which, shape):
+    """LayerNorm weight and bias must be [hidden]: another shape is a ValueError naming the tensor
+    (the kernel would read ``hidden`` elements of it), not the reference's RuntimeError."""
+    x, bias, residual, weight, ln_bias = make_inputs(3, 97)
+    shown = re.escape(str(shape))
+    if which == "weight":
+        weight, match = torch.randn(shape), rf"and LayerNorm weight {shown} do not match"
+    else:
+        ln_bias, match = torch.randn(shape), rf"and LayerNorm bias {shown} must be \[97\]"
+    with pytest.raises(ValueError, match=match):
+        L.bias_residual_layer_norm(x, bias, residual, weight, ln_bias, 1e-12)
+
+
+@pytest.mark.skipif(not backend.triton_available(), reason="needs Triton installed")
+def test_float64_takes_the_reference(monkeypatch):
+    case_float64_takes_the_reference("cpu", monkeypatch)
 
 
 def test_a_0d_input_and_a_bad_eps_are_refused():
@@ -258,7 +336,7 @@ test_fused_op_is_registered = registered_schema_test(
 # ---------------------------------------------------------------------------------------------------
 # The interpreter: these cases are defined only in the child process.
 
-test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 30)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 42)
 
 
 if IN_CHILD:
@@ -324,6 +402,18 @@ if IN_CHILD:
             1e-12, BLOCK_M=2, BLOCK_N=next_power_of_2(hidden), LOOP=False, CHUNKS=1, EVEN=False)
         assert max_abs_diff(masked, chosen) <= FP32_OP
 
+    @pytest.mark.parametrize("which", ["bias", "weight", "ln_bias"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_non_contiguous_vectors(dtype, which, monkeypatch):
+        case_non_contiguous_vectors("cpu", dtype, which, monkeypatch)
+
+    @pytest.mark.parametrize("case", MIXED)
+    def test_interpreter_case_mixed_dtypes(case, monkeypatch):
+        case_mixed_dtypes("cpu", case, monkeypatch)
+
+    def test_interpreter_case_float64_takes_the_reference(monkeypatch):
+        case_float64_takes_the_reference("cpu", monkeypatch)
+
     def test_interpreter_case_opcheck():
         inputs = make_inputs(4, 97)
         x, bias, residual, weight, ln_bias = inputs
@@ -357,6 +447,15 @@ class TestCuda:
         case_strided_rows("cuda")
         case_zero_rows("cuda")
         case_gradients("cuda")
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_non_contiguous_vectors_mixed_and_float64(self, dtype, monkeypatch):
+        for which in ("bias", "weight", "ln_bias"):
+            case_non_contiguous_vectors("cuda", dtype, which, monkeypatch)
+        if dtype == torch.float32:
+            for case in MIXED:
+                case_mixed_dtypes("cuda", case, monkeypatch)
+            case_float64_takes_the_reference("cuda", monkeypatch)
 
     def test_torch_compile_fullgraph(self):
         inputs = make_inputs(64, 768, torch.float16, "cuda")

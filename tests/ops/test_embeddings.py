@@ -26,7 +26,7 @@ from fastbert.ops import backend
 from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
 from tests.helpers import interpreter_parent_test
 from tests.helpers import (FP32_INTERPRETER, FP32_OP, assert_close, assert_low_precision_within_budget,
-                           nan_like)
+                           max_abs_diff, nan_like)
 
 E = importlib.import_module("fastbert.ops.embeddings")  # the module (fastbert.ops.embeddings is the function)
 
@@ -58,16 +58,16 @@ def make_inputs(tokens, hidden, dtype=torch.float32, device="cpu", scale=1.0, vo
     return (ids, positions, types) + floats
 
 
-def references(inputs):
+def references(inputs, eps=EPS):
     """(fp32 reference from the same low-precision values, PyTorch's reference at the inputs' dtype)."""
     indices, floats = inputs[:3], inputs[3:]
-    fp32 = E.embeddings_reference(*indices, *(t.float() for t in floats), EPS)
-    same = E.embeddings_reference(*indices, *floats, EPS)
+    fp32 = E.embeddings_reference(*indices, *(t.float() for t in floats), eps)
+    same = E.embeddings_reference(*indices, *floats, eps)
     return fp32, same
 
 
-def check_against_reference(out, inputs, what, fp32_atol=FP32_OP):
-    fp32, same = references(inputs)
+def check_against_reference(out, inputs, what, fp32_atol=FP32_OP, eps=EPS):
+    fp32, same = references(inputs, eps)
     assert out.shape == fp32.shape and out.dtype == inputs[3].dtype, (out.shape, out.dtype)
     if out.dtype == torch.float32:
         assert_close(out, fp32, fp32_atol, what)
@@ -82,6 +82,31 @@ def poisoned_call(fn, shape, dtype, device):
     poison = nan_like(shape, dtype, device)
     del poison
     return fn()
+
+
+class LaunchCounter:
+    """Wraps the Triton launch helper the op calls, counting launches (a quiet fallback to the
+    reference cannot pass as a kernel run, nor a kernel run as the reference)."""
+
+    def __init__(self, monkeypatch):
+        from fastbert.kernels import embeddings as kernels
+
+        self.count = 0
+        original = kernels.embeddings_fwd
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, "embeddings_fwd", counted)
+
+
+def outcome(fn):
+    """``fn()``'s result, or ``(type, message)`` of the exception it raises."""
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001 -- compared as a value
+        return type(error), str(error)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -288,7 +313,7 @@ def test_a_bad_eps_is_refused(eps):
 
 
 
-test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 42)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 75)
 
 
 if IN_CHILD:  # collected only in the child, so the parent's report does not list them as skipped
@@ -340,6 +365,121 @@ if IN_CHILD:  # collected only in the child, so the parent's report does not lis
         kernels.embeddings_fwd(*inputs, EPS, out, flag)
         assert flag.item() == 1
         assert torch.isnan(out[3]).all() and torch.isfinite(out[torch.arange(7) != 3]).all()
+
+
+    @pytest.mark.parametrize("hidden", [97, 8200])  # one block; the LOOP variant
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_eps_is_added_to_the_variance(dtype, hidden):
+        """eps = 1e-2 on rows of variance ~0.03 (tables scaled by 0.1): the kernel must add eps where the
+        reference does (the 1e-12 of the other cases is below fp32 resolution of the variance)."""
+        from fastbert.kernels import embeddings as kernels
+
+        eps = 1e-2
+        inputs = make_inputs(5, hidden, dtype, scale=0.1, vocab=50)
+        out = nan_like((5, hidden), dtype)
+        flag = torch.zeros(1, dtype=torch.int32)
+        kernels.embeddings_fwd(*inputs, eps, out, flag)
+        assert flag.item() == 0
+        check_against_reference(out, inputs, f"eps={eps} {dtype} hidden={hidden}", fp32_atol=FP32_INTERPRETER,
+                                eps=eps)
+        # eps matters here: without it the result is well outside the budget.
+        assert max_abs_diff(references(inputs, eps)[0], references(inputs, 0.0)[0]) > 0.1
+
+    @pytest.mark.parametrize("hidden", [97, 8200])  # one block; the LOOP variant
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_constant_rows_give_ln_bias(dtype, hidden, monkeypatch):
+        """Tables whose rows are constant (small integers, so every sum and mean is exact): each token's
+        sum has variance 0, so LayerNorm gives ln_bias exactly, finite; only eps keeps 0 * 1/sqrt(0) from NaN."""
+        counter = LaunchCounter(monkeypatch)
+        inputs = list(make_inputs(7, hidden, dtype, vocab=50))
+        for which, rows in ((3, 50), (4, MAX_POSITIONS), (5, TYPE_VOCAB)):
+            values = (torch.arange(rows) % 7 - 3).to(dtype)
+            inputs[which] = values[:, None].expand(rows, hidden).contiguous()
+        with backend.use_backend("triton"):
+            out = E.embeddings(*inputs, EPS)
+        assert counter.count == 1
+        assert torch.isfinite(out).all()
+        assert torch.equal(out, inputs[7].expand(7, hidden)), (out - inputs[7]).abs().max()
+        assert torch.equal(out, E.embeddings_reference(*inputs, EPS))
+
+    @pytest.mark.parametrize("layout", ["every-other", "column"])
+    @pytest.mark.parametrize("which", [0, 1, 2], ids=["input_ids", "position_ids", "token_type_ids"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_strided_indices(dtype, which, layout, monkeypatch):
+        """Non-contiguous int64 ids, positions or types (the kernel indexes ``ptr + token``): the op
+        copies them, and the result is the reference's on the same values."""
+        counter = LaunchCounter(monkeypatch)
+        inputs = list(make_inputs(33, 97, dtype))
+        limit = (VOCAB, MAX_POSITIONS, TYPE_VOCAB)[which]
+        if layout == "every-other":
+            strided = torch.randint(0, limit, (66,))[::2]
+        else:  # a column of a row-major [tokens, 3] tensor
+            strided = torch.randint(0, limit, (33, 3))[:, 1]
+        assert not strided.is_contiguous() and strided.dtype == torch.int64
+        inputs[which] = strided
+        with backend.use_backend("triton"):
+            out = E.embeddings(*inputs, EPS)
+        assert counter.count == 1
+        check_against_reference(out, inputs, f"strided {layout} index {which} {dtype}", fp32_atol=FP32_INTERPRETER)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_autograd_takes_the_reference(dtype, monkeypatch):
+        """Tables that require gradients under the Triton backend: the Triton op has no backward, so
+        the reference runs; same output and gradients as the reference's, and no launch."""
+        counter = LaunchCounter(monkeypatch)
+        inputs = make_inputs(9, 97, dtype)
+        grad_out = torch.randn(9, 97).to(dtype)
+        results = []
+        for name in ("triton", "torch"):
+            leaves = [t.clone().requires_grad_() for t in inputs[3:]]
+            with backend.use_backend(name):
+                out = E.embeddings(*inputs[:3], *leaves, EPS)
+            assert out.grad_fn is not None, name
+            out.backward(grad_out)
+            results.append((out.detach(), [leaf.grad for leaf in leaves]))
+        assert counter.count == 0
+        (out, grads), (ref_out, ref_grads) = results
+        assert torch.equal(out, ref_out)
+        for what, mine, reference in zip(("word", "position", "token_type", "ln_weight", "ln_bias"), grads, ref_grads):
+            assert mine is not None and torch.equal(mine, reference), what
+
+    @pytest.mark.parametrize("tables,dtype", [
+        ((3,), torch.float16), ((4,), torch.float16), ((5,), torch.float16), ((6,), torch.float16),
+        ((7,), torch.float16), ((3, 4, 5, 6, 7), torch.float64), ((4,), torch.float64)],
+        ids=["fp16-word", "fp16-position", "fp16-token_type", "fp16-ln_weight", "fp16-ln_bias", "fp64-all",
+             "fp64-position"])
+    def test_interpreter_case_mixed_or_float64_tables_take_the_reference(tables, dtype, monkeypatch):
+        """Some fp32 tables made fp16 (mixed dtypes), or float64 tables (which the kernels do not
+        compute): the op runs the reference, which promotes or raises as PyTorch does; the result (or
+        the error) is the reference's exactly, and no kernel is launched."""
+        counter = LaunchCounter(monkeypatch)
+        inputs = list(make_inputs(7, 97))
+        for i in tables:
+            inputs[i] = inputs[i].to(dtype)
+        with backend.use_backend("triton"):
+            got = outcome(lambda: E.embeddings(*inputs, EPS))
+        expected = outcome(lambda: E.embeddings_reference(*inputs, EPS))
+        assert counter.count == 0
+        if isinstance(expected, torch.Tensor):
+            assert isinstance(got, torch.Tensor), got
+            assert got.dtype == expected.dtype and torch.equal(got, expected), (got.dtype, expected.dtype)
+        else:
+            assert got == expected
+
+    @pytest.mark.parametrize("shape", ["longer", "2-D"])
+    @pytest.mark.parametrize("which", [1, 2], ids=["position_ids", "token_type_ids"])
+    def test_interpreter_case_positions_or_types_of_another_shape_are_refused(which, shape, monkeypatch):
+        """position_ids / token_type_ids must have one entry per token: another shape is refused with a
+        ValueError naming them, before any kernel runs (the kernel would read ``ptr + token``)."""
+        counter = LaunchCounter(monkeypatch)
+        inputs = list(make_inputs(7, 64))
+        limit = (VOCAB, MAX_POSITIONS, TYPE_VOCAB)[which]
+        inputs[which] = torch.randint(0, limit, (9,)) if shape == "longer" else inputs[which][:, None]
+        for validate in (True, False):
+            with backend.use_backend("triton"), pytest.raises(
+                    ValueError, match=r"input_ids, position_ids and token_type_ids must have one entry per token"):
+                E.embeddings(*inputs, EPS, validate_indices=validate)
+        assert counter.count == 0
 
 
 # ---------------------------------------------------------------------------------------------------

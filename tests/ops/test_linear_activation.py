@@ -17,6 +17,7 @@ the pre-activations are of order 1 and reach both tails of GELU.
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -154,6 +155,39 @@ def case_gradients(device, activation, monkeypatch):
     assert counter.fused == 3
 
 
+def bias_mismatch(bias_shape):
+    """linear_activation's own message for a bias of ``bias_shape`` against a [20, 33] weight (it names
+    the weight; bias_activation's message, on the unfused path, names x)."""
+    return rf"bias of shape {re.escape(str(bias_shape))} does not match a weight of shape \(20, 33\)"
+
+
+def case_bias_of_another_shape_is_refused(device, bias_shape, monkeypatch):
+    """On the fused path (FASTBERT_GEMM=triton) nothing after linear_activation checks the bias: its
+    own ValueError, naming the weight, comes before any launch (the kernel reads ``N`` elements)."""
+    monkeypatch.setenv("FASTBERT_GEMM", "triton")
+    counter = LaunchCounter(monkeypatch)
+    x, weight, _ = make_inputs(4, 33, 20, device=device)
+    bias = torch.randn(bias_shape, device=device)
+    with backend.use_backend("triton"), pytest.raises(ValueError, match=bias_mismatch(bias_shape)):
+        A.linear_activation(x, weight, bias, "gelu")
+    assert (counter.fused, counter.epilogue) == (0, 0)
+
+
+def case_nan_propagates(device, dtype, activation, monkeypatch):
+    """A NaN in a row of x makes that row's outputs NaN through every epilogue, ReLU included (as
+    ``torch.relu``; a ``max(x, 0)`` would give 0); the other rows are the reference's."""
+    monkeypatch.setenv("FASTBERT_GEMM", "triton")
+    counter = LaunchCounter(monkeypatch)
+    x, weight, bias = make_inputs(5, 40, 24, dtype, device)
+    x[2, 7] = float("nan")
+    with backend.use_backend("triton"):
+        out = A.linear_activation(x, weight, bias, activation)
+    assert counter.fused == 1
+    assert torch.isnan(out[2]).all(), out[2]
+    keep = torch.arange(5, device=device) != 2
+    check(out[keep], x[keep], weight, bias, activation, f"rows without NaN {dtype} {activation}")
+
+
 def case_autocast_takes_the_matmul(device, monkeypatch):
     """Under autocast the matmul's dtype is autocast's: F.linear runs it (fp32 inputs would otherwise
     make an fp32 GEMM), then the epilogue kernel with the bias in autocast's dtype, so that the result
@@ -219,6 +253,15 @@ def test_bad_inputs_are_refused():
         A.linear_activation(x, weight, bias, "silu")
 
 
+@pytest.mark.parametrize("bias_shape", [(19,), (21,), (1, 20)], ids=str)
+def test_bias_of_another_shape_is_refused_naming_the_weight(bias_shape):
+    """linear_activation's own check (on the default path bias_activation would refuse a bias of
+    another length too, but naming x, not the weight)."""
+    x, weight, _ = make_inputs(4, 33, 20)
+    with pytest.raises(ValueError, match=bias_mismatch(bias_shape)):
+        A.linear_activation(x, weight, torch.randn(bias_shape), "gelu")
+
+
 def cublaslt_emulated(x, weight, bias, activation):
     """What cuBLASLt's epilogue computes: the fp32 accumulator plus the bias, then ReLU or GELU in its
     tanh form, rounded once to the output dtype (PyTorch's CPU ``_addmm_activation`` uses erf-GELU)."""
@@ -282,7 +325,7 @@ test_fused_op_is_registered = registered_schema_test(
 # ---------------------------------------------------------------------------------------------------
 # The interpreter: these cases are defined only in the child process.
 
-test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 38)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 46)
 
 
 if IN_CHILD:
@@ -313,6 +356,15 @@ if IN_CHILD:
 
     def test_interpreter_case_autocast_takes_the_matmul(monkeypatch):
         case_autocast_takes_the_matmul("cpu", monkeypatch)
+
+    @pytest.mark.parametrize("bias_shape", [(21,), (1, 20)], ids=str)  # never shorter: a kernel would read past it
+    def test_interpreter_case_bias_of_another_shape_is_refused_on_the_fused_path(bias_shape, monkeypatch):
+        case_bias_of_another_shape_is_refused("cpu", bias_shape, monkeypatch)
+
+    @pytest.mark.parametrize("activation", ACTIVATIONS)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_interpreter_case_nan_propagates(dtype, activation, monkeypatch):
+        case_nan_propagates("cpu", dtype, activation, monkeypatch)
 
     def test_interpreter_case_opcheck():
         x, weight, bias = make_inputs(5, 40, 24)
@@ -366,6 +418,13 @@ class TestCuda:
         assert (counter.fused, counter.epilogue) == (0, 0 if takes else 1)
         check(out, x, weight, bias, activation, f"cublaslt {dtype} {activation} {shape}")
         check(A.linear_activation(x, weight, None, activation), x, weight, None, activation, "cublaslt, no bias")
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_bias_shape_and_nan(self, dtype, monkeypatch):
+        for bias_shape in ((19,), (21,), (1, 20)):
+            case_bias_of_another_shape_is_refused("cuda", bias_shape, monkeypatch)
+        for activation in ACTIVATIONS:
+            case_nan_propagates("cuda", dtype, activation, monkeypatch)
 
     def test_strided_empty_gradients_autocast(self, monkeypatch):
         case_strided_and_empty("cuda", monkeypatch)
