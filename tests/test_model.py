@@ -742,3 +742,37 @@ def test_gradient_checkpointing_recomputes_layers_with_equal_gradients():
             assert_close(grads[0][name], grads[1][name], 1e-4, name)
     for name in results[0][0]:
         assert_close(results[1][0][name], results[0][0][name], 1e-5, f"{name} with against without checkpointing")
+
+
+@pytest.mark.parametrize("extra", ["output_hidden_states", "output_attentions"])
+def test_first_token_only_with_hidden_states_or_attentions(extra):
+    """first_token_only with hidden states or attentions asked for: the last layer computes every row
+    (its hidden state is returned whole), the first tokens are still the full call's, and the
+    returned tuples equal the full call's."""
+    fast, _ = model_pair(make_config())
+    ids, types = random_inputs(fast.config, 3, 9)
+    mask = make_mask("holes", 3, 9)
+    with torch.no_grad():
+        full = fast(ids, attention_mask=mask, token_type_ids=types, **{extra: True})
+        first = fast(ids, attention_mask=mask, token_type_ids=types, first_token_only=True, **{extra: True})
+    assert first.last_hidden_state.shape == (3, 1, fast.config.hidden_size)
+    assert_close(first.last_hidden_state[:, 0], full.last_hidden_state[:, 0], 1e-5, "first tokens")
+    assert_close(first.pooler_output, full.pooler_output, 1e-5, "pooler")
+    got, want = (first.hidden_states, full.hidden_states) if extra == "output_hidden_states" else \
+        (first.attentions, full.attentions)
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape
+        assert_close(g, w, 1e-5, f"{extra}[{i}]")
+
+
+def test_config_output_attentions_returns_attentions():
+    """config.output_attentions = True (no keyword) returns the attentions, as transformers does."""
+    fast, hf = model_pair(make_config())
+    fast.config.output_attentions = hf.config.output_attentions = True
+    ids, types = random_inputs(fast.config, 2, 7)
+    with torch.no_grad():
+        got, want = fast(ids, token_type_ids=types), hf(ids, token_type_ids=types)
+    assert got.attentions is not None and len(got.attentions) == len(want.attentions) == fast.config.num_hidden_layers
+    for g, w in zip(got.attentions, want.attentions):
+        assert_close(g, w, FP32_MODEL_RANDOM, "attentions")

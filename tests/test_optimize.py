@@ -307,3 +307,14 @@ def _logged(text):
         assert (not messages) if text is None else any(text in message for message in messages), messages
 
     return check()
+
+
+def test_eval_mode_model_stays_in_eval_mode_and_a_second_optimize_is_a_no_op():
+    """optimize of a model in eval mode gives fastbert containers in eval mode too (new modules start
+    in training mode: a graph runner would refuse them, dropout would run); optimizing again returns
+    the model as it is."""
+    head = transformers.BertForSequenceClassification(make_config()).eval()
+    assert optimize(head) is head and isinstance(head.bert, fastbert.BertModel)
+    assert not any(m.training for m in head.modules())
+    encoder = head.bert
+    assert optimize(head) is head and head.bert is encoder
