@@ -525,3 +525,105 @@ def test_runners_refuse_weights_replaced_after_capture(runner_class):
     fast.double()
     with pytest.raises(RuntimeError, match="weights were replaced by new tensors"):
         runner(ids, None, types)
+
+
+def test_graph_runner_takes_the_bucket_a_batch_fills_exactly():
+    """A batch of exactly a bucket's token count takes that bucket (not the next one), the largest
+    bucket included (a batch that fills it is not past the buckets): each equals the eager model."""
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    runner = CUDAGraphRunner(fast, buckets=(16, 64), max_sequences=8, max_seqlen=32, capture=False)
+    gen = torch.Generator().manual_seed(13)
+    for (batch, seqlen), taken in (((2, 8), {16}), ((4, 16), {16, 64})):
+        ids, types = random_inputs(fast.config, batch, seqlen, gen)
+        got, want = runner(ids, None, types), _outputs(fast, ids, None, types)
+        assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, f"{batch}x{seqlen}")
+        assert_close(got.pooler_output, want.pooler_output, 1e-5, f"{batch}x{seqlen} pooler")
+        assert set(runner._buckets) == taken, (batch, seqlen)
+
+
+def test_graph_runner_runs_batches_of_more_sequences_than_it_holds_eagerly():
+    """More sequences than ``max_sequences`` (a bucket's cu_seqlens holds no more): the call runs the
+    model eagerly, equals it, and makes no bucket; an empty batch (every token masked) too."""
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    runner = CUDAGraphRunner(fast, buckets=(16, 64), max_sequences=2, max_seqlen=32, capture=False)
+    gen = torch.Generator().manual_seed(17)
+    ids, types = random_inputs(fast.config, 8, 2, gen)  # 16 tokens in 8 sequences
+    for mask in (None, make_mask("right", 8, 2, gen), torch.zeros(8, 2, dtype=torch.long)):
+        got, want = runner(ids, mask, types), _outputs(fast, ids, mask, types)
+        assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, "8 sequences")
+        assert_close(got.pooler_output, want.pooler_output, 1e-5, "8 sequences pooler")
+    assert not runner._buckets
+    empty = torch.zeros(2, 5, dtype=torch.long)  # 2 sequences, no token
+    ids, types = random_inputs(fast.config, 2, 5, gen)
+    got, want = runner(ids, empty, types), _outputs(fast, ids, empty, types)
+    assert_close(got.last_hidden_state, want.last_hidden_state, 0.0, "empty batch")
+    assert_close(got.pooler_output, want.pooler_output, 1e-5, "empty batch pooler")
+    assert not runner._buckets
+
+
+def test_padded_graph_runner_leaves_what_the_model_refuses_to_the_model():
+    """A float mask (one of 0.5s, which the graphs' integer buffer would truncate to 0), a (1, seqlen)
+    mask for a larger batch, (batch, 1) token types (which a copy would broadcast): the model's own
+    error, not a replay; a float mask of 0s and 1s reaches the model as the caller's tensor."""
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    runner = PaddedCUDAGraphRunner(fast, batch_buckets=(4,), seqlen_step=16, capture=False)
+    ids, types = random_inputs(fast.config, 3, 9)
+    mask = make_mask("right", 3, 9)
+    with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
+        runner(ids, mask.float() * 0.5, types)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 9\), but the input is \(3, 9\)"):
+        runner(ids, mask[:1], types)
+    with pytest.raises(ValueError, match=r"token_type_ids has shape \(3, 1\), but the input is \(3, 9\)"):
+        runner(ids, mask, types[:, :1])
+    seen = []
+    forward = fast.forward
+    fast.forward = lambda input_ids, *args, **kwargs: seen.append(kwargs["attention_mask"]) or \
+        forward(input_ids, *args, **kwargs)
+    float_mask = mask.float()
+    got = runner(ids, float_mask, types)
+    fast.forward = forward
+    assert len(seen) == 1 and seen[0] is float_mask
+    assert_close(got.last_hidden_state, _outputs(fast, ids, mask, types).last_hidden_state, 1e-5, "float mask")
+
+
+@pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
+def test_runners_refuse_training_models_and_capture_on_the_cpu(runner_class):
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    with pytest.raises(ValueError, match="put the model in eval mode first"):
+        runner_class(fast.train(), capture=False)
+    fast.eval()
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device, not cpu"):
+        runner_class(fast, capture=True)
+
+
+def test_graph_runner_keeps_the_first_captures_storages_at_later_captures(monkeypatch):
+    """The storages kept for the graphs are those of the first capture: a later capture (another
+    bucket) after a weight was replaced by a new tensor (``param.data = ...``, which the runner cannot
+    see) does not swap them for the new ones, which would free what the first graph still reads.
+    Capture is a stand-in here (no GPU)."""
+    from fastbert import cuda_graphs, modeling_bert
+
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+
+    class Graph:
+        def replay(self):
+            pass
+
+    def capture(work, pool=None, warmup=2):
+        return Graph(), work()
+
+    monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
+    monkeypatch.setattr(cuda_graphs, "_on_device", lambda device, capture: contextlib.nullcontext())
+    monkeypatch.setattr(modeling_bert, "_cpu_inference", lambda x, tensors: False)  # the CUDA path
+    runner = CUDAGraphRunner(fast, buckets=(16, 64), max_sequences=4, max_seqlen=32, capture=False)
+    runner.capture = True
+    ids, types = random_inputs(fast.config, 2, 5)
+    runner(ids, None, types)  # captures bucket 16
+    kept = [s.data_ptr() for s in runner._kept]
+    middle = fast.encoder.layer[0].output.dense.weight
+    old = middle.data
+    middle.data = old.clone()
+    ids, types = random_inputs(fast.config, 3, 10)
+    runner(ids, None, types)  # captures bucket 64
+    assert set(runner._buckets) == {16, 64}
+    assert [s.data_ptr() for s in runner._kept] == kept and old.data_ptr() in kept
