@@ -31,7 +31,7 @@ from tests.model_utils import make_config, make_mask, model_pair, random_inputs
 
 needs_triton = pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 
-test_fast_path_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 46, FASTBERT_BACKEND="triton")
+test_fast_path_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 54, FASTBERT_BACKEND="triton")
 
 
 @pytest.fixture
@@ -358,6 +358,108 @@ if IN_CHILD:
         ids, types = random_inputs(fast.config, 2, 7)
         forward(fast, ids, None, types)
         assert fast_layers == []
+
+    def test_interpreter_case_frozen_embeddings_with_gradients_run_as_modules(fast_layers, monkeypatch):
+        """Gradients on with the embeddings frozen (a common fine-tuning setup): the hidden states need
+        no grad, yet the encoder's weights do, so autograd must see the ops: the module path, and every
+        encoder weight gets the gradient it gets there."""
+        fast, _ = model_pair(make_config("h144", layers=2))
+        fast.embeddings.requires_grad_(False)
+        ids, types = random_inputs(fast.config, 2, 7)
+
+        def gradients():
+            fast.zero_grad(set_to_none=True)
+            out = fast(ids, token_type_ids=types)
+            assert out.last_hidden_state.requires_grad, "the encoder's output has no grad_fn"
+            out.last_hidden_state.sum().backward()
+            return {name: p.grad for name, p in fast.encoder.named_parameters()}
+
+        grads = gradients()
+        assert fast_layers == [], fast_layers
+        assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+        with monkeypatch.context() as patch:
+            patch.setattr(modeling_bert, "fast_path_ready", lambda *args: None)
+            module_path = gradients()
+        for name, grad in grads.items():
+            assert torch.equal(grad, module_path[name]), name
+
+    @pytest.mark.parametrize("where, base", [("output", "BertOutput"), ("attention.output", "BertSelfOutput")])
+    def test_interpreter_case_subclassed_output_module_runs_as_a_module(where, base, fast_layers):
+        """A BertOutput or BertSelfOutput subclass with its own forward: that forward runs (layer 0 takes
+        the module path, layer 1 the fast path) and the output reflects it."""
+        calls = []
+
+        class Doubled(getattr(modeling_bert, base)):
+            def forward(self, hidden_states, input_tensor):
+                calls.append(hidden_states.shape)
+                return 2 * super().forward(hidden_states, input_tensor)
+
+        fast, _ = model_pair(make_config("h144", layers=2))
+        ids, types = random_inputs(fast.config, 2, 7)
+        before, _ = forward(fast, ids, None, types)
+        original = fast.encoder.layer[0].get_submodule(where)
+        replacement = Doubled(fast.config)
+        replacement.load_state_dict(original.state_dict())
+        parent, _, name = f"encoder.layer.0.{where}".rpartition(".")
+        setattr(fast.get_submodule(parent), name, replacement)
+        fast_layers.clear()
+        after, _ = assert_fast_equals_module_path(fast, ids, None, types)
+        assert len(fast_layers) == 1 and len(calls) == 2, (fast_layers, calls)  # 2 forwards
+        assert not torch.equal(before, after), "the subclass's forward did not change the output"
+
+    def test_interpreter_case_training_with_attention_dropout_only_runs_as_modules(fast_layers):
+        """Train mode under no_grad with attention-probs dropout on and hidden dropout off: the
+        attention dropout is applied (the module path), not skipped by the fast path."""
+        config = make_config("h144", layers=2)
+        config.hidden_dropout_prob = 0.0
+        config.attention_probs_dropout_prob = 0.5
+        fast, _ = model_pair(config)
+        fast.train()
+        ids, types = random_inputs(fast.config, 2, 7)
+        torch.manual_seed(0)
+        first, _ = forward(fast, ids, None, types)
+        second, _ = forward(fast, ids, None, types)
+        assert fast_layers == [], fast_layers
+        assert not torch.equal(first, second), "no attention dropout was applied"
+
+    def test_interpreter_case_mixed_dtypes_under_capture_run_as_modules(fast_layers, monkeypatch):
+        """As the mixed-dtype case, with every layer's weights prepared up front (CUDA-graph capture,
+        stood in for): the encoder checks them against its input, so the odd layer runs as modules."""
+        monkeypatch.setattr(modeling_bert, "_capturing", lambda t: True)
+        fast, _ = model_pair(make_config("h144", layers=2))
+        fast.half()
+        fast.encoder.layer[1].output.LayerNorm.float()
+        ids, types = random_inputs(fast.config, 2, 7)
+        assert_fast_equals_module_path(fast, ids, None, types)
+        assert len(fast_layers) == 1, fast_layers
+
+    def test_interpreter_case_autocast_runs_as_modules(fast_layers):
+        """Under autocast the module path runs (autocast must see the ops' matmuls), whatever it then
+        computes."""
+        fast, _ = model_pair(make_config("h144", layers=2))
+        ids, types = random_inputs(fast.config, 2, 7)
+        with torch.autocast("cpu", dtype=torch.float16), torch.no_grad():
+            fast(ids, token_type_ids=types)
+        assert fast_layers == [], fast_layers
+
+    @pytest.mark.parametrize("mask_kind", ["none", "holes"])
+    def test_interpreter_case_cublaslt_setting_falls_back_where_cublaslt_refuses(mask_kind, fast_layers, monkeypatch):
+        """FASTBERT_GEMM=cublaslt on tensors ``cublaslt_takes`` refuses (CPU ones): the fast path runs
+        PyTorch's matmul and the separate epilogue kernel, as ops.linear_activation does."""
+        monkeypatch.setenv("FASTBERT_GEMM", "cublaslt")
+        monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: pytest.fail("cuBLASLt's epilogue ran"))
+        separate = importlib.import_module("fastbert.ops.bias_activation")
+        launches, original = [], separate.bias_activation_fwd
+        monkeypatch.setattr(separate, "bias_activation_fwd", lambda *a, **k: launches.append(1) or original(*a, **k))
+        fast, hf = model_pair(make_config("h144", layers=2))
+        ids, types = random_inputs(fast.config, 3, 11)
+        mask = make_mask(mask_kind, 3, 11)
+        hidden, _ = assert_fast_equals_module_path(fast, ids, mask, types)
+        assert len(fast_layers) == 2 and len(launches) == 4, (fast_layers, launches)  # 2 layers, 2 forwards
+        with torch.no_grad():
+            theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        keep = mask.bool()
+        assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, "cuBLASLt fallback against transformers")
 
 
 @needs_cuda
