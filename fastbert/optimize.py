@@ -122,14 +122,12 @@ def _tree_difference(module: transformers.BertModel) -> str | None:
     shared = {name for name, m in ours.named_modules() if name and next(m.children(), None) is None}
     actual = dict(module.named_modules())
     layers = f"config.num_hidden_layers = {config.num_hidden_layers}"
-    patched = _patched_method(type(module), ("forward",))
-    if patched:
-        return patched
+    containers = set()
     for name, want in expected.items():
         got = actual.get(name)
         if got is None:
             return f"it has no {name} ({layers})"
-        if not name or name in shared:  # the root's class is checked above; shared leaves may be wrapped
+        if not name or name in shared:  # the root's class is checked below; shared leaves may be wrapped
             continue
         if type(got) is not type(want):
             return f"{name} is a {type(got).__qualname__}, not transformers' {type(want).__qualname__}"
@@ -137,22 +135,25 @@ def _tree_difference(module: transformers.BertModel) -> str | None:
                     if attr != "forward" and callable(value) and inspect.isfunction(getattr(type(got), attr, None))]
         if replaced:
             return f"{name}.{replaced[0]} is replaced on the instance"
-        patched = _patched_method(type(got))
-        if patched:
-            return patched
+        containers.add(type(got))
     for name, got in actual.items():
         if name not in expected and not any(name.startswith(f"{leaf}.") for leaf in shared):
             return f"{name} ({type(got).__qualname__}) is not part of a BertModel of its config ({layers})"
+    checks = [(type(module), ("forward",))] + [(cls, tuple(vars(cls))) for cls in containers]
+    for cls, attrs in checks:  # each class once, not once per layer
+        patched = _patched_method(cls, attrs)
+        if patched:
+            return patched
     return None
 
 
-def _patched_method(cls: type, names: tuple[str, ...] | None = None) -> str | None:
-    """A function of transformers' class ``cls`` (only ``names`` if given) that is not transformers'
-    own: the class was patched at run time, and fastbert's copy would not run the patch."""
+def _patched_method(cls: type, attrs: tuple[str, ...]) -> str | None:
+    """The first of ``attrs`` that is a function of transformers' class ``cls`` from outside
+    transformers: the class was patched at run time, and fastbert's copy would not run the patch."""
     if not cls.__module__.startswith("transformers."):
         return None  # torch's ModuleList, activations: their behaviour is theirs, not patched by users
-    for attr in names or vars(cls):
-        value = getattr(cls, attr, None) if names else vars(cls)[attr]
+    for attr in attrs:
+        value = getattr(cls, attr, None)
         module_name = getattr(value, "__module__", None) or ""
         if inspect.isfunction(value) and not module_name.startswith("transformers."):
             return f"{cls.__name__}.{attr} is not transformers' own ({module_name}.{value.__qualname__})"
