@@ -173,3 +173,21 @@ class RecordFastbertOps:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+class LaunchCounter:
+    """Wraps an op's launch helper ``module.name`` (a module or its dotted name), counting its calls:
+    a quiet fallback to the reference cannot pass as a kernel run, nor a kernel run as the reference."""
+
+    def __init__(self, monkeypatch, module, name: str):
+        import importlib
+
+        module = importlib.import_module(module) if isinstance(module, str) else module
+        self.count = 0
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)

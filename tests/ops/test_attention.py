@@ -16,12 +16,14 @@ PyTorch's own error at that dtype + 1e-3.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
 import torch
 
 from fastbert.ops import backend
+from tests import helpers
 from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
 from tests.helpers import interpreter_parent_test, interpreted_kernel_fixture, registered_schema_test
 from tests.helpers import FP32_OP, assert_close, assert_low_precision_within_budget, max_abs_diff, nan_like
@@ -54,19 +56,8 @@ def check(out, qkv, cu_seqlens, max_seqlen, heads, what, scale=None):
         assert_low_precision_within_budget(out.float(), fp32, same.float(), what)
 
 
-class LaunchCounter:
-    """Wraps the launch helper the op calls, counting launches (a quiet fallback to the reference
-    cannot pass as a kernel run)."""
-
-    def __init__(self, monkeypatch):
-        self.count = 0
-        original = A.attention_fwd
-
-        def counted(*args, **kwargs):
-            self.count += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(A, "attention_fwd", counted)
+# Counts the op's launches (a quiet fallback to the reference cannot pass as a kernel run).
+LaunchCounter = functools.partial(helpers.LaunchCounter, module=A, name="attention_fwd")
 
 
 def launch(qkv, cu_seqlens, max_seqlen, heads, scale=None):

@@ -13,12 +13,14 @@ fp16 / bf16: error against the fp32 reference <= 2x PyTorch's own error at that 
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
 import torch
 
 from fastbert.ops import backend
+from tests import helpers
 from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
 from tests.helpers import interpreter_parent_test, interpreted_kernel_fixture, registered_schema_test
 from tests.helpers import FP32_OP, assert_close, assert_low_precision_within_budget, nan_like
@@ -49,19 +51,8 @@ def check(out, x, bias, activation, what):
         assert_low_precision_within_budget(out.float(), fp32, same.float(), what)
 
 
-class LaunchCounter:
-    """Wraps the launch helper the op calls, counting launches (so a quiet fallback to the
-    reference cannot pass as a kernel run)."""
-
-    def __init__(self, monkeypatch):
-        self.count = 0
-        original = A.bias_activation_fwd
-
-        def counted(*args, **kwargs):
-            self.count += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(A, "bias_activation_fwd", counted)
+# Counts the op's launches (a quiet fallback to the reference cannot pass as a kernel run).
+LaunchCounter = functools.partial(helpers.LaunchCounter, module=A, name="bias_activation_fwd")
 
 
 def launch(x, bias, activation):

@@ -14,6 +14,7 @@ PyTorch's own error at that dtype + 1e-3.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from fastbert.ops import backend
+from tests import helpers
 from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
 from tests.helpers import interpreter_parent_test, interpreted_kernel_fixture, registered_schema_test
 from tests.helpers import FP32_OP, assert_close, assert_low_precision_within_budget, max_abs_diff, nan_like
@@ -58,19 +60,8 @@ def check(out, inputs, eps, what):
         assert_low_precision_within_budget(out.float(), fp32, same.float(), what)
 
 
-class LaunchCounter:
-    """Wraps the launch helper the op calls, counting launches (a quiet fallback to the reference
-    cannot pass as a kernel run)."""
-
-    def __init__(self, monkeypatch):
-        self.count = 0
-        original = L.bias_residual_layer_norm_fwd
-
-        def counted(*args, **kwargs):
-            self.count += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(L, "bias_residual_layer_norm_fwd", counted)
+# Counts the op's launches (a quiet fallback to the reference cannot pass as a kernel run).
+LaunchCounter = functools.partial(helpers.LaunchCounter, module=L, name="bias_residual_layer_norm_fwd")
 
 
 def launch(inputs, eps, num_sms=132):

@@ -12,6 +12,7 @@ reference <= 2x PyTorch's own error at that dtype + 1e-3.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import torch
 
 from fastbert import _extension
 from fastbert.ops import backend
+from tests import helpers
 from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
 from tests.helpers import interpreter_parent_test
 from tests.helpers import (FP32_INTERPRETER, FP32_OP, assert_close, assert_low_precision_within_budget,
@@ -84,21 +86,9 @@ def poisoned_call(fn, shape, dtype, device):
     return fn()
 
 
-class LaunchCounter:
-    """Wraps the Triton launch helper the op calls, counting launches (a quiet fallback to the
-    reference cannot pass as a kernel run, nor a kernel run as the reference)."""
-
-    def __init__(self, monkeypatch):
-        from fastbert.kernels import embeddings as kernels
-
-        self.count = 0
-        original = kernels.embeddings_fwd
-
-        def counted(*args, **kwargs):
-            self.count += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, "embeddings_fwd", counted)
+# Counts the op's launches (a quiet fallback to the reference cannot pass as a kernel run).
+LaunchCounter = functools.partial(helpers.LaunchCounter, module="fastbert.kernels.embeddings",
+                                  name="embeddings_fwd")
 
 
 def outcome(fn):
