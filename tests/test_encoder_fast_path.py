@@ -25,6 +25,7 @@ import torch
 
 from fastbert import modeling_bert
 from fastbert.ops import backend
+from tests.helpers import LaunchCounter
 from tests.helpers import FP32_INTERPRETER, FP32_MODEL_RANDOM, assert_close, interpreter_parent_test, needs_cuda
 from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
 from tests.model_utils import make_config, make_mask, model_pair, random_inputs
@@ -83,23 +84,25 @@ if IN_CHILD:
             keep = mask.bool()
             assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, "last_hidden_state against transformers")
 
+    def _two_fast_layers_against_transformers(mask_kind, fast_layers, launches, what):
+        """Two forwards of a 2-layer model: both layers take the fast path, ``launches`` counts one
+        launch a layer and forward, and the output equals the module path's and transformers'."""
+        fast, hf = model_pair(make_config("h144", layers=2))
+        ids, types = random_inputs(fast.config, 3, 11)
+        mask = make_mask(mask_kind, 3, 11)
+        hidden, _ = assert_fast_equals_module_path(fast, ids, mask, types)
+        assert len(fast_layers) == 2 and launches.count == 4, (fast_layers, launches.count)  # 2 layers, 2 forwards
+        with torch.no_grad():
+            theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        keep = mask.bool()
+        assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, f"{what} against transformers")
+
     @pytest.mark.parametrize("mask_kind", ["none", "holes"])
     def test_interpreter_case_fused_gemm_setting(mask_kind, fast_layers, monkeypatch):
         """FASTBERT_GEMM=triton: the fast path launches the fused GEMM as ops.linear_activation does."""
         monkeypatch.setenv("FASTBERT_GEMM", "triton")
-        fast, hf = model_pair(make_config("h144", layers=2))
-        ids, types = random_inputs(fast.config, 3, 11)
-        mask = make_mask(mask_kind, 3, 11)
-        launches = []
-        gemm = importlib.import_module("fastbert.ops.linear_activation")
-        original = gemm.linear_activation_fwd
-        monkeypatch.setattr(gemm, "linear_activation_fwd", lambda *a, **k: launches.append(1) or original(*a, **k))
-        hidden, _ = assert_fast_equals_module_path(fast, ids, mask, types)
-        assert len(fast_layers) == 2 and len(launches) == 4, (fast_layers, launches)  # 2 layers, 2 forwards
-        with torch.no_grad():
-            theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
-        keep = mask.bool()
-        assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, "fused GEMM against transformers")
+        launches = LaunchCounter(monkeypatch, "fastbert.ops.linear_activation", "linear_activation_fwd")
+        _two_fast_layers_against_transformers(mask_kind, fast_layers, launches, "fused GEMM")
 
     @pytest.mark.parametrize("mask_kind", ["none", "holes"])
     def test_interpreter_case_cublaslt_setting(mask_kind, fast_layers, monkeypatch):
@@ -448,18 +451,8 @@ if IN_CHILD:
         PyTorch's matmul and the separate epilogue kernel, as ops.linear_activation does."""
         monkeypatch.setenv("FASTBERT_GEMM", "cublaslt")
         monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: pytest.fail("cuBLASLt's epilogue ran"))
-        separate = importlib.import_module("fastbert.ops.bias_activation")
-        launches, original = [], separate.bias_activation_fwd
-        monkeypatch.setattr(separate, "bias_activation_fwd", lambda *a, **k: launches.append(1) or original(*a, **k))
-        fast, hf = model_pair(make_config("h144", layers=2))
-        ids, types = random_inputs(fast.config, 3, 11)
-        mask = make_mask(mask_kind, 3, 11)
-        hidden, _ = assert_fast_equals_module_path(fast, ids, mask, types)
-        assert len(fast_layers) == 2 and len(launches) == 4, (fast_layers, launches)  # 2 layers, 2 forwards
-        with torch.no_grad():
-            theirs = hf(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
-        keep = mask.bool()
-        assert_close(hidden[keep], theirs[keep], FP32_INTERPRETER, "cuBLASLt fallback against transformers")
+        launches = LaunchCounter(monkeypatch, "fastbert.ops.bias_activation", "bias_activation_fwd")
+        _two_fast_layers_against_transformers(mask_kind, fast_layers, launches, "cuBLASLt fallback")
 
 
 @needs_cuda
