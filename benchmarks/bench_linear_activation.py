@@ -5,10 +5,10 @@ Implementations, each on the same inputs ``x [tokens, hidden]``, ``weight [inter
 - ``fastbert-triton-gemm``: ``fastbert.ops.linear_activation`` under ``FASTBERT_GEMM=triton``, one
   Triton GEMM with the bias and GELU on its accumulator (``linear_config``'s tiles);
 - ``fastbert-triton-gemm-<tile>``: the same launch helper with the tiles of ``SWEEP`` (16-bit only);
-- ``fastbert-cublas+epilogue``: what the model runs by default: ``F.linear`` (cuBLAS) and then the
-  ``bias_activation`` kernel;
-- ``fastbert-cublaslt``: the op under ``FASTBERT_GEMM=cublaslt``: one cuBLASLt GEMM with the bias and
-  (tanh-form) GELU in its epilogue (``torch._addmm_activation``);
+- ``fastbert-cublas+epilogue``: the op under ``FASTBERT_GEMM=cublas``: ``F.linear`` (cuBLAS) and then
+  the ``bias_activation`` kernel (the default before the third H200 measurement);
+- ``fastbert-cublaslt``: the op under ``FASTBERT_GEMM=cublaslt``, the default in 16-bit: one cuBLASLt
+  GEMM with the bias and (tanh-form) GELU in its epilogue (``torch._addmm_activation``);
 - ``torch-eager``: ``F.linear(x, weight, bias)`` (cuBLAS with the bias in its epilogue) then ``F.gelu``;
 - ``torch-compile``: the same under ``torch.compile`` (default mode).
 

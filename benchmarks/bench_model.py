@@ -6,9 +6,10 @@ Peers get each batch padded to its longest sequence, as their users run them; fa
 padded batch through the same API (it unpads inside), eagerly and through its two CUDA-graph runners
 (``CUDAGraphRunner``: eager validation and unpadding around a replay per token-count bucket;
 ``PaddedCUDAGraphRunner``: the whole forward in a graph per batch-shape bucket). On BERT-base bf16,
-``+triton-gemm`` rows run the same with ``FASTBERT_GEMM=triton`` (the FFN's first matmul and its
-GELU as one Triton GEMM instead of cuBLAS + the epilogue kernel), ``+cublaslt`` rows with
-``FASTBERT_GEMM=cublaslt`` (the same in cuBLASLt's epilogue, GELU in its tanh form), and ``module-path`` rows time eager
+fastbert's rows run the default ``FASTBERT_GEMM=cublaslt`` (the FFN's first matmul with its bias and
+tanh-form GELU in cuBLASLt's epilogue), ``+cublas`` rows ``FASTBERT_GEMM=cublas`` (cuBLAS, then the
+exact-GELU epilogue kernel: the default before the third H200 run), ``+triton-gemm`` rows
+``FASTBERT_GEMM=triton`` (matmul and GELU as one Triton GEMM), and ``module-path`` rows time eager
 fastbert without the encoder's fast path (each layer through its modules and ops: what the fast
 path saves in host time, measured as a peer). On the headline cases,
 ``fastbert+torch.compile`` is ``torch.compile(fastbert model, fullgraph=True)`` (the fused ops as
@@ -40,6 +41,7 @@ from tests.helpers import LOW_PRECISION_SLACK, max_abs_diff
 from fastbert import modeling_bert
 from fastbert.cuda_graphs import CUDAGraphRunner, PaddedCUDAGraphRunner
 from fastbert.ops import use_gemm
+from fastbert.ops.backend import DEFAULT_GEMM
 from fastbert.optimize import to_fastbert
 
 MODELS = {
@@ -146,30 +148,30 @@ def check_output(output, name: str, dtype_name: str, ids, mask) -> None:
 
 
 @functools.cache
-def graph_runner(name: str, dtype_name: str, gemm_kind: str = "cublas"):
+def graph_runner(name: str, dtype_name: str, gemm_kind: str = DEFAULT_GEMM):
     # The default buckets: each case captures only the bucket it needs (one runner per GEMM choice:
     # its graphs hold the kernels they were captured with).
     return CUDAGraphRunner(models(name, dtype_name)["fastbert"], max_sequences=64, max_seqlen=512)
 
 
 @functools.cache
-def padded_graph_runner(name: str, dtype_name: str, gemm_kind: str = "cublas"):
+def padded_graph_runner(name: str, dtype_name: str, gemm_kind: str = DEFAULT_GEMM):
     return PaddedCUDAGraphRunner(models(name, dtype_name)["fastbert"], max_seqlen=512)
 
 
 IMPLS = ["fastbert", "fastbert+cudagraphs", "fastbert+padded-cudagraphs", "fastbert+triton-gemm",
-         "fastbert+cudagraphs+triton-gemm", "fastbert+cublaslt", "fastbert+padded-cudagraphs+cublaslt",
+         "fastbert+cudagraphs+triton-gemm", "fastbert+cublas", "fastbert+padded-cudagraphs+cublas",
          "fastbert+torch.compile", "module-path", "transformers-eager", "transformers-sdpa", "torch.compile",
          "torch.compile-max-autotune"]
-GEMM_ROWS = {"+triton-gemm": "triton", "+cublaslt": "cublaslt"}  # impl suffix -> FASTBERT_GEMM (else cublas)
-ON_HEADLINE_MODEL = ("triton-gemm", "cublaslt", "module-path")  # rows run on HEADLINE_MODEL only (time)
+GEMM_ROWS = {"+triton-gemm": "triton", "+cublas": "cublas"}  # impl suffix -> FASTBERT_GEMM (else the default)
+ON_HEADLINE_MODEL = ("+triton-gemm", "+cublas", "module-path")  # rows run on HEADLINE_MODEL only (time)
 # Rows that compile for minutes: only on the headline cases, after everything else.
 HEADLINE_ONLY = ("fastbert+torch.compile", "torch.compile-max-autotune")
 HEADLINE_MODEL = ("bert-base", "bf16")  # QUICK's only model and dtype; ON_HEADLINE_MODEL's rows' too
 
 
 def cases():
-    """Every (model, dtype, shape, peer); the ``+triton-gemm`` and ``+cublaslt`` rows after the others, then
+    """Every (model, dtype, shape, peer); the ``+triton-gemm`` and ``+cublas`` rows after the others, then
     fastbert's torch.compile and max-autotune (their compilation takes minutes), so a call cut at its
     time limit loses the optional rows first (run them alone with ``-k max-autotune`` and the like)."""
     everything = [(name, dtype_name, shape, impl)
@@ -202,8 +204,8 @@ def test_model(benchmark, record, matmul_peak_tflops, monkeypatch, name, dtype_n
         "fastbert+triton-gemm": lambda: group["fastbert"](ids, attention_mask=mask),
         "fastbert+cudagraphs+triton-gemm": lambda: graph_runner(name, dtype_name, "triton")(ids, mask),
         "fastbert+padded-cudagraphs": lambda: padded_graph_runner(name, dtype_name)(ids, mask),
-        "fastbert+cublaslt": lambda: group["fastbert"](ids, attention_mask=mask),
-        "fastbert+padded-cudagraphs+cublaslt": lambda: padded_graph_runner(name, dtype_name, "cublaslt")(ids, mask),
+        "fastbert+cublas": lambda: group["fastbert"](ids, attention_mask=mask),
+        "fastbert+padded-cudagraphs+cublas": lambda: padded_graph_runner(name, dtype_name, "cublas")(ids, mask),
         "module-path": lambda: group["fastbert"](ids, attention_mask=mask),
         "transformers-eager": lambda: group["eager"](ids, attention_mask=mask),
         "transformers-sdpa": lambda: group["sdpa"](ids, attention_mask=mask),
@@ -211,12 +213,13 @@ def test_model(benchmark, record, matmul_peak_tflops, monkeypatch, name, dtype_n
         "torch.compile": lambda: compiled(name, dtype_name, None)(ids, attention_mask=mask),
         "torch.compile-max-autotune": lambda: compiled(name, dtype_name, "max-autotune")(ids, attention_mask=mask),
     }[impl]
-    gemm = next((kind for suffix, kind in GEMM_ROWS.items() if impl.endswith(suffix)), "cublas")
+    gemm = next((kind for suffix, kind in GEMM_ROWS.items() if impl.endswith(suffix)), DEFAULT_GEMM)
     with use_gemm(gemm):
-        if gemm != "cublas" and not SMOKE:  # the row times its GEMM setting, or nothing
+        if impl.startswith("fastbert") and not SMOKE:  # the row times its GEMM setting, or nothing
             from fastbert.ops.linear_activation import active_backend
 
-            assert active_backend(DEVICE) == gemm, active_backend(DEVICE)
+            expected = {"cublas": "cublas+triton"}.get(gemm, gemm)
+            assert active_backend(DEVICE) == expected, (active_backend(DEVICE), expected)
         if impl.startswith("fastbert"):
             check_output(fn(), name, dtype_name, ids, mask)
         benchmark.group = f"{name} {dtype_name} {shape}"

@@ -332,7 +332,7 @@ def fake_state(model, mode, dtype, prefix=""):
                 for name, t in items if name.startswith(prefix)}
 
 
-def expected_layer_calls(layers, tokens, hidden, heads, inter, batch, dtype, gemm="cublas"):
+def expected_layer_calls(layers, tokens, hidden, heads, inter, batch, dtype, gemm=backend.DEFAULT_GEMM):
     """Per layer: attention, LayerNorm, the FFN's first matmul's epilogue as ``gemm`` runs it (a
     ``make_config`` model's erf-GELU: cuBLASLt's epilogue in 16-bit only), LayerNorm."""
     if gemm == "triton":
@@ -446,7 +446,8 @@ def test_padded_graph_runner_body_is_sync_free(dtype, launches):
     # (pack_padded_batch: 19 ops of PyTorch before, 35 before 2026-11-26's first trims), the
     # embeddings, re-padding (the padding zeroed, the rows put back, no zero fill) and the pooler's tanh (the
     # pooler's and the layers' matmuls are left out, with the QKV concatenation fake weights take).
-    layers = {"mm", "addmm", "cat", "varlen_attention", "bias_residual_layer_norm", "bias_activation"}
+    layers = {"mm", "addmm", "_addmm_activation", "cat", "varlen_attention", "bias_residual_layer_norm",
+              "bias_activation"}
     outside = sorted(op for op in census.ops if op not in layers)
     assert outside == sorted(["pack_padded_batch", "embedding_layer_norm_triton", "where", "index_copy_",
                               "tanh"]), outside

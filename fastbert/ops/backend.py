@@ -9,14 +9,17 @@
 ``FASTBERT_GEMM`` (read at every call) picks how a matmul with a fused epilogue runs when the Triton
 backend is active:
 
-- ``cublas`` (default): PyTorch's matmul (cuBLAS), then the epilogue as its own Triton kernel;
+- ``cublaslt`` (default): cuBLASLt's bias + activation epilogue (``torch._addmm_activation``) on
+  CUDA tensors, one cuBLAS kernel. Its GELU is the tanh approximation: exact for ``gelu_tanh`` and
+  ``relu`` models; for erf-GELU models (BERT's ``gelu``) it is taken in fp16 / bf16 only, where the
+  approximation (at most 4.7e-4) is inside the 16-bit error budget; fp32, CPU tensors and autograd
+  run as ``cublas``. The default since the third H200 measurement (benchmarks/RESULTS.md): the FFN's
+  first matmul 1.3x ``cublas`` at 4096 and 16384 tokens; BERT-base bf16 through the padded graph
+  runner 1.74 against 1.90 ms at 32x128 and 6.30 against 6.95 ms at 32x512.
+- ``cublas``: PyTorch's matmul (cuBLAS), then the epilogue as its own Triton kernel (exact erf-GELU
+  in every dtype);
 - ``triton``: one Triton GEMM with the epilogue applied to its accumulator (``linear_activation``).
   Not the default: on the H200 it ran at 0.72 to 0.96x cuBLAS + the separate epilogue.
-- ``cublaslt``: cuBLASLt's bias + activation epilogue (``torch._addmm_activation``) on CUDA
-  tensors, one cuBLAS kernel. Its GELU is the tanh approximation: exact for ``gelu_tanh`` and
-  ``relu`` models; for erf-GELU models (BERT's ``gelu``) it is taken in fp16 / bf16 only, where the
-  approximation (at most 4.7e-4) is inside the 16-bit error budget, and fp32 keeps the separate
-  epilogue. Not the default until a GPU run shows it faster.
 
 A call that must record autograd history (gradients enabled and an input that requires them) takes
 the reference, whatever the setting, unless the op says it is differentiable: the Triton ops for
@@ -38,7 +41,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("auto", "torch", "triton")
-GEMMS = ("cublas", "triton", "cublaslt")
+GEMMS = ("cublaslt", "cublas", "triton")
+DEFAULT_GEMM = "cublaslt"
 # use_backend / use_gemm overrides, per thread (one thread's block leaves the others' settings alone).
 # threading.local rather than a ContextVar: torch.compile traces (and guards on) its reads with torch
 # 2.11, where a ContextVar read breaks a fullgraph compile.
@@ -61,7 +65,7 @@ def backend_setting() -> str:
 
 def gemm_setting() -> str:
     """The configured GEMM choice (``use_gemm``, else ``FASTBERT_GEMM``), validated."""
-    return _setting("gemm", "FASTBERT_GEMM", "cublas", GEMMS)
+    return _setting("gemm", "FASTBERT_GEMM", DEFAULT_GEMM, GEMMS)
 
 
 @contextlib.contextmanager

@@ -106,7 +106,7 @@ def weights_ready(weights: EncoderLayerWeights, hidden_states: torch.Tensor) -> 
 
 
 def encoder_layer(hidden_states: torch.Tensor, packing: Packing, weights: EncoderLayerWeights,
-                  gemm: str = "cublas", rows: torch.Tensor | None = None) -> torch.Tensor:
+                  gemm: str = backend.DEFAULT_GEMM, rows: torch.Tensor | None = None) -> torch.Tensor:
     """``[tokens, hidden]`` -> ``[tokens, hidden]``: QKV GEMM, attention, output projection, bias +
     residual + LayerNorm, FFN GEMM, bias + activation (in place), FFN GEMM, bias + residual +
     LayerNorm. ``gemm``, the ``FASTBERT_GEMM`` setting: under ``triton`` the bias + activation run in

@@ -1,11 +1,11 @@
 """Linear + bias + activation, ``act(x @ weight.T + bias)``: BERT's first FFN matmul and its epilogue.
 
 Three fast paths, picked by ``FASTBERT_GEMM`` (``backend.gemm_setting``) when the Triton backend is
-active: ``cublas`` (default) runs PyTorch's matmul and then the ``bias_activation`` kernel;
+active: ``cublaslt`` (default) runs the product in cuBLASLt's epilogue (``torch._addmm_activation``)
+where its tanh-approximated GELU is exact or inside the 16-bit error budget (``cublaslt_takes``),
+else runs as ``cublas``; ``cublas`` runs PyTorch's matmul and then the ``bias_activation`` kernel;
 ``triton`` runs one Triton GEMM with the bias and activation applied to its fp32 accumulator
-(``kernels/linear_activation.py``), so the pre-activation is never written; ``cublaslt`` does the
-same in cuBLASLt's epilogue (``torch._addmm_activation``) where its tanh-approximated GELU is exact
-or inside the 16-bit error budget (``cublaslt_takes``), else runs as ``cublas``.
+(``kernels/linear_activation.py``), so the pre-activation is never written.
 """
 
 from __future__ import annotations

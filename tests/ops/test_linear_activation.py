@@ -206,11 +206,15 @@ def case_autocast_takes_the_matmul(device, monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # Without Triton running (this process): the path FASTBERT_GEMM picks, and the checks.
 
-def test_default_is_cublas_then_the_epilogue_kernel(monkeypatch):
+def test_default_is_cublaslt_for_cuda_tensors(monkeypatch):
+    """The default FASTBERT_GEMM is cuBLASLt's epilogue (faster on the H200, RESULTS.md); CPU tensors
+    take the reference, and the setting can still pick cuBLAS + the epilogue kernel or the Triton GEMM."""
     monkeypatch.delenv("FASTBERT_GEMM", raising=False)
     monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
-    assert backend.gemm_setting() == "cublas"
+    assert backend.gemm_setting() == backend.DEFAULT_GEMM == "cublaslt"
     assert A.active_backend("cpu") == "torch"
+    assert A.active_backend("cuda") == ("cublaslt" if backend.triton_available() else "torch")
+    monkeypatch.setenv("FASTBERT_GEMM", "cublas")
     assert A.active_backend("cuda") == ("cublas+triton" if backend.triton_available() else "torch")
     monkeypatch.setenv("FASTBERT_GEMM", "triton")
     assert A.active_backend("cuda") == ("triton" if backend.triton_available() else "torch")
