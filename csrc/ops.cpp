@@ -24,12 +24,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef FASTBERT_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -41,6 +42,76 @@ namespace {
 constexpr const char* kOp = "fastbert::embedding_layer_norm";
 
 // ---------------------------------------------------------------------------------------------
+// No iostreams in this .so.
+//
+// TORCH_CHECK*(cond, a, b, ...) formats its arguments with c10::str, an inline template that
+// instantiates std::ostringstream and operator<< here. On one GPU image (gcc 13, torch 2.11)
+// libstdc++'s stream code ended up inside _C.so itself, its locale machinery uninitialised, and every
+// exception the op raised crashed the process (SIGSEGV in std::basic_ostream::_M_insert<long>, called
+// from check_range_on_host). So every check passes one `const char*`, msg(...).c_str():
+// c10::detail::torchCheckMsgImpl has a plain overload for a single C string, where a single
+// std::string still goes through c10::str's ostringstream (c10/util/StringUtil.h specializes
+// _str_wrapper<std::string>, but c10::str instantiates _str_wrapper<const std::string&>). The error
+// objects are built by libc10. Inline torch code that streams (at::empty's range check, CUDAGuard's
+// device checks) is avoided too. tests/test_extension_build.py checks the built .so (objdump, nm) and
+// lists what torch's headers still leave in it, none of which runs when the op raises.
+
+// Message pieces: integers by std::to_string, shapes as torch prints them, dtypes by c10::toString
+// (a switch returning const char*), devices by Device::str() (defined in libc10.so: its streams are
+// libc10's).
+std::string piece(const char* s) { return s; }
+std::string piece(c10::ScalarType t) { return c10::toString(t); }
+std::string piece(const c10::Device& d) { return d.str(); }
+std::string piece(c10::IntArrayRef sizes) {  // "[2, 3]"
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(sizes[i]);
+  }
+  return s + "]";
+}
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+std::string piece(T n) {
+  return std::to_string(n);
+}
+
+// The message for a TORCH_CHECK*: pass msg(...).c_str() (see above).
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string s;
+  ((s += piece(args)), ...);
+  return s;
+}
+
+// at::empty without c10::fromIntArrayRefSlow (its check that each size fits a SymInt streams the
+// size): our sizes come from tensors, so they are non-negative and fit.
+at::Tensor empty(c10::IntArrayRef shape, const at::TensorOptions& options) {
+  return at::empty_symint(c10::fromIntArrayRefKnownNonNegative(shape), options);
+}
+
+#ifdef FASTBERT_WITH_CUDA
+// What c10::cuda::CUDAGuard does (make `device` current, restore the previous device at the end of
+// the scope), with libc10_cuda's functions only: CUDAGuard instantiates CUDAGuardImpl's inline
+// methods here, and their TORCH_CHECKs stream a Device.
+class DeviceScope {
+ public:
+  explicit DeviceScope(c10::DeviceIndex device) : previous_(c10::cuda::ExchangeDevice(device)) {}
+  ~DeviceScope() {
+    // Like CUDAGuard, never throw from here; CUDAGuard only warns when the restore fails.
+    try {
+      if (c10::cuda::MaybeSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
+    } catch (...) {
+    }
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  c10::DeviceIndex previous_;
+};
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // Argument checks, shared by the CPU and CUDA implementations.
 
 struct Inputs {
@@ -50,33 +121,40 @@ struct Inputs {
 };
 
 void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& table) {
-  TORCH_CHECK_VALUE(t.dim() == 1, kOp, ": ", name, " must be a 1-D tensor of packed tokens, got shape ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, kOp, ": ", name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == table.device(), kOp, ": ", name, " is on ", t.device(),
-                    " but the embedding tables are on ", table.device());
+  TORCH_CHECK_VALUE(t.dim() == 1,
+                    msg(kOp, ": ", name, " must be a 1-D tensor of packed tokens, got shape ", t.sizes()).c_str());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong,
+                   msg(kOp, ": ", name, " must be int64, got ", t.scalar_type()).c_str());
+  TORCH_CHECK_VALUE(t.device() == table.device(), msg(kOp, ": ", name, " is on ", t.device(),
+                                                      " but the embedding tables are on ", table.device()).c_str());
 }
 
 void check_float_tensor(const at::Tensor& t, const char* name, const at::Tensor& word, int64_t dim) {
-  TORCH_CHECK_VALUE(t.dim() == dim, kOp, ": ", name, " must have ", dim, " dimension(s), got shape ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == word.scalar_type(), kOp, ": ", name, " is ", t.scalar_type(),
-                   " but word_weight is ", word.scalar_type(), " (all tables and LayerNorm parameters share a dtype)");
-  TORCH_CHECK_VALUE(t.device() == word.device(), kOp, ": ", name, " is on ", t.device(), " but word_weight is on ",
-                    word.device());
-  TORCH_CHECK_VALUE(t.size(dim - 1) == word.size(1), kOp, ": ", name, " has shape ", t.sizes(),
-                    " but the hidden size (word_weight.shape[1]) is ", word.size(1));
+  TORCH_CHECK_VALUE(t.dim() == dim,
+                    msg(kOp, ": ", name, " must have ", dim, " dimension(s), got shape ", t.sizes()).c_str());
+  TORCH_CHECK_TYPE(t.scalar_type() == word.scalar_type(),
+                   msg(kOp, ": ", name, " is ", t.scalar_type(), " but word_weight is ", word.scalar_type(),
+                       " (all tables and LayerNorm parameters share a dtype)").c_str());
+  TORCH_CHECK_VALUE(t.device() == word.device(),
+                    msg(kOp, ": ", name, " is on ", t.device(), " but word_weight is on ", word.device()).c_str());
+  TORCH_CHECK_VALUE(t.size(dim - 1) == word.size(1),
+                    msg(kOp, ": ", name, " has shape ", t.sizes(), " but the hidden size (word_weight.shape[1]) is ",
+                        word.size(1)).c_str());
 }
 
 Inputs check_inputs(const at::Tensor& input_ids, const at::Tensor& position_ids, const at::Tensor& token_type_ids,
                     const at::Tensor& word_weight, const at::Tensor& position_weight,
                     const at::Tensor& token_type_weight, const at::Tensor& ln_weight, const at::Tensor& ln_bias) {
-  TORCH_CHECK_VALUE(word_weight.dim() == 2, kOp, ": word_weight must be [vocab, hidden], got shape ", word_weight.sizes());
+  TORCH_CHECK_VALUE(word_weight.dim() == 2,
+                    msg(kOp, ": word_weight must be [vocab, hidden], got shape ", word_weight.sizes()).c_str());
   Inputs in;
   switch (word_weight.scalar_type()) {
     case at::kFloat: in.kind = FloatKind::kFloat32; break;
     case at::kHalf: in.kind = FloatKind::kFloat16; break;
     case at::kBFloat16: in.kind = FloatKind::kBFloat16; break;
     default:
-      TORCH_CHECK_TYPE(false, kOp, ": supports float32, float16 and bfloat16 tables, got ", word_weight.scalar_type());
+      TORCH_CHECK_TYPE(false, msg(kOp, ": supports float32, float16 and bfloat16 tables, got ",
+                                  word_weight.scalar_type()).c_str());
   }
   check_float_tensor(position_weight, "position_weight", word_weight, 2);
   check_float_tensor(token_type_weight, "token_type_weight", word_weight, 2);
@@ -85,9 +163,9 @@ Inputs check_inputs(const at::Tensor& input_ids, const at::Tensor& position_ids,
   check_index_tensor(input_ids, "input_ids", word_weight);
   check_index_tensor(position_ids, "position_ids", word_weight);
   check_index_tensor(token_type_ids, "token_type_ids", word_weight);
-  TORCH_CHECK_VALUE(position_ids.size(0) == input_ids.size(0) && token_type_ids.size(0) == input_ids.size(0), kOp,
-                    ": input_ids, position_ids and token_type_ids must have one entry per token, got lengths ",
-                    input_ids.size(0), ", ", position_ids.size(0), " and ", token_type_ids.size(0));
+  TORCH_CHECK_VALUE(position_ids.size(0) == input_ids.size(0) && token_type_ids.size(0) == input_ids.size(0),
+                    msg(kOp, ": input_ids, position_ids and token_type_ids must have one entry per token, got lengths ",
+                        input_ids.size(0), ", ", position_ids.size(0), " and ", token_type_ids.size(0)).c_str());
   in.ids = input_ids.contiguous();
   in.positions = position_ids.contiguous();
   in.types = token_type_ids.contiguous();
@@ -106,8 +184,8 @@ void check_range_on_host(const at::Tensor& values, const char* name, int64_t lim
   const int64_t* v = values.data_ptr<int64_t>();
   const int64_t n = values.numel();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_INDEX(v[i] >= 0 && v[i] < limit, kOp, ": ", name, "[", i, "] = ", v[i], " is out of range [0, ",
-                      limit, ") (the ", table, " has ", limit, " rows)");
+    TORCH_CHECK_INDEX(v[i] >= 0 && v[i] < limit, msg(kOp, ": ", name, "[", i, "] = ", v[i], " is out of range [0, ",
+                                                     limit, ") (the ", table, " has ", limit, " rows)").c_str());
   }
 }
 
@@ -187,7 +265,7 @@ at::Tensor embedding_layer_norm_cpu(const at::Tensor& input_ids, const at::Tenso
   Inputs in = check_inputs(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
                            ln_weight, ln_bias);
   check_ranges_on_host(in);
-  at::Tensor out = at::empty({in.tokens, in.hidden}, in.word.options());
+  at::Tensor out = empty({in.tokens, in.hidden}, in.word.options());
   if (in.tokens == 0 || in.hidden == 0) return out;
   const EmbeddingLayerNormArgs a = make_args(in, out, eps);
   switch (in.kind) {
@@ -211,8 +289,8 @@ at::Tensor embedding_layer_norm_cuda(const at::Tensor& input_ids, const at::Tens
                                      bool check_indices) {
   Inputs in = check_inputs(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
                            ln_weight, ln_bias);
-  const c10::cuda::CUDAGuard guard(in.word.device());
-  at::Tensor out = at::empty({in.tokens, in.hidden}, in.word.options());
+  const DeviceScope device_scope(in.word.device().index());
+  at::Tensor out = empty({in.tokens, in.hidden}, in.word.options());
   if (in.tokens == 0 || in.hidden == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(in.word.device().index()).stream();
 
@@ -225,7 +303,7 @@ at::Tensor embedding_layer_norm_cuda(const at::Tensor& input_ids, const at::Tens
   EmbeddingLayerNormArgs a = make_args(in, out, eps);
   at::Tensor flag;
   if (report) {
-    flag = at::empty({1}, in.ids.options().dtype(at::kInt));
+    flag = empty({1}, in.ids.options().dtype(at::kInt));
     C10_CUDA_CHECK(cudaMemsetAsync(flag.data_ptr<int>(), 0, sizeof(int), stream));
     a.error_flag = flag.data_ptr<int>();
   }
@@ -239,7 +317,8 @@ at::Tensor embedding_layer_norm_cuda(const at::Tensor& input_ids, const at::Tens
       on_host.positions = in.positions.cpu();
       on_host.types = in.types.cpu();
       check_ranges_on_host(on_host);
-      TORCH_CHECK(false, kOp, ": the kernel flagged an out-of-range index that the host check did not find");
+      TORCH_CHECK(false,
+                  msg(kOp, ": the kernel flagged an out-of-range index that the host check did not find").c_str());
     }
   }
   return out;
@@ -254,7 +333,7 @@ PyObject* py_cuda_kernel_image_available(PyObject*, PyObject* arg) {
   if (device == -1 && PyErr_Occurred()) return nullptr;
 #ifdef FASTBERT_WITH_CUDA
   try {
-    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    const DeviceScope device_scope(static_cast<c10::DeviceIndex>(device));
     const cudaError_t status = probe_kernel_image();
     if (status == cudaSuccess) Py_RETURN_TRUE;
     (void)cudaGetLastError();  // clear the (non-sticky) error

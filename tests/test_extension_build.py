@@ -172,6 +172,86 @@ def test_vectorized_kernels_move_16_bytes_per_access(arch):
 
 
 # ---------------------------------------------------------------------------------------------------
+# No iostreams in the .so.
+
+# libstdc++'s stream and locale code, as nm -C and objdump -C spell it.
+_STREAM = re.compile(r"basic_ostream|basic_ostringstream|basic_stringbuf|basic_ios<|ios_base|std::locale\b"
+                     r"|std::ostream")
+# What torch's headers leave in the .so whatever csrc/ does (any extension that includes ATen and registers
+# an op with torch::Library), none of which runs when the op raises: {function: the stream code it may call}.
+_TORCH_LEFTOVERS = {
+    # The static std::ios_base::Init of <iostream> (gcc <= 12; gcc 13 references std::ios_base_library_init
+    # instead, and calls nothing), which torch/headeronly/util/Float8_e4m3fn.h includes.
+    r"_GLOBAL__sub_I_ops\.cpp": r"std::ios_base::Init::.*",
+    # c10::str("Expected SymFloat or double but got ", tagKind()) of IValue::toSymFloat/toSymBool, inlined in
+    # the boxed wrapper that torch::Library::impl generates for our double and bool arguments: GCC drops the
+    # call (the check cannot fail there) but keeps this out-of-line copy, which nothing calls.
+    r"c10::detail::_str_wrapper<char const\*, std::__cxx11::basic_string<.*> const&>::call\(.*": r".*",
+    r"std::__cxx11::basic_stringbuf<.*>::~basic_stringbuf\(\)": r".*",  # called by the one above
+}
+
+
+def _binutil(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"no {tool} (binutils)")
+    return path
+
+
+def _stream_callers(so: str) -> dict[str, set[str]]:
+    """{function in the .so: the stream and locale functions it calls (through the PLT or not)}."""
+    listing = subprocess.run([_binutil("objdump"), "-d", "-C", "--no-show-raw-insn", so], capture_output=True,
+                             text=True, check=True).stdout
+    callers: dict[str, set[str]] = {}
+    function = None
+    for line in listing.splitlines():
+        header = re.match(r"[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            function = None if header.group(1).endswith("@plt") else header.group(1)
+            continue
+        call = re.search(r"\s(?:call|jmp)\s+[0-9a-f]+ <(.*)>$", line)
+        if function and call and "+0x" not in call.group(1) and _STREAM.search(call.group(1)):
+            callers.setdefault(function, set()).add(call.group(1).removesuffix("@plt"))
+    return callers
+
+
+def _is_leftover(function: str, callees: set[str] = frozenset()) -> bool:
+    return any(re.fullmatch(name, function) and all(re.fullmatch(allowed, c) for c in callees)
+               for name, allowed in _TORCH_LEFTOVERS.items())
+
+
+def test_extension_has_no_iostream_code():
+    """Nothing in fastbert._C formats with iostreams: the error messages are built from std::to_string,
+    c10::toString and Device::str() (libc10's), then handed to TORCH_CHECK* as one C string (csrc/ops.cpp,
+    msg()). TORCH_CHECK*(cond, a, b, ...) would format with c10::str, which instantiates std::ostringstream
+    and operator<< in our .so. On one GPU image (gcc 13, torch 2.11) libstdc++'s stream code landed inside
+    _C.so itself (as if linked statically), its locale machinery uninitialised, and every exception the op
+    raised crashed the process: SIGSEGV in std::basic_ostream::_M_insert<long> (codecvt::do_unshift), called
+    from c10::str in check_range_on_host. The symptom cannot be reproduced where the stream code resolves to
+    the system libstdc++.so, so this checks the cause with binutils instead: which functions of the .so call
+    stream or locale code (objdump), and which such symbols the .so defines (nm); only the leftovers of
+    torch's headers listed in _TORCH_LEFTOVERS, which never run, may."""
+    if not _extension.is_built():  # test_extension_is_built_and_imports says whether it should be
+        pytest.skip(f"fastbert._C is not built: {_extension.extension_status()}")
+    import fastbert._C as C
+
+    callers = _stream_callers(C.__file__)
+    offenders = {f: sorted(c) for f, c in callers.items() if not _is_leftover(f, c)}
+    assert not offenders, (
+        "functions of fastbert._C call iostream/locale code (a TORCH_CHECK* with several message arguments? "
+        "use msg(...).c_str() in csrc/ops.cpp):\n"
+        + "\n".join(f"{f}\n    calls {c[0]}" + (f" and {len(c) - 1} more" if len(c) > 1 else "")
+                    for f, c in offenders.items()))
+
+    symbols = subprocess.run([_binutil("nm"), "-C", "--defined-only", C.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    defined = {line.split(maxsplit=2)[2] for line in symbols.splitlines() if len(line.split(maxsplit=2)) == 3}
+    stream_code = sorted(name for name in defined if _STREAM.search(name) and not _is_leftover(name))
+    assert not stream_code, ("fastbert._C defines iostream/locale code (libstdc++ linked into it?):\n"
+                             + "\n".join(stream_code))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Registration and the fake implementation.
 
 @needs_extension
