@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from fastbert.cli import main
-from tests.helpers import FP32_MODEL_RANDOM, minilm_path, needs_cuda
+from tests.helpers import FP32_MODEL_RANDOM, assert_close, minilm_path, needs_cuda
 from tests.test_checkpoint import SENTENCES
 
 st = pytest.importorskip("sentence_transformers")
@@ -74,6 +74,24 @@ def test_embed_pooling_modes_equal_sentence_transformers(tmp_path, pooling):
     main(["embed", str(SENTENCES), "-o", str(out), "--model", str(model_dir), "--quiet"])
     got = np.load(out)[::4]
     assert np.abs(got - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pooling", ["mean", "mean_sqrt_len_tokens", "weightedmean"])
+def test_half_precision_pooling_accumulates_in_fp32(pooling, dtype):
+    """`fastbert embed --dtype float16/bfloat16` pools sums of hundreds of tokens: accumulated in the
+    16-bit dtype they overflow fp16 (65504) and lose bf16's 8 bits, so the pooling sums in fp32 and
+    rounds once. Two sequences of 300 and 5 tokens, every value 300 (sums of 90000 and 1500)."""
+    from fastbert.embed import _segment_pool
+
+    hidden = torch.full((305, 4), 300.0, dtype=dtype)
+    cu_seqlens = torch.tensor([0, 300, 305], dtype=torch.int32)
+    pooled = _segment_pool(hidden, cu_seqlens, [pooling])
+    expected = torch.tensor([[300.0], [300.0]])
+    if pooling == "mean_sqrt_len_tokens":  # the sum over the square root of the length
+        expected = torch.tensor([[90000 / 300**0.5], [1500 / 5**0.5]])
+    assert pooled.dtype == dtype and torch.isfinite(pooled).all()
+    assert_close(pooled.float(), expected.expand(2, 4), float(2**-7 * expected.max()), f"{pooling} {dtype}")
 
 
 @needs_cuda

@@ -126,6 +126,16 @@ def test_task_head_checkpoint_loads_the_encoder(tmp_path):
     _same_outputs(fast, head.bert, config)
 
 
+def test_full_checkpoint_loads_without_its_pooler(tmp_path):
+    """A BertModel checkpoint with its pooler loads into add_pooling_layer=False, as transformers loads
+    it: the pooler's weights are skipped, not refused as weights fastbert does not have."""
+    _, hf = model_pair(make_config())
+    hf.save_pretrained(tmp_path)
+    fast = fastbert.BertModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    assert fast.pooler is None
+    _same_outputs(fast, hf, hf.config)
+
+
 def test_other_model_type_is_refused(tmp_path):
     config = transformers.RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                         intermediate_size=37, vocab_size=100)

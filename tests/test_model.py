@@ -512,6 +512,25 @@ def test_fused_qkv_storage_is_dropped_by_conversions(monkeypatch):
     assert all(a._qkv_fused is None for a in attentions)
 
 
+def test_fused_qkv_storage_follows_a_dtype_change_that_bypasses_conversions(monkeypatch):
+    """``p.data = p.data.double()`` (as ``load_state_dict(assign=True)`` with tensors of another dtype)
+    changes the weights' dtype without ``_apply``: the fused storage is made again in that dtype, not
+    reused in the old one (a silent cast, then a matmul of mixed dtypes)."""
+    from fastbert import modeling_bert
+
+    monkeypatch.setattr(modeling_bert, "_cpu_inference", lambda x, tensors: False)  # the CUDA path
+    fast, hf = model_pair(make_config())
+    ids, _ = random_inputs(fast.config, 2, 8)
+    mask = torch.ones_like(ids)
+    _compare(fast, hf, ids, mask)  # makes fp32 storage
+    for model in (fast, hf):
+        for parameter in model.parameters():
+            parameter.data = parameter.data.double()
+    ours, _ = _compare(fast, hf, ids, mask)
+    assert ours.last_hidden_state.dtype == torch.float64
+    assert all(layer.attention.self._qkv_fused.weight.dtype == torch.float64 for layer in fast.encoder.layer)
+
+
 def test_pruned_or_hooked_qkv_run_unfused_and_equal_transformers():
     """Pruning keeps ``weight`` as an attribute that a forward pre-hook recomputes, and a forward hook
     changes the module's output: such query / key / value modules run as modules (unfused), as in
