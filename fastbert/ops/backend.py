@@ -13,9 +13,8 @@ backend is active:
   CUDA tensors, one cuBLAS kernel. Its GELU is the tanh approximation: exact for ``gelu_tanh`` and
   ``relu`` models; for erf-GELU models (BERT's ``gelu``) it is taken in fp16 / bf16 only, where the
   approximation (at most 4.7e-4) is inside the 16-bit error budget; fp32, CPU tensors and autograd
-  run as ``cublas``. The default since the third H200 measurement (benchmarks/RESULTS.md): the FFN's
-  first matmul 1.3x ``cublas`` at 4096 and 16384 tokens; BERT-base bf16 through the padded graph
-  runner 1.74 against 1.90 ms at 32x128 and 6.30 against 6.95 ms at 32x512.
+  run as ``cublas``. The default since the third H200 measurement, where it was faster than
+  ``cublas`` at every measured shape (benchmarks/RESULTS.md).
 - ``cublas``: PyTorch's matmul (cuBLAS), then the epilogue as its own Triton kernel (exact erf-GELU
   in every dtype);
 - ``triton``: one Triton GEMM with the epilogue applied to its accumulator (``linear_activation``).

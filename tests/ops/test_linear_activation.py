@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from fastbert.ops import backend
+from tests import helpers
 from tests.helpers import IN_INTERPRETER_CHILD as IN_CHILD
 from tests.helpers import interpreter_parent_test, interpreted_kernel_fixture, registered_schema_test
 from tests.helpers import FP32_OP, assert_close, assert_low_precision_within_budget, nan_like
@@ -62,19 +63,11 @@ class LaunchCounter:
     """Counts the launches of the fused kernel and of the separate epilogue kernel."""
 
     def __init__(self, monkeypatch):
-        self.fused = self.epilogue = 0
-        fused, epilogue = A.linear_activation_fwd, B.bias_activation_fwd
+        self._fused = helpers.LaunchCounter(monkeypatch, A, "linear_activation_fwd")
+        self._epilogue = helpers.LaunchCounter(monkeypatch, B, "bias_activation_fwd")
 
-        def counted_fused(*args, **kwargs):
-            self.fused += 1
-            return fused(*args, **kwargs)
-
-        def counted_epilogue(*args, **kwargs):
-            self.epilogue += 1
-            return epilogue(*args, **kwargs)
-
-        monkeypatch.setattr(A, "linear_activation_fwd", counted_fused)
-        monkeypatch.setattr(B, "bias_activation_fwd", counted_epilogue)
+    fused = property(lambda self: self._fused.count)
+    epilogue = property(lambda self: self._epilogue.count)
 
 
 def launch(x, weight, bias, activation, config=None):
