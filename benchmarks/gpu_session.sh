@@ -3,7 +3,8 @@
 # minutes after the machine's start): run from the repo root with the call's timeout_s >= BUDGET + 30.
 #   1. install + the GPU tests (ops, model, compile/graphs, optimize, CLI), no sanitizer; a probe of
 #      the C++ extension's exceptions (under cuda-gdb);
-#   2. a profile of one eager forward and of graph replays (benchmarks/profile_model.py), the headline model cases, BERT-base bf16, without max-autotune (minutes of autotuning each);
+#   2. a profile of one eager forward and of graph replays (benchmarks/profile_model.py), the headline model cases, BERT-base bf16, without max-autotune (minutes of autotuning each),
+#      and `fastbert embed`'s job (benchmarks/bench_embed.py, whatever MODEL_K says: about 20 s);
 #   3. the kernel microbenchmarks in bf16 with whatever time is left: attention first (its tile
 #      changed after the first run; the sweep decides), then the fused linear + GELU GEMM (without
 #      its torch.compile peer: minutes of compiling), then the memory-bound kernels.
@@ -33,7 +34,7 @@ MICRO_K=${MICRO_K:-(bf16 or pack_padded_batch) and not (test_linear_activation a
 mkdir -p "$OUT_ROOT/test" "$OUT_ROOT/model" "$OUT_ROOT/micro"
 
 TESTS=${TESTS:-tests/ops tests/test_model.py tests/test_encoder_fast_path.py \
-tests/test_compile_and_graphs.py tests/test_optimize.py tests/test_cli.py tests/test_bad_inputs.py}
+tests/test_compile_and_graphs.py tests/test_optimize.py tests/test_cli.py tests/test_embed_graphs.py tests/test_bad_inputs.py}
 TEST_TIMEOUT=${TEST_TIMEOUT:-200}
 
 step_test() {
@@ -78,7 +79,7 @@ step_profile() {
 
 step_model() {
   OUT=$OUT_ROOT/model FASTBERT_BENCH_QUICK=1 BENCH_TIMEOUT=$(left $(( BUDGET - $(reserve_after model) ))) \
-    benchmarks/run_gpu.sh bench benchmarks/bench_model.py -k "$MODEL_K"
+    benchmarks/run_gpu.sh bench benchmarks/bench_model.py benchmarks/bench_embed.py -k "($MODEL_K) or test_embed"
   echo "gpu_session.sh: model benchmarks exit $? at $((SECONDS - start)) s"
 }
 

@@ -182,8 +182,17 @@ class CUDAGraphRunner(_GraphRunner):
         hidden = self.model.embeddings(bucket.input_ids, bucket.position_ids, bucket.token_type_ids)
         return self.model.encoder(hidden, packing)[0]
 
+    def bucket_for(self, tokens: int) -> int | None:
+        """The bucket a batch of ``tokens`` tokens replays in, or None where it runs eagerly."""
+        index = bisect.bisect_left(self.buckets, tokens)
+        return self.buckets[index] if tokens > 0 and index < len(self.buckets) else None
+
+    def has_graph(self, size: int) -> bool:
+        """Whether the bucket of ``size`` tokens is built (captured, where the runner captures)."""
+        return size in self._buckets
+
     def _bucket(self, tokens: int) -> _Bucket:
-        size = self.buckets[bisect.bisect_left(self.buckets, tokens)]
+        size = self.bucket_for(tokens)
         bucket = self._buckets.get(size)
         if bucket is None:
             bucket = _Bucket(size, self._slots(size), self.device)

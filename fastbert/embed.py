@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,11 @@ _PACKED_ST_SETTINGS = {
     "module_output_name": "token_embeddings",
     "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
 }
+# On a GPU, a packed batch runs through a CUDA graph of its token-count bucket (CUDAGraphRunner): an
+# eager forward of a small model waits on the host's launches, a replay does not. Capturing a bucket
+# costs about three forwards (two warm-up runs and the capture), so a job captures only the buckets
+# that at least this many of its batches replay; the others run eagerly.
+MIN_BATCHES_PER_GRAPH = 3
 
 
 def default_model_dir() -> Path:
@@ -162,10 +168,15 @@ class SentenceEmbedder:
     """``encode(lines)`` equals ``SentenceTransformer(model_dir).encode(lines)``, on fastbert."""
 
     def __init__(self, model_dir: str | os.PathLike | None = None, device: str | None = None,
-                 dtype: torch.dtype | str = torch.float32):
-        """``dtype="auto"`` loads the checkpoint's own dtype, as sentence-transformers does."""
+                 dtype: torch.dtype | str = torch.float32, cuda_graphs: bool | None = None):
+        """``dtype="auto"`` loads the checkpoint's own dtype, as sentence-transformers does.
+        ``cuda_graphs`` (default: on a CUDA device) replays batches through CUDA graphs
+        (:class:`~fastbert.cuda_graphs.CUDAGraphRunner`); set on a CPU, the same static-buffer path
+        runs eagerly, which is how it is tested without a GPU."""
         self.model_dir = check_model_dir(model_dir) if model_dir is not None else default_model_dir()
         self.device = resolve_device(device)
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self._runners: dict = {}  # batch size -> CUDAGraphRunner, kept across encode() calls
         self.pipeline = _read_pipeline(self.model_dir)
         if self.pipeline is None:
             self._load_sentence_transformer(dtype)
@@ -208,14 +219,15 @@ class SentenceEmbedder:
         return encoded["input_ids"], encoded["token_type_ids"]
 
     @torch.inference_mode()
-    def _encode_batch(self, ids: list[list[int]], types: list[list[int]]) -> torch.Tensor:
+    def _encode_batch(self, ids: list[list[int]], types: list[list[int]], model=None) -> torch.Tensor:
+        """``model``: the model or a graph runner around it (default: the model)."""
         lengths = torch.tensor([len(x) for x in ids])
         cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(self.device)
         flat = torch.tensor([t for x in ids for t in x], device=self.device)[None]
         flat_types = torch.tensor([t for x in types for t in x], device=self.device)[None]
         positions = torch.cat([torch.arange(n) for n in lengths.tolist()]).to(self.device)[None]
-        hidden = self.model(input_ids=flat, token_type_ids=flat_types, position_ids=positions,
-                            cu_seq_lens_q=cu_seqlens, max_length_q=int(lengths.max())).last_hidden_state[0]
+        hidden = (model or self.model)(input_ids=flat, token_type_ids=flat_types, position_ids=positions,
+                                       cu_seq_lens_q=cu_seqlens, max_length_q=int(lengths.max())).last_hidden_state[0]
         pooled = _segment_pool(hidden, cu_seqlens.to(torch.int32), self.pipeline["pooling"])
         if self.pipeline["normalize"]:
             pooled = F.normalize(pooled, p=2, dim=1)
@@ -231,11 +243,27 @@ class SentenceEmbedder:
         ids, types = self._tokenize(lines)
         order = sorted(range(len(lines)), key=lambda i: -len(ids[i]))  # similar lengths batch together
         out = np.zeros((len(lines), self.dimension()), dtype=np.float32)
-        starts = range(0, len(lines), batch_size)
-        for start in tqdm(starts, desc="Batches", disable=not progress, file=sys.stderr):
-            chunk = order[start:start + batch_size]
-            out[chunk] = self._encode_batch([ids[i] for i in chunk], [types[i] for i in chunk]).cpu().numpy()
+        batches = [order[start:start + batch_size] for start in range(0, len(lines), batch_size)]
+        models = self._models_for([sum(len(ids[i]) for i in chunk) for chunk in batches], batch_size)
+        for chunk, model in tqdm(list(zip(batches, models)), desc="Batches", disable=not progress, file=sys.stderr):
+            out[chunk] = self._encode_batch([ids[i] for i in chunk], [types[i] for i in chunk], model).cpu().numpy()
         return out
+
+    def _models_for(self, batch_tokens: list[int], batch_size: int) -> list:
+        """What runs each batch of ``batch_tokens`` tokens: the graph runner where its bucket is
+        already built or shared by ``MIN_BATCHES_PER_GRAPH`` batches of this job, else the model."""
+        if not self.cuda_graphs:
+            return [self.model] * len(batch_tokens)
+        from .cuda_graphs import CUDAGraphRunner
+
+        runner = self._runners.get(batch_size)
+        if runner is None:  # a graph's static bounds: a batch's sequences and the longest sequence
+            runner = self._runners[batch_size] = CUDAGraphRunner(
+                self.model, max_sequences=batch_size, max_seqlen=self.max_seq_length)
+        sizes = [runner.bucket_for(tokens) for tokens in batch_tokens]
+        uses = Counter(sizes)
+        return [runner if size is not None and (runner.has_graph(size) or uses[size] >= MIN_BATCHES_PER_GRAPH)
+                else self.model for size in sizes]
 
     def dimension(self) -> int:
         """The length of each embedding."""
@@ -321,6 +349,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
                         help="the dtype the model runs in (default: float32, whatever the checkpoint holds); "
                              "auto: the checkpoint's own dtype, as sentence-transformers loads it")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="on a GPU, run every batch eagerly instead of replaying CUDA graphs of its size")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -378,7 +408,8 @@ def run(args) -> int:
         raise SystemExit(f"fastbert embed: {exc}") from None
     with _progress_bars(not args.quiet):
         try:
-            embedder = SentenceEmbedder(model_dir, device=device, dtype=_DTYPES[args.dtype])
+            embedder = SentenceEmbedder(model_dir, device=device, dtype=_DTYPES[args.dtype],
+                                        cuda_graphs=None if args.cuda_graphs else False)
         except ValueError as exc:  # a model fastbert refuses (another model type, a config, its keys): named
             raise SystemExit(f"fastbert embed: {exc}") from None
         start = time.perf_counter()

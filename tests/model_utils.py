@@ -96,3 +96,23 @@ def word_piece_tokenizer(directory) -> None:
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n", encoding="utf-8")
     transformers.BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(directory)
+
+
+def sentence_pipeline_dir(path, config, max_seq_length: int):
+    """A sentence-transformers directory written without sentence-transformers (the GPU machine has
+    none): a random ``config`` BERT, a WordPiece tokenizer (``word_piece_tokenizer``) and the modules
+    Transformer -> mean Pooling -> Normalize, as all-MiniLM-L6-v2 has them."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    randomize_(transformers.BertModel(config, add_pooling_layer=False)).save_pretrained(path)
+    word_piece_tokenizer(path)
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": config.hidden_size, "pooling_mode_mean_tokens": True}))
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": i, "name": str(i), "path": where, "type": f"sentence_transformers.models.{kind}"}
+        for i, (where, kind) in enumerate([("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")])]))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+    return path

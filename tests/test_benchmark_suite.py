@@ -4,7 +4,8 @@
 peer but CUDA graphs and max-autotune, torch.compile of transformers and of fastbert through
 ``aot_eager``): models built, fastbert
 checked against the fp32 reference, every case timed and recorded, ratios computed, results.json
-written, and benchmarks/report.py turns it into the table and the plot. No timing is asserted.
+written, and benchmarks/report.py turns it into the table and the plot. benchmarks/bench_embed.py
+runs beside it (a small random pipeline). No timing is asserted.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def smoke_results(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k != "TRITON_INTERPRET"}
     env.update(FASTBERT_BENCH_SMOKE="1", FASTBERT_BENCH_JSON=str(out))
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks/bench_model.py", "--benchmark-only", "-q", "-rs",
+        [sys.executable, "-m", "pytest", "benchmarks/bench_model.py", "benchmarks/bench_embed.py", "--benchmark-only",
+         "-q", "-rs",
          "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -38,7 +40,7 @@ def smoke_results(tmp_path_factory):
 
 def test_every_case_is_timed_against_every_peer(smoke_results):
     _, payload = smoke_results
-    rows = payload["results"]
+    rows = [row for row in payload["results"] if not row["case"].startswith("embed ")]
     cases = {row["case"] for row in rows}
     assert cases == {"tiny fp32 8x128", "tiny fp32 varlen16x512"}
     for case in cases:
@@ -57,6 +59,18 @@ def test_every_case_is_timed_against_every_peer(smoke_results):
     varlen = next(row for row in rows if row["case"] == "tiny fp32 varlen16x512")
     assert varlen["tokens"] < varlen["padded_tokens"] <= 16 * 512
     assert payload["environment"]["device"].startswith("cpu")
+
+
+def test_embed_job_is_timed_against_transformers(smoke_results):
+    """bench_embed.py: the embed job through graphs and eagerly, each against both transformers peers."""
+    _, payload = smoke_results
+    rows = {row["impl"]: row for row in payload["results"] if row["case"].startswith("embed ")}
+    assert set(rows) == {"fastbert", "fastbert+eager", "transformers-sdpa", "transformers-eager"}
+    for impl in ("fastbert", "fastbert+eager"):
+        ours = rows[impl]
+        assert ours["speedup"] == {peer: pytest.approx(rows[peer]["seconds"] / ours["seconds"])
+                                   for peer in ("transformers-sdpa", "transformers-eager")}
+        assert ours["sentences_per_s"] == pytest.approx(86 * 3 / ours["seconds"])
 
 
 def test_report_makes_the_table_and_the_plot(smoke_results, tmp_path):

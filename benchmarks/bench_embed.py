@@ -1,0 +1,92 @@
+"""``fastbert embed``'s job: sentences to normalised mean-pooled embeddings, timed whole (tokenizing,
+the forwards, pooling, the copy to the host) with an all-MiniLM-L6-v2-shaped BERT in float32 (what
+``fastbert embed`` runs by default). Random weights: the checkpoint does not travel to the GPU
+machine. The sentences are benchmarks/data/sentences.txt repeated, in batches of 32.
+
+- ``fastbert``: ``SentenceEmbedder.encode``, batches replayed through CUDA graphs of their token count
+  (its default on a GPU; in smoke mode on the CPU the runner's static buffers run eagerly);
+- ``fastbert+eager``: the same with ``cuda_graphs=False``;
+- ``transformers-sdpa`` / ``transformers-eager``: what sentence-transformers runs (the GPU image has no
+  sentence-transformers): batches sorted by length, each padded to its longest, mean over the mask,
+  normalised.
+
+Every implementation's embeddings are checked against transformers' before anything is timed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.conftest import DEVICE, SMOKE, cuda_or_skip, timed
+
+MAX_SEQ_LENGTH = 256  # all-MiniLM-L6-v2's
+BATCH = 32
+REPEATS = 3 if SMOKE else 12  # in smoke mode too, three batches share each bucket
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    import transformers
+
+    from tests.model_utils import sentence_pipeline_dir
+
+    layers, hidden = (2, 64) if SMOKE else (6, 384)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
+                                     num_attention_heads=hidden // 32, intermediate_size=4 * hidden,
+                                     max_position_embeddings=512)
+    return sentence_pipeline_dir(tmp_path_factory.mktemp("minilm-shaped"), config, MAX_SEQ_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def lines():
+    from benchmarks.bench_cpu import SENTENCES
+    from fastbert.embed import read_lines
+
+    return read_lines(str(SENTENCES)) * REPEATS
+
+
+def _transformers_encoder(model_dir, attn_implementation):
+    """sentence-transformers' encode on transformers' BertModel: length-sorted padded batches."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.BertModel.from_pretrained(model_dir, attn_implementation=attn_implementation)
+    model = model.to(DEVICE).eval()
+
+    @torch.inference_mode()
+    def encode(lines):
+        order = np.argsort([-len(line) for line in lines], kind="stable")
+        out = np.zeros((len(lines), model.config.hidden_size), dtype=np.float32)
+        for start in range(0, len(lines), BATCH):
+            chunk = order[start:start + BATCH]
+            batch = tokenizer([lines[i] for i in chunk], padding=True, truncation=True, max_length=MAX_SEQ_LENGTH,
+                              return_tensors="pt").to(DEVICE)
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"][..., None].to(hidden.dtype)
+            out[chunk] = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).cpu().numpy()
+        return out
+
+    return encode
+
+
+@pytest.mark.parametrize("impl", ["fastbert", "fastbert+eager", "transformers-sdpa", "transformers-eager"])
+def test_embed(benchmark, record, pipeline, lines, impl):
+    if not SMOKE:
+        cuda_or_skip()
+    from fastbert.embed import SentenceEmbedder
+
+    if impl.startswith("fastbert"):
+        embedder = SentenceEmbedder(pipeline, device=DEVICE, cuda_graphs=impl == "fastbert")
+        encode = lambda x: embedder.encode(x, batch_size=BATCH)  # noqa: E731
+    else:
+        encode = _transformers_encoder(pipeline, impl.removeprefix("transformers-"))
+    reference = _transformers_encoder(pipeline, "sdpa")(lines)
+    diff = float(np.abs(encode(lines) - reference).max())
+    assert diff <= 2e-5, f"{impl}: embeddings differ from transformers' by {diff}: not timed"
+    case = f"embed MiniLM-shaped fp32 {len(lines)} sentences batch {BATCH}"
+    benchmark.group = case
+    seconds = timed(benchmark, lambda: encode(lines), rounds=10, warmup=2)
+    record(case=case, impl=impl, seconds=seconds, sentences_per_s=len(lines) / seconds)
