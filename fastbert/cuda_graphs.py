@@ -138,6 +138,9 @@ def fused_storages(model) -> list:
 class _Bucket:
     """Static buffers of one token-count bucket, and its graph once captured."""
 
+    # Never inference tensors, whatever mode the first call ran in: later calls outside
+    # torch.inference_mode write into them too (fastbert embed calls a runner inside it).
+    @torch.inference_mode(False)
     def __init__(self, tokens: int, sequences: int, device):
         self.tokens = tokens
         self.input_ids = torch.zeros(tokens, dtype=torch.long, device=device)
@@ -263,6 +266,7 @@ class CUDAGraphRunner(_GraphRunner):
 class _PaddedBucket:
     """Static padded buffers of one (batch, seqlen) bucket, and its graph once captured."""
 
+    @torch.inference_mode(False)  # as _Bucket's
     def __init__(self, batch: int, seqlen: int, device):
         self.shape = (batch, seqlen)
         self.input_ids = torch.zeros(batch, seqlen, dtype=torch.long, device=device)

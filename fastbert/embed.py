@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -44,9 +45,13 @@ _PACKED_ST_SETTINGS = {
 }
 # On a GPU, a packed batch runs through a CUDA graph of its token-count bucket (CUDAGraphRunner): an
 # eager forward of a small model waits on the host's launches, a replay does not. Capturing a bucket
-# costs about three forwards (two warm-up runs and the capture), so a job captures only the buckets
-# that at least this many of its batches replay; the others run eagerly.
-MIN_BATCHES_PER_GRAPH = 3
+# costs about three eager forwards F (two warm-up runs and the capture) and the graph's instantiation,
+# and each of its n batches then takes a replay R instead of F: it pays off when n (F - R) exceeds
+# ~3 F. With the H200 runs' host times scaled to all-MiniLM-L6-v2 (F ~ 1.7 ms eager, R ~ 0.6 ms with
+# the work around the replay) that is n > 5: a job captures the buckets that at least this many of
+# its batches replay, and runs the others eagerly. An estimate, not yet measured:
+# benchmarks/bench_embed.py's `fastbert+capture` row times a job that captures its graphs.
+MIN_BATCHES_PER_GRAPH = 6
 
 
 def default_model_dir() -> Path:
@@ -176,7 +181,7 @@ class SentenceEmbedder:
         self.model_dir = check_model_dir(model_dir) if model_dir is not None else default_model_dir()
         self.device = resolve_device(device)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
-        self._runners: dict = {}  # batch size -> CUDAGraphRunner, kept across encode() calls
+        self._runner = None  # the CUDAGraphRunner of the last batch size, kept across encode() calls
         self.pipeline = _read_pipeline(self.model_dir)
         if self.pipeline is None:
             self._load_sentence_transformer(dtype)
@@ -219,15 +224,25 @@ class SentenceEmbedder:
         return encoded["input_ids"], encoded["token_type_ids"]
 
     @torch.inference_mode()
-    def _encode_batch(self, ids: list[list[int]], types: list[list[int]], model=None) -> torch.Tensor:
-        """``model``: the model or a graph runner around it (default: the model)."""
+    def _encode_batch(self, ids: list[list[int]], types: list[list[int]], runner=None) -> torch.Tensor:
+        """``runner``: the graph runner to replay the batch in (None: the model, eagerly)."""
         lengths = torch.tensor([len(x) for x in ids])
         cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(self.device)
-        flat = torch.tensor([t for x in ids for t in x], device=self.device)[None]
-        flat_types = torch.tensor([t for x in types for t in x], device=self.device)[None]
-        positions = torch.cat([torch.arange(n) for n in lengths.tolist()]).to(self.device)[None]
-        hidden = (model or self.model)(input_ids=flat, token_type_ids=flat_types, position_ids=positions,
-                                       cu_seq_lens_q=cu_seqlens, max_length_q=int(lengths.max())).last_hidden_state[0]
+        packed = {"input_ids": torch.tensor([t for x in ids for t in x], device=self.device)[None],
+                  "token_type_ids": torch.tensor([t for x in types for t in x], device=self.device)[None],
+                  "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()]).to(self.device)[None],
+                  "cu_seq_lens_q": cu_seqlens, "max_length_q": int(lengths.max())}
+        output = None
+        if runner is not None:
+            try:
+                output = runner(**packed)
+            except torch.OutOfMemoryError:  # capturing took the memory that the eager batches can do without
+                warnings.warn("fastbert embed: a CUDA graph's capture ran out of GPU memory; this embedder's "
+                              "batches run eagerly from now on (--no-cuda-graphs / cuda_graphs=False skips graphs)")
+                self.cuda_graphs, self._runner = False, None
+        if output is None:
+            output = self.model(**packed)
+        hidden = output.last_hidden_state[0]
         pooled = _segment_pool(hidden, cu_seqlens.to(torch.int32), self.pipeline["pooling"])
         if self.pipeline["normalize"]:
             pooled = F.normalize(pooled, p=2, dim=1)
@@ -244,26 +259,27 @@ class SentenceEmbedder:
         order = sorted(range(len(lines)), key=lambda i: -len(ids[i]))  # similar lengths batch together
         out = np.zeros((len(lines), self.dimension()), dtype=np.float32)
         batches = [order[start:start + batch_size] for start in range(0, len(lines), batch_size)]
-        models = self._models_for([sum(len(ids[i]) for i in chunk) for chunk in batches], batch_size)
-        for chunk, model in tqdm(list(zip(batches, models)), desc="Batches", disable=not progress, file=sys.stderr):
-            out[chunk] = self._encode_batch([ids[i] for i in chunk], [types[i] for i in chunk], model).cpu().numpy()
+        runners = self._runners_for([sum(len(ids[i]) for i in chunk) for chunk in batches], batch_size)
+        for chunk, runner in tqdm(list(zip(batches, runners)), desc="Batches", disable=not progress, file=sys.stderr):
+            runner = runner if self.cuda_graphs else None  # a capture may have run out of memory
+            out[chunk] = self._encode_batch([ids[i] for i in chunk], [types[i] for i in chunk], runner).cpu().numpy()
         return out
 
-    def _models_for(self, batch_tokens: list[int], batch_size: int) -> list:
-        """What runs each batch of ``batch_tokens`` tokens: the graph runner where its bucket is
-        already built or shared by ``MIN_BATCHES_PER_GRAPH`` batches of this job, else the model."""
+    def _runners_for(self, batch_tokens: list[int], batch_size: int) -> list:
+        """The graph runner for each batch of ``batch_tokens`` tokens whose bucket is already built or
+        shared by ``MIN_BATCHES_PER_GRAPH`` batches of this job; None for a batch that runs eagerly.
+        One runner is kept, for the last batch size (its graphs hold memory)."""
         if not self.cuda_graphs:
-            return [self.model] * len(batch_tokens)
+            return [None] * len(batch_tokens)
         from .cuda_graphs import CUDAGraphRunner
 
-        runner = self._runners.get(batch_size)
-        if runner is None:  # a graph's static bounds: a batch's sequences and the longest sequence
-            runner = self._runners[batch_size] = CUDAGraphRunner(
-                self.model, max_sequences=batch_size, max_seqlen=self.max_seq_length)
+        runner = self._runner
+        if runner is None or runner.max_sequences != batch_size:  # its graphs' bounds: sequences, longest one
+            runner = self._runner = CUDAGraphRunner(self.model, max_sequences=batch_size, max_seqlen=self.max_seq_length)
         sizes = [runner.bucket_for(tokens) for tokens in batch_tokens]
         uses = Counter(sizes)
         return [runner if size is not None and (runner.has_graph(size) or uses[size] >= MIN_BATCHES_PER_GRAPH)
-                else self.model for size in sizes]
+                else None for size in sizes]
 
     def dimension(self) -> int:
         """The length of each embedding."""

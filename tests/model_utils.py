@@ -114,5 +114,13 @@ def sentence_pipeline_dir(path, config, max_seq_length: int):
     (path / "modules.json").write_text(json.dumps([
         {"idx": i, "name": str(i), "path": where, "type": f"sentence_transformers.models.{kind}"}
         for i, (where, kind) in enumerate([("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")])]))
+    (path / "2_Normalize").mkdir()  # sentence-transformers saves Normalize as an empty folder
     (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
     return path
+
+
+def mean_pooled_normalized(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """That pipeline's embeddings from a padded batch: the mean over the real tokens, L2-normalised,
+    as sentence-transformers' Pooling and Normalize compute them."""
+    mask = attention_mask[..., None].to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)

@@ -62,15 +62,21 @@ def test_every_case_is_timed_against_every_peer(smoke_results):
 
 
 def test_embed_job_is_timed_against_transformers(smoke_results):
-    """bench_embed.py: the embed job through graphs and eagerly, each against both transformers peers."""
+    """bench_embed.py: the embed job through graphs (captured before the rounds, and in each), and
+    eagerly, each against both transformers peers."""
+    from fastbert.embed import read_lines
+    from tests.test_checkpoint import SENTENCES
+
     _, payload = smoke_results
     rows = {row["impl"]: row for row in payload["results"] if row["case"].startswith("embed ")}
-    assert set(rows) == {"fastbert", "fastbert+eager", "transformers-sdpa", "transformers-eager"}
-    for impl in ("fastbert", "fastbert+eager"):
+    assert set(rows) == {"fastbert", "fastbert+capture", "fastbert+eager", "transformers-sdpa", "transformers-eager"}
+    for impl in ("fastbert", "fastbert+capture", "fastbert+eager"):
         ours = rows[impl]
         assert ours["speedup"] == {peer: pytest.approx(rows[peer]["seconds"] / ours["seconds"])
                                    for peer in ("transformers-sdpa", "transformers-eager")}
-        assert ours["sentences_per_s"] == pytest.approx(86 * 3 / ours["seconds"])
+        assert ours["sentences"] % len(read_lines(str(SENTENCES))) == 0  # the sentence set, repeated
+        assert ours["sentences_per_s"] == pytest.approx(ours["sentences"] / ours["seconds"])
+    assert rows["fastbert"]["graph_buckets"] and rows["fastbert+eager"]["graph_buckets"] is None
 
 
 def test_report_makes_the_table_and_the_plot(smoke_results, tmp_path):

@@ -627,3 +627,23 @@ def test_graph_runner_keeps_the_first_captures_storages_at_later_captures(monkey
     runner(ids, None, types)  # captures bucket 64
     assert set(runner._buckets) == {16, 64}
     assert [s.data_ptr() for s in runner._kept] == kept and old.data_ptr() in kept
+
+
+@pytest.mark.parametrize("capture", [False] + ([True] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
+def test_runners_first_used_in_inference_mode_serve_calls_outside_it(runner_class, capture):
+    """A bucket made during a call under torch.inference_mode (as fastbert embed calls its runner)
+    keeps ordinary static buffers: a later call outside inference mode writes into them (an inference
+    tensor would refuse the in-place copy) and still equals the eager model."""
+    device = "cuda" if capture else "cpu"
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    fast = fast.to(device)
+    runner = runner_class(fast, capture=capture)
+    ids, types = random_inputs(fast.config, 2, 9, device=device)
+    with torch.inference_mode():
+        first = runner(ids, None, types).last_hidden_state
+    again = runner(ids, None, types).last_hidden_state
+    assert not again.is_inference()
+    want = _outputs(fast, ids, None, types).last_hidden_state
+    assert_close(first, want, 1e-5, "in inference mode")
+    assert_close(again, want, 1e-5, "outside it")
