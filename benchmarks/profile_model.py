@@ -8,7 +8,8 @@ host-side work, which syncs?). This prints both views.
 
     python benchmarks/profile_model.py                   # GPU: bf16, 32x128 and 32x512 eager, then
                                                          # 1x128, 32x128 and 32x512 through
-                                                         # PaddedCUDAGraphRunner
+                                                         # PaddedCUDAGraphRunner, 1x128 through
+                                                         # CUDAGraphRunner
     python benchmarks/profile_model.py --tiny --out DIR  # CPU: a 2-layer model, fp32 (a smoke run)
 """
 
@@ -59,17 +60,20 @@ def profile_shape(model, batch: int, seqlen: int, device: str, rows: int) -> str
     return header + by_device + ("\n### by host time\n" + by_host if by_host else "") + "\n"
 
 
-def profile_replay(model, batch: int, seqlen: int, device: str, rows: int) -> str:
-    """The same view of a ``PaddedCUDAGraphRunner`` call on a batch with every token real (its graph
-    replay, the copies around it and the read-back): which kernels a replay runs, how many, and each
-    one's device time. Where 1x128's replayed time goes (0.99 ms on the H200 against a target of
-    0.25 ms). Without a GPU the runner runs the same work eagerly."""
-    from fastbert.cuda_graphs import PaddedCUDAGraphRunner
+def profile_replay(model, batch: int, seqlen: int, device: str, rows: int, runner_name="PaddedCUDAGraphRunner") -> str:
+    """The same view of a graph runner's call (``PaddedCUDAGraphRunner``, or ``CUDAGraphRunner``) on a
+    batch with every token real (its graph replay, the work around it and the read-back): which
+    kernels a call runs, how many, and each one's device time. Where 1x128's replayed time goes (0.62 ms
+    on the H200 against a target of 0.25 ms). ``CUDAGraphRunner``'s attention launches a program per
+    (query block of its static ``max_seqlen``, sequence slot of its ``max_sequences`` capacity, head),
+    most of which find no query and return at once: its profile says what they cost. Without a GPU the
+    runner runs the same work eagerly."""
+    from fastbert import cuda_graphs
 
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(1000, model.config.vocab_size, (batch, seqlen), generator=gen).to(device)
     mask = torch.ones_like(ids)
-    runner = PaddedCUDAGraphRunner(model)
+    runner = getattr(cuda_graphs, runner_name)(model)
     cuda = device == "cuda"
     for _ in range(3):  # capture, then warm replays
         runner(ids, attention_mask=mask)
@@ -85,7 +89,7 @@ def profile_replay(model, batch: int, seqlen: int, device: str, rows: int) -> st
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time_total for e in kernels) / calls / 1000 if kernels else 0.0
-    header = (f"## PaddedCUDAGraphRunner {batch}x{seqlen}, every token real, {calls} calls, sorted by {sort}\n"
+    header = (f"## {runner_name} {batch}x{seqlen}, every token real, {calls} calls, sorted by {sort}\n"
               f"device kernels per call: {len(kernels) / calls:.0f}; their summed device time per call: {busy:.3f} ms\n")
     if cuda:
         header += wall_time(lambda: runner(ids, attention_mask=mask), busy)
@@ -136,6 +140,7 @@ def main(argv=None) -> int:
     report = "".join(profile_shape(model, b, s, device, args.rows) for b, s in shapes)
     replays = [(1, 16)] if args.tiny else [(1, 128), (32, 128), (32, 512)]
     report += "".join(profile_replay(model, b, s, device, args.rows) for b, s in replays)
+    report += profile_replay(model, *replays[0], device, args.rows, "CUDAGraphRunner")
     print(report)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -131,13 +131,14 @@ def test_report_merges_runs_and_refuses_other_devices():
 
 def test_profile_model_smoke(tmp_path):
     """benchmarks/profile_model.py (run in a GPU session) on a tiny model on the CPU: it writes one
-    profiler table per shape, with the forward's operators in it, then one of a graph runner's call."""
+    profiler table per shape, with the forward's operators in it, then one of each graph runner's call."""
     from benchmarks.profile_model import main
 
     assert main(["--tiny", "--out", str(tmp_path), "--rows", "10"]) == 0
     report = (tmp_path / "profile.txt").read_text()
     assert report.startswith("## 4x16, 3 forwards")
     assert "## PaddedCUDAGraphRunner 1x16, every token real, 3 calls" in report
+    assert "## CUDAGraphRunner 1x16, every token real, 3 calls" in report
     assert "device kernels per call: 0;" in report  # no GPU: the runner ran eagerly, on the CPU
     assert report.count("aten::") >= 2
 
