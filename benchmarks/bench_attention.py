@@ -16,7 +16,11 @@ Implementations, each on the same sequences:
   region): the like-for-like peer, the same useful work and the same answer (checked);
 - ``sdpa-flash-varlen-bound``: the flash backend on one dense ``[1, heads, tokens, head_dim]``
   sequence of all the packed tokens: every token attends to every other, about 28x the useful work
-  at these shapes. A scale reference, not a peer.
+  at these shapes. A scale reference, not a peer;
+- ``fastbert-triton+runner-slots`` (16-bit, BERT-base heads): the kernel on the same sequences followed by
+  ``RUNNER_SLOTS`` empty ones, with ``max_seqlen`` 512, as ``CUDAGraphRunner``'s static bounds launch it
+  (a program per query block of 512 tokens x sequence slot x head, most returning at once): against
+  ``fastbert-triton``, what those programs cost.
 
 TFLOP/s counts the useful work only, ``4 * sum(L_i^2) * heads * head_dim`` (QK^T and PV), for every
 implementation, so the figures compare time to the same answer. ``benchmark.extra_info`` holds
@@ -56,12 +60,15 @@ SWEEP = {"fastbert-triton-M64-N64-w4-s3": dict(BLOCK_M=64, BLOCK_N=64, num_warps
          "fastbert-triton-M128-N64-w8": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
          "fastbert-triton-M128-N64-w8-s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
          "fastbert-triton-M128-N64-w8-s4": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)}
+# CUDAGraphRunner's default sequence capacity (max_sequences) and static max_seqlen.
+RUNNER_SLOTS, RUNNER_MAX_SEQLEN = 256, 512
 if SMOKE:  # bf16 is not exact under the Triton interpreter
     DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
     SHAPES = {"tiny": (2, 16)}
     SEQLENS = [64]
     BATCH = 4
     SWEEP = {"fastbert-triton-M32-N16-w4": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)}
+    RUNNER_SLOTS, RUNNER_MAX_SEQLEN = 8, 128
 
 
 def _batch(seqlen, heads, head_dim, dtype, seed=0):
@@ -80,7 +87,7 @@ def _batch(seqlen, heads, head_dim, dtype, seed=0):
     return lengths, cu, qkv, (q, k, v), mask
 
 
-@pytest.mark.parametrize("impl", IMPLS + list(SWEEP))
+@pytest.mark.parametrize("impl", IMPLS + list(SWEEP) + ["fastbert-triton+runner-slots"])
 @pytest.mark.parametrize("seqlen", SEQLENS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -99,8 +106,8 @@ def test_attention(benchmark, record, dtype_name, shape, seqlen, impl):
     dtype, (heads, head_dim) = DTYPES[dtype_name], SHAPES[shape]
     if impl.startswith("fastbert-triton"):
         triton_or_skip()
-    if impl in SWEEP and (dtype.itemsize != 2 or shape == "large-head"):
-        pytest.skip("the block-configuration sweep is for 16-bit inputs and BERT-base heads")
+    if (impl in SWEEP or impl.endswith("runner-slots")) and (dtype.itemsize != 2 or shape == "large-head"):
+        pytest.skip("the block-configuration sweep and the runner's slots are for 16-bit inputs and BERT-base heads")
 
     def build(seed):
         lengths, cu, qkv, (q, k, v), mask = _batch(seqlen, heads, head_dim, dtype, seed)
@@ -115,6 +122,12 @@ def test_attention(benchmark, record, dtype_name, shape, seqlen, impl):
 
             def call():  # the launch helper with other block sizes (what the op launches, reconfigured)
                 return attention_fwd(qkv, cu, seqlen, heads, head_dim**-0.5, out, config=SWEEP[impl])
+        elif impl == "fastbert-triton+runner-slots":
+            slots = torch.cat([cu, cu[-1:].expand(RUNNER_SLOTS)])
+
+            def call():  # the op with the runner's static bounds: empty sequence slots, max_seqlen 512
+                with ops.backend.use_backend("triton"):
+                    return ops.varlen_attention(qkv, slots, RUNNER_MAX_SEQLEN, heads, head_dim**-0.5)
         elif impl == "sdpa-efficient":
             key_mask = mask[:, None, None, :]
 
