@@ -20,7 +20,8 @@ Implementations, each on the same sequences:
 - ``fastbert-triton+runner-slots`` (16-bit, BERT-base heads): the kernel on the same sequences followed by
   ``RUNNER_SLOTS`` empty ones, with ``max_seqlen`` 512, as ``CUDAGraphRunner``'s static bounds launch it
   (a program per query block of 512 tokens x sequence slot x head, most returning at once): against
-  ``fastbert-triton``, what those programs cost.
+  ``fastbert-triton``, what those programs cost; ``fastbert-triton+runner-slots+compact``: the same
+  launch on the compact grid (a program per query block with rows), not yet the default anywhere.
 
 TFLOP/s counts the useful work only, ``4 * sum(L_i^2) * heads * head_dim`` (QK^T and PV), for every
 implementation, so the figures compare time to the same answer. ``benchmark.extra_info`` holds
@@ -87,7 +88,10 @@ def _batch(seqlen, heads, head_dim, dtype, seed=0):
     return lengths, cu, qkv, (q, k, v), mask
 
 
-@pytest.mark.parametrize("impl", IMPLS + list(SWEEP) + ["fastbert-triton+runner-slots"])
+RUNNER_IMPLS = ["fastbert-triton+runner-slots", "fastbert-triton+runner-slots+compact"]
+
+
+@pytest.mark.parametrize("impl", IMPLS + list(SWEEP) + RUNNER_IMPLS)
 @pytest.mark.parametrize("seqlen", SEQLENS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -106,7 +110,7 @@ def test_attention(benchmark, record, dtype_name, shape, seqlen, impl):
     dtype, (heads, head_dim) = DTYPES[dtype_name], SHAPES[shape]
     if impl.startswith("fastbert-triton"):
         triton_or_skip()
-    if (impl in SWEEP or impl.endswith("runner-slots")) and (dtype.itemsize != 2 or shape == "large-head"):
+    if (impl in SWEEP or impl in RUNNER_IMPLS) and (dtype.itemsize != 2 or shape == "large-head"):
         pytest.skip("the block-configuration sweep and the runner's slots are for 16-bit inputs and BERT-base heads")
 
     def build(seed):
@@ -122,12 +126,15 @@ def test_attention(benchmark, record, dtype_name, shape, seqlen, impl):
 
             def call():  # the launch helper with other block sizes (what the op launches, reconfigured)
                 return attention_fwd(qkv, cu, seqlen, heads, head_dim**-0.5, out, config=SWEEP[impl])
-        elif impl == "fastbert-triton+runner-slots":
-            slots = torch.cat([cu, cu[-1:].expand(RUNNER_SLOTS)])
+        elif impl in RUNNER_IMPLS:
+            from fastbert.kernels.attention import attention_fwd
 
-            def call():  # the op with the runner's static bounds: empty sequence slots, max_seqlen 512
-                with ops.backend.use_backend("triton"):
-                    return ops.varlen_attention(qkv, slots, RUNNER_MAX_SEQLEN, heads, head_dim**-0.5)
+            slots = torch.cat([cu, cu[-1:].expand(RUNNER_SLOTS)])
+            out = torch.full((qkv.shape[0], heads * head_dim), float("nan"), device=DEVICE, dtype=dtype)
+
+            def call():  # the launch with the runner's static bounds: empty sequence slots, max_seqlen 512
+                return attention_fwd(qkv, slots, RUNNER_MAX_SEQLEN, heads, head_dim**-0.5, out,
+                                     compact=impl.endswith("compact"))
         elif impl == "sdpa-efficient":
             key_mask = mask[:, None, None, :]
 

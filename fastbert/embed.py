@@ -275,7 +275,8 @@ class SentenceEmbedder:
 
         runner = self._runner
         if runner is None or runner.max_sequences != batch_size:  # its graphs' bounds: sequences, longest one
-            runner = self._runner = CUDAGraphRunner(self.model, max_sequences=batch_size, max_seqlen=self.max_seq_length)
+            runner = self._runner = CUDAGraphRunner(self.model, max_sequences=batch_size,
+                                                    max_seqlen=self.max_seq_length)
         sizes = [runner.bucket_for(tokens) for tokens in batch_tokens]
         uses = Counter(sizes)
         return [runner if size is not None and (runner.has_graph(size) or uses[size] >= MIN_BATCHES_PER_GRAPH)

@@ -15,7 +15,13 @@ Grid and program
 ``(cdiv(max_seqlen, BLOCK_M), batch, heads)``: program ``(m, b, h)`` owns query rows
 ``[m * BLOCK_M, (m + 1) * BLOCK_M)`` of sequence ``b``, head ``h``. A program whose first row lies
 past its sequence's end returns at once (so empty sequences and short ones in a batch with a long
-``max_seqlen`` cost one load of two offsets). It walks the keys of its sequence ``BLOCK_N`` at a time:
+``max_seqlen`` cost one load of two offsets). A CUDA graph's static bounds make most programs such:
+``CUDAGraphRunner``'s bf16 BERT-base 1x128 launch is 12384 programs per layer, 12 of them with
+rows. The compact grid (``compact=True``, ``SLOTS`` > 0) launches ``(P, 1, heads)`` instead, ``P``
+bounding the query blocks that hold rows (``compact_grid_programs``): program ``p`` reads every
+offset once, counts the query blocks of the sequences before it (a cumulative sum over ``SLOTS``, a
+power of two >= the sequence count) and takes the ``p``-th block; the rest of the program is the
+same, so it writes the same values. It walks the keys of its sequence ``BLOCK_N`` at a time:
 ``S = Q K^T`` (fp32 accumulation), running row maximum ``m`` of the raw scores, running denominator
 ``l`` and output accumulator rescaled by ``exp2((m_old - m_new) * c)``, where ``c`` is the softmax
 scale times ``log2(e)``. So the softmax uses ``exp2``, and each probability ``exp2(s * c - m * c)``
@@ -72,7 +78,7 @@ kernels, a CUDA graph or a compiled graph the one of its static bound.
   for the 64-row default (0.064 with 2 stages: the third stage made the difference), and 0.014
   against 0.012 at ``seqlen <= 128``, hence the bound.
 
-``compile_configs()`` lists every configuration the launcher can pick (for
+``compile_configs()`` lists every configuration the launcher can pick (the compact grid at head dim 64) (for
 ``fastbert compile-kernels``). Nothing here imports torch at module level, touches a device or
 reads the environment: the interpreter (``TRITON_INTERPRET=1``) runs these kernels on CPU tensors
 when it is set before this module is first imported.
@@ -87,6 +93,7 @@ import triton
 import triton.language as tl
 
 MAX_HEAD_DIM = 256
+MAX_COMPACT_SLOTS = 1024  # sequences the compact grid takes (each program reads every offset once)
 _LOG2E = 1.4426950408889634
 
 
@@ -137,20 +144,38 @@ def _attend_key_blocks(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch"])
 def _attention_fwd_kernel(
     qkv_ptr, cu_seqlens_ptr, out_ptr,
     stride_qkv, stride_out,
     hidden, head_dim,
     qk_scale,  # softmax scale * log2(e), > 0
+    batch,  # sequences: cu_seqlens holds batch + 1 offsets (read by the compact grid only)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, IEEE: tl.constexpr,
+    SLOTS: tl.constexpr,  # 0: a program per query block of max_seqlen and sequence; else the compact grid
 ):
     # A direct launch passes the scale as fp32; torch.compile (Inductor) may pass a Python float as
     # fp64, which would make the IEEE path's second dot fp64 x fp32 (a compile error).
     qk_scale = tl.cast(qk_scale, tl.float32)
-    start_m = tl.program_id(0)
-    seq = tl.program_id(1)
+    if SLOTS == 0:
+        start_m = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        # The compact grid: program_id(0) is the number of a query block that holds rows, counting
+        # sequence by sequence. Inline, not a helper function: torch.compile's analysis of which
+        # pointers a kernel writes would count every argument of a call the store address depends on.
+        block = tl.program_id(0)
+        s = tl.arange(0, SLOTS)
+        inside = s < batch
+        starts = tl.load(cu_seqlens_ptr + s, mask=inside, other=0)
+        blocks = (tl.load(cu_seqlens_ptr + s + 1, mask=inside, other=0) - starts + BLOCK_M - 1) // BLOCK_M
+        through = tl.cumsum(blocks, axis=0)  # query blocks of the sequences up to each one
+        seq = tl.sum((through <= block).to(tl.int32), axis=0)  # the first sequence whose blocks pass `block`
+        first = tl.sum(tl.where(s == seq, through - blocks, 0), axis=0)  # its first block's number
+        # Past the last block with rows: a block of no rows (the op takes under 2**30) of the last sequence.
+        start_m = tl.where(seq < batch, block - first, (1 << 30) // BLOCK_M)
+        seq = tl.minimum(seq, batch - 1)
     head = tl.program_id(2)
     seq_start = tl.load(cu_seqlens_ptr + seq)
     seqlen = tl.load(cu_seqlens_ptr + seq + 1) - seq_start
@@ -248,14 +273,25 @@ def attention_config(head_dim: int, fp32: bool, long_sequences: bool = False) ->
                              "num_stages": stages})
 
 
+def compact_grid_programs(tokens: int, batch: int, max_seqlen: int, block_m: int) -> int | None:
+    """Programs per head of the compact grid, or None where it cannot take the batch (more than
+    ``MAX_COMPACT_SLOTS`` sequences). A sequence of ``L`` rows has ``cdiv(L, BLOCK_M)`` query blocks, at
+    most ``L / BLOCK_M + 1`` where ``L > 0``: ``cdiv(tokens, BLOCK_M)`` plus one per sequence bound them
+    all (and so does the plain grid's count)."""
+    if batch > MAX_COMPACT_SLOTS:
+        return None
+    return min((max_seqlen + block_m - 1) // block_m * batch, (tokens + block_m - 1) // block_m + min(batch, tokens))
+
+
 def attention_fwd(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float, out, kernel=None,
-                  config: Mapping[str, int] | None = None):
+                  config: Mapping[str, int] | None = None, compact: bool = False):
     """Launch the kernel: ``qkv`` ``[tokens, 3 * hidden]`` -> ``out`` ``[tokens, hidden]`` (written
     in place at every row of every sequence of ``cu_seqlens``). ``kernel``: the kernel to index by
     the grid, ``wrap_triton(_attention_fwd_kernel)`` inside a custom op (None: this module's kernel,
     launched directly). ``config``: entries replacing ``attention_config``'s (BLOCK_M, BLOCK_N,
-    num_warps, num_stages), for benchmarks/bench_attention.py's sweep. Launches nothing when there is
-    no token or no sequence."""
+    num_warps, num_stages), for benchmarks/bench_attention.py's sweep. ``compact``: the compact grid
+    (see the module docstring) where it takes the batch; not yet the default anywhere (not timed on
+    a GPU). Launches nothing when there is no token or no sequence."""
     if not softmax_scale_supported(scale):
         raise ValueError(f"attention kernel needs a softmax scale whose product with log2(e) is a normal "
                          f"positive fp32 number, got {scale}")
@@ -269,15 +305,19 @@ def attention_fwd(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float
     if config is not None:
         cfg = {**cfg, **config}
     # Plain integer ceil-division: triton.cdiv called from Python costs ~3 us a call (host time).
-    grid = ((max_seqlen + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"], batch, num_heads)
+    grid, slots = ((max_seqlen + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"], batch, num_heads), 0
+    programs = compact_grid_programs(tokens, batch, max_seqlen, cfg["BLOCK_M"]) if compact else None
+    if programs is not None:
+        grid, slots = (programs, 1, num_heads), max(16, triton.next_power_of_2(batch))
     kernel = _attention_fwd_kernel if kernel is None else kernel
     kernel[grid](
         qkv, cu_seqlens, out,
         qkv.stride(0), out.stride(0),
         hidden, head_dim,
         scale * _LOG2E,
+        batch,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        EVEN_D=head_dim == cfg["BLOCK_D"], IEEE=fp32,
+        EVEN_D=head_dim == cfg["BLOCK_D"], IEEE=fp32, SLOTS=slots,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -297,24 +337,28 @@ def compile_configs() -> list[dict]:
         cfg = attention_config(head_dim, dtype == "fp32", long_sequences)
         if long_sequences and cfg == attention_config(head_dim, dtype == "fp32"):
             continue
-        constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-        constexprs.update(EVEN_D=even, IEEE=dtype == "fp32")
-        jobs.append({
-            "kernel": "attention",
-            "name": f"{dtype} D={d}{'' if even else ' masked'}{' long' if long_sequences else ''} "
-                    f"M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={cfg['num_warps']}",
-            "fn": _attention_fwd_kernel,
-            "signature": {
-                "qkv_ptr": f"*{dtype}", "cu_seqlens_ptr": "*i32", "out_ptr": f"*{dtype}",
-                "stride_qkv": "i32", "stride_out": "i32", "hidden": "i32", "head_dim": "i32",
-                "qk_scale": "fp32",
-            },
-            "constexprs": constexprs,
-            # What the JIT would see at run time: 16-byte aligned buffers, strides and hidden
-            # multiples of 16 (BERT's hidden sizes), head_dim a multiple of 16 when even.
-            "divisible": ["qkv_ptr", "cu_seqlens_ptr", "out_ptr", "stride_qkv", "stride_out", "hidden"]
-            + (["head_dim"] if even else []),
-            "num_warps": cfg["num_warps"],
-            "num_stages": cfg["num_stages"],
-        })
+        # The compact grid at BERT heads (head dim 64) with the largest slot count a CUDAGraphRunner
+        # bucket of 16384 tokens needs (256 sequences + 256 padding pieces: 512 slots).
+        for slots in (0, 512) if d == head_dim == 64 else (0,):
+            constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+            constexprs.update(EVEN_D=even, IEEE=dtype == "fp32", SLOTS=slots)
+            jobs.append({
+                "kernel": "attention",
+                "name": f"{dtype} D={d}{'' if even else ' masked'}{' long' if long_sequences else ''} "
+                        f"M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={cfg['num_warps']}"
+                        + (f" compact {slots}" if slots else ""),
+                "fn": _attention_fwd_kernel,
+                "signature": {
+                    "qkv_ptr": f"*{dtype}", "cu_seqlens_ptr": "*i32", "out_ptr": f"*{dtype}",
+                    "stride_qkv": "i32", "stride_out": "i32", "hidden": "i32", "head_dim": "i32",
+                    "qk_scale": "fp32", "batch": "i32",
+                },
+                "constexprs": constexprs,
+                # What the JIT would see at run time: 16-byte aligned buffers, strides and hidden
+                # multiples of 16 (BERT's hidden sizes), head_dim a multiple of 16 when even.
+                "divisible": ["qkv_ptr", "cu_seqlens_ptr", "out_ptr", "stride_qkv", "stride_out", "hidden"]
+                + (["head_dim"] if even else []),
+                "num_warps": cfg["num_warps"],
+                "num_stages": cfg["num_stages"],
+            })
     return jobs

@@ -111,9 +111,10 @@ def sentence_pipeline_dir(path, config, max_seq_length: int):
     (path / "1_Pooling").mkdir()
     (path / "1_Pooling" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": config.hidden_size, "pooling_mode_mean_tokens": True}))
+    modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
     (path / "modules.json").write_text(json.dumps([
         {"idx": i, "name": str(i), "path": where, "type": f"sentence_transformers.models.{kind}"}
-        for i, (where, kind) in enumerate([("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")])]))
+        for i, (where, kind) in enumerate(modules)]))
     (path / "2_Normalize").mkdir()  # sentence-transformers saves Normalize as an empty folder
     (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
     return path

@@ -58,8 +58,8 @@ def _fastbert_impls(family: str, dtype: str, case: str = "") -> set[str]:
     if _small_layer_norm_case(case):  # the block sweep runs on 16-bit inputs
         return {"fastbert-triton"} | (SMOKE_LAYER_NORM_SWEEP if dtype == "fp16" else set())
     if family == "attention":  # the block-configuration sweep and the runner's slots run on 16-bit inputs
-        return {"fastbert-triton"} | ({"fastbert-triton-M32-N16-w4", "fastbert-triton+runner-slots"}
-                                      if dtype == "fp16" else set())
+        runner = {"fastbert-triton+runner-slots", "fastbert-triton+runner-slots+compact"}
+        return {"fastbert-triton"} | ({"fastbert-triton-M32-N16-w4"} | runner if dtype == "fp16" else set())
     if family == "linear+gelu":  # the fused GEMM (and its tile sweep, 16-bit), cuBLAS + the epilogue, and
         # FASTBERT_GEMM=cublaslt (on the CPU: its fallback, cuBLAS + the epilogue's path; wiring only)
         from fastbert.kernels.linear_activation import SWEEP

@@ -60,13 +60,14 @@ def check(out, qkv, cu_seqlens, max_seqlen, heads, what, scale=None):
 LaunchCounter = functools.partial(helpers.LaunchCounter, module=A, name="attention_fwd")
 
 
-def launch(qkv, cu_seqlens, max_seqlen, heads, scale=None):
+def launch(qkv, cu_seqlens, max_seqlen, heads, scale=None, compact=False):
     """The launch helper on a NaN-filled output: any element it does not write fails the check."""
     from fastbert.kernels.attention import attention_fwd
 
     head_dim = qkv.shape[1] // 3 // heads
     out = nan_like((qkv.shape[0], qkv.shape[1] // 3), qkv.dtype, qkv.device)
-    attention_fwd(qkv, cu_seqlens, max_seqlen, heads, head_dim**-0.5 if scale is None else scale, out)
+    attention_fwd(qkv, cu_seqlens, max_seqlen, heads, head_dim**-0.5 if scale is None else scale, out,
+                  compact=compact)
     return out
 
 
@@ -78,6 +79,23 @@ def case_launch_helper(device, dtype, head_dim, lengths, heads=2):
     qkv = make_qkv(sum(lengths), heads, head_dim, dtype, device)
     out = launch(qkv, cu, max(lengths), heads)
     check(out, qkv, cu, max(lengths), heads, f"{device} {dtype} head_dim={head_dim} lengths={lengths}")
+
+
+# Sequence lengths for the compact grid: CUDAGraphRunner's layout (real sequences, then padding
+# pieces of 64, then empty slots), empty sequences between long ones, one sequence past a query block.
+COMPACT_LENGTHS = [[70, 5, 64, 64, 11] + [0] * 40, [0, 130, 0, 0, 1, 65, 0], [1], [257, 0]]
+
+
+def case_compact_grid(device, dtype, head_dim, lengths, max_seqlen=512):
+    """The compact grid (only the query blocks that hold rows) writes every row, the same values as
+    the plain grid (the same program on the same block), within budget of the reference; here with a
+    loose ``max_seqlen`` as a graph's static bound."""
+    heads = 2
+    cu = cu_seqlens_of(lengths, device)
+    qkv = make_qkv(sum(lengths), heads, head_dim, dtype, device)
+    compact = launch(qkv, cu, max_seqlen, heads, compact=True)
+    assert torch.equal(compact, launch(qkv, cu, max_seqlen, heads)), f"compact grid {lengths}"
+    check(compact, qkv, cu, max(lengths), heads, f"compact grid {device} {dtype} head_dim={head_dim} {lengths}")
 
 
 def case_op(device, dtype, monkeypatch):
@@ -334,6 +352,38 @@ def test_long_sequences_take_the_long_tile_at_head_dim_64_in_16_bit(monkeypatch)
     assert grids == [((2, 1, 2), 64, 2), ((2, 1, 2), 128, 3), ((3, 1, 2), 128, 3)], grids
 
 
+def test_compact_grid_launches_a_program_per_query_block_with_rows():
+    """The compact grid's program count bounds the query blocks that hold rows (every one gets a
+    program), never exceeds the plain grid's, and is refused past MAX_COMPACT_SLOTS sequences; the
+    launch takes ``(programs, 1, heads)`` with a power-of-two slot count covering the sequences."""
+    if not backend.triton_available():
+        pytest.skip("triton is not installed")
+    from fastbert.kernels import attention as K
+
+    gen = torch.Generator().manual_seed(5)
+    for batch in (1, 3, 17, 300, K.MAX_COMPACT_SLOTS):
+        for block_m in (32, 64, 128):
+            lengths = torch.randint(0, 200, (batch,), generator=gen) * torch.randint(0, 2, (batch,), generator=gen)
+            tokens, longest = int(lengths.sum()), max(1, int(lengths.max()))
+            needed = int(((lengths + block_m - 1) // block_m).sum())
+            programs = K.compact_grid_programs(tokens, batch, longest + 7, block_m)
+            assert needed <= programs <= -(-(longest + 7) // block_m) * batch, (batch, block_m)
+    assert K.compact_grid_programs(100, K.MAX_COMPACT_SLOTS + 1, 64, 64) is None
+
+    launches = []
+
+    class Kernel:  # records the grid and slot count a launch would use
+        def __getitem__(self, grid):
+            return lambda *args, **options: launches.append((grid, options["SLOTS"]))
+
+    lengths = [128] + [0] * 257  # CUDAGraphRunner's 1x128 bucket: one sequence, then empty slots
+    qkv = torch.randn(128, 3 * 128, dtype=torch.float16)
+    for compact in (False, True):
+        K.attention_fwd(qkv, cu_seqlens_of(lengths), 512, 2, 0.125, torch.empty(128, 128, dtype=qkv.dtype),
+                        kernel=Kernel(), compact=compact)
+    assert launches == [((4, 258, 2), 0), ((1 + 128, 1, 2), 512)], launches  # the 128-row tile past 128
+
+
 test_fused_op_is_registered = registered_schema_test(
     "varlen_attention",
     "fastbert::varlen_attention(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, "
@@ -378,6 +428,12 @@ if IN_CHILD:
 
     def test_interpreter_case_strided_qkv_and_loose_bound():
         case_strided_qkv_and_loose_bound("cpu")
+
+    @pytest.mark.parametrize("lengths", COMPACT_LENGTHS, ids=lambda x: f"{len(x)}-sequences")
+    @pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 64), (torch.float16, 64), (torch.float16, 48)],
+                             ids=str)
+    def test_interpreter_case_compact_grid(dtype, head_dim, lengths):
+        case_compact_grid("cpu", dtype, head_dim, lengths)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
     def test_interpreter_case_column_strided_qkv(dtype, monkeypatch):
@@ -430,6 +486,12 @@ class TestCuda:
     def test_op_and_large_scores(self, dtype, monkeypatch):
         case_op("cuda", dtype, monkeypatch)
         case_large_scores("cuda", dtype)
+
+    @pytest.mark.parametrize("lengths", COMPACT_LENGTHS, ids=lambda x: f"{len(x)}-sequences")
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_compact_grid(self, dtype, lengths):
+        for head_dim in (64, 48, 128):
+            case_compact_grid("cuda", dtype, head_dim, lengths)
 
     def test_strided_zero_tokens_and_gradients(self):
         case_strided_qkv_and_loose_bound("cuda")
