@@ -7,7 +7,8 @@ padded batch through the same API (it unpads inside), eagerly and through its tw
 (``CUDAGraphRunner``: eager validation and unpadding around a replay per token-count bucket;
 ``PaddedCUDAGraphRunner``: the whole forward in a graph per batch-shape bucket). On BERT-base bf16,
 fastbert's rows run the default ``FASTBERT_GEMM=cublaslt`` (the FFN's first matmul with its bias and
-tanh-form GELU in cuBLASLt's epilogue), ``+cublas`` rows ``FASTBERT_GEMM=cublas`` (cuBLAS, then the
+tanh-form GELU in cuBLASLt's epilogue), ``+compact`` rows ``CUDAGraphRunner`` with its attention on the
+compact grid (not yet its default), ``+cublas`` rows ``FASTBERT_GEMM=cublas`` (cuBLAS, then the
 exact-GELU epilogue kernel: the default before the third H200 run), ``+triton-gemm`` rows
 ``FASTBERT_GEMM=triton`` (matmul and GELU as one Triton GEMM), and ``module-path`` rows time eager
 fastbert without the encoder's fast path (each layer through its modules and ops: what the fast
@@ -148,10 +149,11 @@ def check_output(output, name: str, dtype_name: str, ids, mask) -> None:
 
 
 @functools.cache
-def graph_runner(name: str, dtype_name: str, gemm_kind: str = DEFAULT_GEMM):
-    # The default buckets: each case captures only the bucket it needs (one runner per GEMM choice:
-    # its graphs hold the kernels they were captured with).
-    return CUDAGraphRunner(models(name, dtype_name)["fastbert"], max_sequences=64, max_seqlen=512)
+def graph_runner(name: str, dtype_name: str, gemm_kind: str = DEFAULT_GEMM, compact_attention: bool = False):
+    # The default buckets: each case captures only the bucket it needs (one runner per GEMM choice and
+    # attention grid: its graphs hold the kernels they were captured with).
+    return CUDAGraphRunner(models(name, dtype_name)["fastbert"], max_sequences=64, max_seqlen=512,
+                           compact_attention=compact_attention)
 
 
 @functools.cache
@@ -159,12 +161,13 @@ def padded_graph_runner(name: str, dtype_name: str, gemm_kind: str = DEFAULT_GEM
     return PaddedCUDAGraphRunner(models(name, dtype_name)["fastbert"], max_seqlen=512)
 
 
-IMPLS = ["fastbert", "fastbert+cudagraphs", "fastbert+padded-cudagraphs", "fastbert+triton-gemm",
+IMPLS = ["fastbert", "fastbert+cudagraphs", "fastbert+cudagraphs+compact", "fastbert+padded-cudagraphs",
+         "fastbert+triton-gemm",
          "fastbert+cudagraphs+triton-gemm", "fastbert+cublas", "fastbert+padded-cudagraphs+cublas",
          "fastbert+torch.compile", "module-path", "transformers-eager", "transformers-sdpa", "torch.compile",
          "torch.compile-max-autotune"]
 GEMM_ROWS = {"+triton-gemm": "triton", "+cublas": "cublas"}  # impl suffix -> FASTBERT_GEMM (else the default)
-ON_HEADLINE_MODEL = ("+triton-gemm", "+cublas", "module-path")  # rows run on HEADLINE_MODEL only (time)
+ON_HEADLINE_MODEL = ("+triton-gemm", "+cublas", "+compact", "module-path")  # rows on HEADLINE_MODEL only (time)
 # Rows that compile for minutes: only on the headline cases, after everything else.
 HEADLINE_ONLY = ("fastbert+torch.compile", "torch.compile-max-autotune")
 HEADLINE_MODEL = ("bert-base", "bf16")  # QUICK's only model and dtype; ON_HEADLINE_MODEL's rows' too
@@ -201,6 +204,7 @@ def test_model(benchmark, record, matmul_peak_tflops, monkeypatch, name, dtype_n
     fn = {
         "fastbert": lambda: group["fastbert"](ids, attention_mask=mask),
         "fastbert+cudagraphs": lambda: graph_runner(name, dtype_name)(ids, mask),
+        "fastbert+cudagraphs+compact": lambda: graph_runner(name, dtype_name, compact_attention=True)(ids, mask),
         "fastbert+triton-gemm": lambda: group["fastbert"](ids, attention_mask=mask),
         "fastbert+cudagraphs+triton-gemm": lambda: graph_runner(name, dtype_name, "triton")(ids, mask),
         "fastbert+padded-cudagraphs": lambda: padded_graph_runner(name, dtype_name)(ids, mask),

@@ -158,6 +158,9 @@ class CUDAGraphRunner(_GraphRunner):
     ``buckets``: token counts with a graph each (a batch takes the smallest that holds its tokens;
     larger batches run eagerly). ``max_sequences``: sequences per batch a graph takes.
     ``max_seqlen``: the static attention bound (default: the model's max_position_embeddings).
+    ``compact_attention``: launch the fused attention on its compact grid (a program per query block
+    with rows) rather than one per query block of ``max_seqlen`` and sequence slot, most of them
+    empty; off until timed on a GPU (benchmarks/RESULTS.md).
 
     Graphs read the model's weights where they were at capture: updates in place (an optimizer step,
     ``load_state_dict``) are seen by the next replay; weights replaced by new tensors (``.to()``,
@@ -169,8 +172,9 @@ class CUDAGraphRunner(_GraphRunner):
     """
 
     def __init__(self, model, buckets=DEFAULT_BUCKETS, max_sequences: int = 256, max_seqlen: int | None = None,
-                 capture: bool | None = None):
+                 capture: bool | None = None, compact_attention: bool = False):
         super().__init__(model, capture)
+        self.compact_attention = compact_attention
         self.buckets = sorted(buckets)
         self.max_seqlen = int(max_seqlen or model.config.max_position_embeddings)
         self.max_sequences = max_sequences
@@ -181,7 +185,8 @@ class CUDAGraphRunner(_GraphRunner):
         return self.max_sequences + -(-tokens // self.piece)
 
     def _encode(self, bucket: _Bucket) -> torch.Tensor:
-        packing = ops.Packing(None, bucket.cu_seqlens, self.max_seqlen, 1, bucket.tokens)
+        packing = ops.Packing(None, bucket.cu_seqlens, self.max_seqlen, 1, bucket.tokens,
+                              compact_attention=self.compact_attention)
         hidden = self.model.embeddings(bucket.input_ids, bucket.position_ids, bucket.token_type_ids)
         return self.model.encoder(hidden, packing)[0]
 

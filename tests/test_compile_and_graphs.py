@@ -117,14 +117,17 @@ def test_default_buckets_bound_the_padding():
         assert size <= max(64, 1.5 * tokens) and (tokens <= 1024 or size - tokens < 512), (tokens, size)
 
 
+@pytest.mark.parametrize("compact_attention", [False, True])
 @pytest.mark.parametrize("capture", [False] + ([True] if torch.cuda.is_available() else []))
-def test_graph_runner_replays_other_lengths(capture):
+def test_graph_runner_replays_other_lengths(capture, compact_attention):
     """Several length mixes through the same buckets: each equals the eager model (a stale graph or
-    uninitialised rows past the last token would show here)."""
+    uninitialised rows past the last token would show here). On a GPU, also with the attention on its
+    compact grid (the CPU runs PyTorch's attention either way)."""
     device = "cuda" if capture else "cpu"
     fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
     fast = fast.to(device)
-    runner = CUDAGraphRunner(fast, buckets=(16, 64, 128), max_sequences=8, max_seqlen=32, capture=capture)
+    runner = CUDAGraphRunner(fast, buckets=(16, 64, 128), max_sequences=8, max_seqlen=32, capture=capture,
+                             compact_attention=compact_attention)
     gen = torch.Generator().manual_seed(7)
     for batch, seqlen, kind in [(3, 11, "right"), (2, 7, "left"), (5, 20, "holes"), (1, 3, "none"),
                                 (4, 30, "fully_masked_row"), (3, 11, "right"), (8, 16, "right"), (6, 40, "right")]:

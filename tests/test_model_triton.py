@@ -171,6 +171,32 @@ if IN_CHILD:
         assert torch.equal(direct, through_ops)
         expect_launches(launches, layers=2, forwards=2)
 
+    def test_interpreter_case_graph_runner_on_the_compact_attention_grid(launches, monkeypatch):
+        """CUDAGraphRunner(compact_attention=True) (its static buffers, run eagerly here) launches the
+        attention on the compact grid and gives the plain grid's output bit for bit (the same program
+        on the same query blocks), and the eager model's; a bucket of 64 rows, 8 sequence slots."""
+        from fastbert.cuda_graphs import CUDAGraphRunner
+        from fastbert.kernels import attention as K
+
+        slots, original = [], K.attention_fwd
+
+        def recorded(*args, compact=False, **kwargs):
+            slots.append(compact)
+            return original(*args, compact=compact, **kwargs)
+
+        monkeypatch.setattr(importlib.import_module("fastbert.ops.attention"), "attention_fwd", recorded)
+        fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+        ids, types = random_inputs(fast.config, 3, 13)
+        mask = make_mask("holes", 3, 13)
+        runners = [CUDAGraphRunner(fast, buckets=(64,), max_sequences=8, capture=False, compact_attention=compact)
+                   for compact in (False, True)]
+        with torch.no_grad():
+            plain, compact = (runner(ids, mask, types).last_hidden_state for runner in runners)
+            eager = fast(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        assert slots == [False, False, True, True, False, False], slots
+        assert torch.equal(compact, plain)
+        assert_close(compact, eager, FP32_INTERPRETER, "compact grid against the eager model")
+
     def test_interpreter_case_gradients_equal_transformers(launches):
         """Training (dropout 0): the Triton forward runs under autograd and the backward recomputes the
         reference; parameter gradients match transformers'."""

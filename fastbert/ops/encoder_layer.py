@@ -123,7 +123,7 @@ def _encoder_layer(x: torch.Tensor, packing: Packing, weights: EncoderLayerWeigh
     qkv = F.linear(x, weights.qkv_weight, weights.qkv_bias)
     context = torch.empty_like(x)
     _attention.attention_fwd(qkv, packing.cu_seqlens.contiguous(), packing.max_seqlen, weights.num_heads,
-                             weights.scale, context)
+                             weights.scale, context, compact=packing.compact_attention)
     if rows is not None:  # every row was needed as a key and value; only these go on
         context, x = context[rows], x[rows]
     attention_output = torch.empty_like(x)

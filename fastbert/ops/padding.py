@@ -27,6 +27,9 @@ class Packing(NamedTuple):
     batch: int
     seqlen: int
     valid: torch.Tensor | None = None  # [tokens] bool: False for padding carried along (static form)
+    # The fast path's attention on its compact grid (kernels/attention.py), for static bounds that leave
+    # most of the plain grid empty (CUDAGraphRunner's compact_attention).
+    compact_attention: bool = False
 
     @property
     def num_tokens(self) -> int:
