@@ -78,8 +78,8 @@ kernels, a CUDA graph or a compiled graph the one of its static bound.
   for the 64-row default (0.064 with 2 stages: the third stage made the difference), and 0.014
   against 0.012 at ``seqlen <= 128``, hence the bound.
 
-``compile_configs()`` lists every configuration the launcher can pick (the compact grid at head dim 64) (for
-``fastbert compile-kernels``). Nothing here imports torch at module level, touches a device or
+``compile_configs()`` lists every configuration the launcher can pick, and the compact grid's at
+head dim 64 (for ``fastbert compile-kernels``). Nothing here imports torch at module level, touches a device or
 reads the environment: the interpreter (``TRITON_INTERPRET=1``) runs these kernels on CPU tensors
 when it is set before this module is first imported.
 """
