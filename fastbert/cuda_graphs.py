@@ -160,7 +160,8 @@ class CUDAGraphRunner(_GraphRunner):
     ``max_seqlen``: the static attention bound (default: the model's max_position_embeddings).
     ``compact_attention``: launch the fused attention on its compact grid (a program per query block
     with rows) rather than one per query block of ``max_seqlen`` and sequence slot, most of them
-    empty; off until timed on a GPU (benchmarks/RESULTS.md).
+    empty, at head dim 64 (the kernel's ``COMPACT_HEAD_DIM``; other head dims keep the plain grid);
+    off until timed on a GPU (benchmarks/RESULTS.md).
 
     Graphs read the model's weights where they were at capture: updates in place (an optimizer step,
     ``load_state_dict``) are seen by the next replay; weights replaced by new tensors (``.to()``,
@@ -179,6 +180,10 @@ class CUDAGraphRunner(_GraphRunner):
         self.max_seqlen = int(max_seqlen or model.config.max_position_embeddings)
         self.max_sequences = max_sequences
         self.piece = min(PADDING_PIECE, self.max_seqlen)
+        if compact_attention and 0 < ops.attention.MAX_COMPACT_SLOTS < self._slots(self.buckets[-1]):  # 0: no Triton
+            raise ValueError(f"compact_attention takes at most {ops.attention.MAX_COMPACT_SLOTS} sequence slots; "
+                             f"max_sequences={max_sequences} and the padding of the {self.buckets[-1]}-token "
+                             f"bucket need {self._slots(self.buckets[-1])}")
 
     def _slots(self, tokens: int) -> int:
         """cu_seqlens capacity: the real sequences, then the padding cut into pieces."""

@@ -20,8 +20,10 @@ past its sequence's end returns at once (so empty sequences and short ones in a 
 rows. The compact grid (``compact=True``, ``SLOTS`` > 0) launches ``(P, 1, heads)`` instead, ``P``
 bounding the query blocks that hold rows (``compact_grid_programs``): program ``p`` reads every
 offset once, counts the query blocks of the sequences before it (a cumulative sum over ``SLOTS``, a
-power of two >= the sequence count) and takes the ``p``-th block; the rest of the program is the
-same, so it writes the same values. It walks the keys of its sequence ``BLOCK_N`` at a time:
+power of two >= the sequence count and >= the program's threads) and takes the ``p``-th block; the
+rest of the program is the same, so it writes the same values. Launched for head dim 64 only
+(``COMPACT_HEAD_DIM``): there it compiles without spills on sm_80/90/120 under Triton 3.6 and 3.8,
+where other head dims spilled on sm_80 or sm_120. It walks the keys of its sequence ``BLOCK_N`` at a time:
 ``S = Q K^T`` (fp32 accumulation), running row maximum ``m`` of the raw scores, running denominator
 ``l`` and output accumulator rescaled by ``exp2((m_old - m_new) * c)``, where ``c`` is the softmax
 scale times ``log2(e)``. So the softmax uses ``exp2``, and each probability ``exp2(s * c - m * c)``
@@ -94,6 +96,7 @@ import triton.language as tl
 
 MAX_HEAD_DIM = 256
 MAX_COMPACT_SLOTS = 1024  # sequences the compact grid takes (each program reads every offset once)
+COMPACT_HEAD_DIM = 64  # the head dim the compact grid is launched for (BERT-base and -large)
 _LOG2E = 1.4426950408889634
 
 
@@ -290,8 +293,9 @@ def attention_fwd(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float
     the grid, ``wrap_triton(_attention_fwd_kernel)`` inside a custom op (None: this module's kernel,
     launched directly). ``config``: entries replacing ``attention_config``'s (BLOCK_M, BLOCK_N,
     num_warps, num_stages), for benchmarks/bench_attention.py's sweep. ``compact``: the compact grid
-    (see the module docstring) where it takes the batch; not yet the default anywhere (not timed on
-    a GPU). Launches nothing when there is no token or no sequence."""
+    (see the module docstring) where it takes the batch (at most ``MAX_COMPACT_SLOTS`` sequences) and
+    the head dim is ``COMPACT_HEAD_DIM``, else the plain grid; not yet the default anywhere (not timed
+    on a GPU). Launches nothing when there is no token or no sequence."""
     if not softmax_scale_supported(scale):
         raise ValueError(f"attention kernel needs a softmax scale whose product with log2(e) is a normal "
                          f"positive fp32 number, got {scale}")
@@ -306,9 +310,14 @@ def attention_fwd(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float
         cfg = {**cfg, **config}
     # Plain integer ceil-division: triton.cdiv called from Python costs ~3 us a call (host time).
     grid, slots = ((max_seqlen + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"], batch, num_heads), 0
-    programs = compact_grid_programs(tokens, batch, max_seqlen, cfg["BLOCK_M"]) if compact else None
+    # The compact grid only where it was compiled without spills (head dim 64 in every dtype; other
+    # head dims spilled on sm_80 or sm_120), else the plain grid.
+    programs = (compact_grid_programs(tokens, batch, max_seqlen, cfg["BLOCK_M"])
+                if compact and head_dim == cfg["BLOCK_D"] == COMPACT_HEAD_DIM else None)
     if programs is not None:
-        grid, slots = (programs, 1, num_heads), max(16, triton.next_power_of_2(batch))
+        # At least one offset per thread: a scan over data that threads hold copies of is where
+        # Triton has had bugs (triton-lang/triton#2298).
+        grid, slots = (programs, 1, num_heads), max(32 * cfg["num_warps"], triton.next_power_of_2(batch))
     kernel = _attention_fwd_kernel if kernel is None else kernel
     kernel[grid](
         qkv, cu_seqlens, out,
@@ -337,9 +346,9 @@ def compile_configs() -> list[dict]:
         cfg = attention_config(head_dim, dtype == "fp32", long_sequences)
         if long_sequences and cfg == attention_config(head_dim, dtype == "fp32"):
             continue
-        # The compact grid at BERT heads (head dim 64) with the largest slot count a CUDAGraphRunner
+        # The compact grid where it is launched (head dim 64), with the slot count a CUDAGraphRunner
         # bucket of 16384 tokens needs (256 sequences + 256 padding pieces: 512 slots).
-        for slots in (0, 512) if d == head_dim == 64 else (0,):
+        for slots in (0, 512) if d == head_dim == COMPACT_HEAD_DIM else (0,):
             constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
             constexprs.update(EVEN_D=even, IEEE=dtype == "fp32", SLOTS=slots)
             jobs.append({

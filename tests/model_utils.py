@@ -16,6 +16,7 @@ SHAPES = {
     "h144": (144, 3, 288),  # head dim 48
     "h160": (160, 2, 320),  # head dim 80
     "h96": (96, 1, 192),  # head dim 96, one head
+    "h128": (128, 2, 256),  # head dim 64 (BERT-base's), two heads: the compact attention grid's
 }
 
 

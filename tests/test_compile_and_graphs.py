@@ -124,7 +124,8 @@ def test_graph_runner_replays_other_lengths(capture, compact_attention):
     uninitialised rows past the last token would show here). On a GPU, also with the attention on its
     compact grid (the CPU runs PyTorch's attention either way)."""
     device = "cuda" if capture else "cpu"
-    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    # head dim 64 where the compact grid runs (it is launched at that head dim only)
+    fast, _ = model_pair(make_config("h128" if compact_attention else "h144", layers=2, max_positions=64))
     fast = fast.to(device)
     runner = CUDAGraphRunner(fast, buckets=(16, 64, 128), max_sequences=8, max_seqlen=32, capture=capture,
                              compact_attention=compact_attention)
@@ -650,3 +651,17 @@ def test_runners_first_used_in_inference_mode_serve_calls_outside_it(runner_clas
     want = _outputs(fast, ids, None, types).last_hidden_state
     assert_close(first, want, 1e-5, "in inference mode")
     assert_close(again, want, 1e-5, "outside it")
+
+
+def test_compact_attention_refuses_more_slots_than_the_kernel_takes():
+    """The compact grid takes at most MAX_COMPACT_SLOTS sequence slots: a runner whose largest bucket
+    needs more (its sequences and its padding pieces) says so, rather than silently launching the
+    plain grid."""
+    pytest.importorskip("triton", reason="the compact grid is the Triton kernel's")
+    from fastbert.ops.attention import MAX_COMPACT_SLOTS
+
+    fast, _ = model_pair(make_config("h144", layers=1, max_positions=64))
+    CUDAGraphRunner(fast, max_sequences=256, capture=False, compact_attention=True)  # 256 + 16384 / 64 slots
+    with pytest.raises(ValueError, match=f"at most {MAX_COMPACT_SLOTS} sequence slots; max_sequences=1000"):
+        CUDAGraphRunner(fast, max_sequences=1000, capture=False, compact_attention=True)
+    CUDAGraphRunner(fast, max_sequences=1000, capture=False)  # the plain grid takes any count

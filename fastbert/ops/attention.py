@@ -124,6 +124,7 @@ if backend.triton_available():
     from torch.library import wrap_triton
 
     from fastbert.kernels.attention import (
+        MAX_COMPACT_SLOTS,
         MAX_HEAD_DIM,
         _attention_fwd_kernel,
         attention_fwd,
@@ -164,7 +165,7 @@ if backend.triton_available():
 
     _varlen_attention_triton.register_autograd(_backward, setup_context=_setup_context)
 else:
-    MAX_HEAD_DIM = 0
+    MAX_HEAD_DIM = MAX_COMPACT_SLOTS = 0
 
     def softmax_scale_supported(scale: float) -> bool:
         return False
