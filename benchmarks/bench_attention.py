@@ -119,22 +119,18 @@ def test_attention(benchmark, record, dtype_name, shape, seqlen, impl):
             def call():  # the public op, as the model calls it
                 with ops.backend.use_backend("triton"):
                     return ops.varlen_attention(qkv, cu, seqlen, heads, head_dim**-0.5)
-        elif impl in SWEEP:
+        elif impl in SWEEP or impl in RUNNER_IMPLS:
             from fastbert.kernels.attention import attention_fwd
 
             out = torch.full((qkv.shape[0], heads * head_dim), float("nan"), device=DEVICE, dtype=dtype)
+            if impl in SWEEP:  # the launch helper with other block sizes (what the op launches, reconfigured)
+                offsets, bound, options = cu, seqlen, {"config": SWEEP[impl]}
+            else:  # the launch with the runner's static bounds: empty sequence slots, max_seqlen 512
+                offsets, bound = torch.cat([cu, cu[-1:].expand(RUNNER_SLOTS)]), RUNNER_MAX_SEQLEN
+                options = {"compact": impl.endswith("compact")}
 
-            def call():  # the launch helper with other block sizes (what the op launches, reconfigured)
-                return attention_fwd(qkv, cu, seqlen, heads, head_dim**-0.5, out, config=SWEEP[impl])
-        elif impl in RUNNER_IMPLS:
-            from fastbert.kernels.attention import attention_fwd
-
-            slots = torch.cat([cu, cu[-1:].expand(RUNNER_SLOTS)])
-            out = torch.full((qkv.shape[0], heads * head_dim), float("nan"), device=DEVICE, dtype=dtype)
-
-            def call():  # the launch with the runner's static bounds: empty sequence slots, max_seqlen 512
-                return attention_fwd(qkv, slots, RUNNER_MAX_SEQLEN, heads, head_dim**-0.5, out,
-                                     compact=impl.endswith("compact"))
+            def call():
+                return attention_fwd(qkv, offsets, bound, heads, head_dim**-0.5, out, **options)
         elif impl == "sdpa-efficient":
             key_mask = mask[:, None, None, :]
 

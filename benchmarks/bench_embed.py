@@ -81,6 +81,7 @@ def test_embed(benchmark, record, pipeline, lines, impl):
         cuda_or_skip()
     from fastbert.embed import SentenceEmbedder
 
+    embedder = None
     if impl.startswith("fastbert"):
         embedder = SentenceEmbedder(pipeline, device=DEVICE, cuda_graphs=impl != "fastbert+eager")
 
@@ -96,6 +97,6 @@ def test_embed(benchmark, record, pipeline, lines, impl):
     case = f"embed MiniLM-shaped fp32 {len(lines)} sentences batch {BATCH}"
     benchmark.group = case
     seconds = timed(benchmark, lambda: encode(lines), rounds=10, warmup=2)
-    runner = getattr(locals().get("embedder"), "_runner", None)
+    runner = embedder and embedder._runner
     record(case=case, impl=impl, seconds=seconds, sentences=len(lines), sentences_per_s=len(lines) / seconds,
            graph_buckets=None if runner is None else sorted(runner._buckets))

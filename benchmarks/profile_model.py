@@ -23,6 +23,7 @@ import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
 
+from fastbert.cuda_graphs import CUDAGraphRunner, PaddedCUDAGraphRunner
 from fastbert.optimize import to_fastbert
 
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
@@ -60,7 +61,8 @@ def profile_shape(model, batch: int, seqlen: int, device: str, rows: int) -> str
     return header + by_device + ("\n### by host time\n" + by_host if by_host else "") + "\n"
 
 
-def profile_replay(model, batch: int, seqlen: int, device: str, rows: int, runner_name="PaddedCUDAGraphRunner") -> str:
+def profile_replay(model, batch: int, seqlen: int, device: str, rows: int,
+                   runner_class=PaddedCUDAGraphRunner) -> str:
     """The same view of a graph runner's call (``PaddedCUDAGraphRunner``, or ``CUDAGraphRunner``) on a
     batch with every token real (its graph replay, the work around it and the read-back): which
     kernels a call runs, how many, and each one's device time. Where 1x128's replayed time goes (0.62 ms
@@ -68,12 +70,10 @@ def profile_replay(model, batch: int, seqlen: int, device: str, rows: int, runne
     (query block of its static ``max_seqlen``, sequence slot of its ``max_sequences`` capacity, head),
     most of which find no query and return at once: its profile says what they cost. Without a GPU the
     runner runs the same work eagerly."""
-    from fastbert import cuda_graphs
-
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(1000, model.config.vocab_size, (batch, seqlen), generator=gen).to(device)
     mask = torch.ones_like(ids)
-    runner = getattr(cuda_graphs, runner_name)(model)
+    runner = runner_class(model)
     cuda = device == "cuda"
     for _ in range(3):  # capture, then warm replays
         runner(ids, attention_mask=mask)
@@ -89,7 +89,7 @@ def profile_replay(model, batch: int, seqlen: int, device: str, rows: int, runne
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time_total for e in kernels) / calls / 1000 if kernels else 0.0
-    header = (f"## {runner_name} {batch}x{seqlen}, every token real, {calls} calls, sorted by {sort}\n"
+    header = (f"## {runner_class.__name__} {batch}x{seqlen}, every token real, {calls} calls, sorted by {sort}\n"
               f"device kernels per call: {len(kernels) / calls:.0f}; their summed device time per call: {busy:.3f} ms\n")
     if cuda:
         header += wall_time(lambda: runner(ids, attention_mask=mask), busy)
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     report = "".join(profile_shape(model, b, s, device, args.rows) for b, s in shapes)
     replays = [(1, 16)] if args.tiny else [(1, 128), (32, 128), (32, 512)]
     report += "".join(profile_replay(model, b, s, device, args.rows) for b, s in replays)
-    report += profile_replay(model, *replays[0], device, args.rows, "CUDAGraphRunner")
+    report += profile_replay(model, *replays[0], device, args.rows, CUDAGraphRunner)
     print(report)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

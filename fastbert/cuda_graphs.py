@@ -180,10 +180,10 @@ class CUDAGraphRunner(_GraphRunner):
         self.max_seqlen = int(max_seqlen or model.config.max_position_embeddings)
         self.max_sequences = max_sequences
         self.piece = min(PADDING_PIECE, self.max_seqlen)
-        if compact_attention and 0 < ops.attention.MAX_COMPACT_SLOTS < self._slots(self.buckets[-1]):  # 0: no Triton
-            raise ValueError(f"compact_attention takes at most {ops.attention.MAX_COMPACT_SLOTS} sequence slots; "
-                             f"max_sequences={max_sequences} and the padding of the {self.buckets[-1]}-token "
-                             f"bucket need {self._slots(self.buckets[-1])}")
+        slots, limit = self._slots(self.buckets[-1]), ops.attention.MAX_COMPACT_SLOTS  # limit 0: no Triton
+        if compact_attention and 0 < limit < slots:
+            raise ValueError(f"compact_attention takes at most {limit} sequence slots; max_sequences={max_sequences} "
+                             f"and the padding of the {self.buckets[-1]}-token bucket need {slots}")
 
     def _slots(self, tokens: int) -> int:
         """cu_seqlens capacity: the real sequences, then the padding cut into pieces."""
