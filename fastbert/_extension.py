@@ -77,7 +77,9 @@ def usable_on(device: torch.device | str) -> bool:
 
 
 def built_cuda_archs() -> list[str]:
-    """The GPU architectures compiled in, as ``sm_XY`` names (empty without CUDA kernels)."""
+    """The GPU architectures compiled in, as ``sm_XY`` names (empty without CUDA kernels). An
+    architecture-specific build (``sm_90a``) shows as its base (``sm_90``): nvcc's ``__CUDA_ARCH_LIST__``
+    does not carry the suffix."""
     module = load()
     if module is None or not module.cuda_archs:
         return []

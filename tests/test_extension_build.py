@@ -123,7 +123,9 @@ def test_cubins_cover_target_architectures():
     compiled = set(re.findall(r"\.(sm_\d+a?)\.cubin", listing))
     missing = _expected_archs() - compiled
     assert not missing, f"no cubin for {sorted(missing)} in {C.__file__}; cuobjdump lists:\n{listing}"
-    assert set(_extension.built_cuda_archs()) >= _expected_archs()
+    # __CUDA_ARCH_LIST__, which built_cuda_archs reads, names sm_90a's cubin sm_90 (the GPU image sets
+    # TORCH_CUDA_ARCH_LIST=9.0a): compare base architectures there.
+    assert set(_extension.built_cuda_archs()) >= {re.sub(r"[af]$", "", a) for a in _expected_archs()}
     # No register spills: the row is meant to stay in registers.
     usage = subprocess.run([tool, "--dump-resource-usage", C.__file__], capture_output=True, text=True,
                            check=True).stdout
