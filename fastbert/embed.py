@@ -45,13 +45,14 @@ _PACKED_ST_SETTINGS = {
 }
 # On a GPU, a packed batch runs through a CUDA graph of its token-count bucket (CUDAGraphRunner): an
 # eager forward of a small model waits on the host's launches, a replay does not. Capturing a bucket
-# costs about three eager forwards F (two warm-up runs and the capture) and the graph's instantiation,
-# and each of its n batches then takes a replay R instead of F: it pays off when n (F - R) exceeds
-# ~3 F. With the H200 runs' host times scaled to all-MiniLM-L6-v2 (F ~ 1.7 ms eager, R ~ 0.6 ms with
-# the work around the replay) that is n > 5: a job captures the buckets that at least this many of
-# its batches replay, and runs the others eagerly. An estimate, not yet measured:
-# benchmarks/bench_embed.py's `fastbert+capture` row times a job that captures its graphs.
-MIN_BATCHES_PER_GRAPH = 6
+# (two warm-up runs, the capture, the graph's instantiation) costs C, and each of its n batches then
+# takes a replay R instead of an eager forward F: it pays off when n (F - R) > C. Measured on the
+# H200 (2026-11-26, benchmarks/bench_embed.py, all-MiniLM-L6-v2-shaped fp32, batches of 32 sentences
+# in the 4096-token bucket): C = 27-35 ms (the job with its capture against the same job replaying),
+# F - R = 1.8-3.7 ms a batch (eager job against replayed, min and median of ten): n > 10-15. A job
+# captures the buckets that at least this many of its batches replay, and runs the others eagerly
+# (a bucket built by an earlier job of the same embedder is always replayed).
+MIN_BATCHES_PER_GRAPH = 12
 
 
 def default_model_dir() -> Path:
