@@ -18,8 +18,9 @@ Implementations, each on the same sequences:
   sequence of all the packed tokens: every token attends to every other, about 28x the useful work
   at these shapes. A scale reference, not a peer;
 - ``fastbert-triton+runner-slots`` (16-bit, BERT-base heads): the kernel on the same sequences followed by
-  ``RUNNER_SLOTS`` empty ones, with ``max_seqlen`` 512, as ``CUDAGraphRunner``'s static bounds launch it
-  (a program per query block of 512 tokens x sequence slot x head, most returning at once): against
+  ``RUNNER_SLOTS`` empty ones, with ``max_seqlen`` 512, as ``CUDAGraphRunner``'s static bounds at its
+  defaults launch it in a bucket of 512 tokens or more (a program per query block of 512 tokens x
+  sequence slot x head, most returning at once): against
   ``fastbert-triton``, what those programs cost; ``fastbert-triton+runner-slots+compact``: the same
   launch on the compact grid (a program per query block with rows), not yet the default anywhere.
 
@@ -61,7 +62,8 @@ SWEEP = {"fastbert-triton-M64-N64-w4-s3": dict(BLOCK_M=64, BLOCK_N=64, num_warps
          "fastbert-triton-M128-N64-w8": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
          "fastbert-triton-M128-N64-w8-s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
          "fastbert-triton-M128-N64-w8-s4": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)}
-# CUDAGraphRunner's default sequence capacity (max_sequences) and static max_seqlen.
+# CUDAGraphRunner's default sequence capacity (max_sequences) and static max_seqlen (its buckets of
+# 512 tokens or more; a smaller bucket bounds both by its token count).
 RUNNER_SLOTS, RUNNER_MAX_SEQLEN = 256, 512
 if SMOKE:  # bf16 is not exact under the Triton interpreter
     DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

@@ -157,7 +157,8 @@ class CUDAGraphRunner(_GraphRunner):
 
     ``buckets``: token counts with a graph each (a batch takes the smallest that holds its tokens;
     larger batches run eagerly). ``max_sequences``: sequences per batch a graph takes.
-    ``max_seqlen``: the static attention bound (default: the model's max_position_embeddings).
+    ``max_seqlen``: the static attention bound (default: the model's max_position_embeddings). A
+    bucket of fewer tokens takes at most its token count of either.
     ``compact_attention``: launch the fused attention on its compact grid (a program per query block
     with rows) rather than one per query block of ``max_seqlen`` and sequence slot, most of them
     empty, at head dim 64 (the kernel's ``COMPACT_HEAD_DIM``; other head dims keep the plain grid);
@@ -185,18 +186,26 @@ class CUDAGraphRunner(_GraphRunner):
             raise ValueError(f"compact_attention takes at most {limit} sequence slots; max_sequences={max_sequences} "
                              f"and the padding of the {self.buckets[-1]}-token bucket need {slots}")
 
+    # A bucket's static bounds are its own: a batch it takes has at most `tokens` non-empty sequences
+    # (and takes a larger bucket when empty ones outnumber its tokens), none longer than `tokens`. The
+    # attention grid is a program per query block of max_seqlen x sequence slot x head, and the bound
+    # picks its tile: at bf16 BERT-base 1x128 the runner's defaults (256 sequences, max_seqlen 512) gave
+    # 12384 programs a layer, 12 with rows, on the long-sequence tile; the 128-token bucket's own
+    # bounds give 3120 on the tile the eager model uses at 128 (the H200 profile of 2026-11-26 timed
+    # that layer's attention at 19.3 us in the runner against 3.7 us eagerly padded).
     def _slots(self, tokens: int) -> int:
-        """cu_seqlens capacity: the real sequences, then the padding cut into pieces."""
-        return self.max_sequences + -(-tokens // self.piece)
+        """cu_seqlens capacity of a ``tokens`` bucket: the real sequences, then the padding in pieces."""
+        return min(self.max_sequences, tokens) + -(-tokens // self.piece)
 
     def _encode(self, bucket: _Bucket) -> torch.Tensor:
-        packing = ops.Packing(None, bucket.cu_seqlens, self.max_seqlen, 1, bucket.tokens,
+        packing = ops.Packing(None, bucket.cu_seqlens, min(self.max_seqlen, bucket.tokens), 1, bucket.tokens,
                               compact_attention=self.compact_attention)
         hidden = self.model.embeddings(bucket.input_ids, bucket.position_ids, bucket.token_type_ids)
         return self.model.encoder(hidden, packing)[0]
 
     def bucket_for(self, tokens: int) -> int | None:
-        """The bucket a batch of ``tokens`` tokens replays in, or None where it runs eagerly."""
+        """The bucket a batch of ``tokens`` tokens replays in, or None where it runs eagerly (a batch
+        with more sequences than tokens, some of them empty, takes the bucket of its sequence count)."""
         index = bisect.bisect_left(self.buckets, tokens)
         return self.buckets[index] if tokens > 0 and index < len(self.buckets) else None
 
@@ -248,11 +257,11 @@ class CUDAGraphRunner(_GraphRunner):
                               kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         packing = inputs.packing
         tokens, sequences = packing.num_tokens, packing.cu_seqlens.numel() - 1
-        fits = (tokens <= self.buckets[-1] and sequences <= self.max_sequences
+        fits = (max(tokens, sequences) <= self.buckets[-1] and sequences <= self.max_sequences
                 and packing.max_seqlen <= self.max_seqlen)
         if not fits or tokens == 0:
             return None
-        bucket = self._bucket(tokens)
+        bucket = self._bucket(max(tokens, sequences))  # its sequence slots: min(max_sequences, its tokens)
         # Checked above, so copying into the static buffers is all that is left: no host sync. The rows
         # past `tokens` keep indices already validated (their outputs are never read).
         for static, value in ((bucket.input_ids, inputs.input_ids), (bucket.position_ids, inputs.position_ids),

@@ -16,8 +16,8 @@ Grid and program
 ``[m * BLOCK_M, (m + 1) * BLOCK_M)`` of sequence ``b``, head ``h``. A program whose first row lies
 past its sequence's end returns at once (so empty sequences and short ones in a batch with a long
 ``max_seqlen`` cost one load of two offsets). A CUDA graph's static bounds make most programs such:
-``CUDAGraphRunner``'s bf16 BERT-base 1x128 launch is 12384 programs per layer, 12 of them with
-rows. The compact grid (``compact=True``, ``SLOTS`` > 0) launches ``(P, 1, heads)`` instead, ``P``
+``CUDAGraphRunner``'s bf16 BERT-base 1x128 launch was 12384 programs per layer, 12 of them with
+rows, until its buckets bounded their sequences and rows by their token counts (3120, 24 with rows). The compact grid (``compact=True``, ``SLOTS`` > 0) launches ``(P, 1, heads)`` instead, ``P``
 bounding the query blocks that hold rows (``compact_grid_programs``): program ``p`` reads every
 offset once, counts the query blocks of the sequences before it (a cumulative sum over ``SLOTS``, a
 power of two >= the sequence count and >= the program's threads) and takes the ``p``-th block; the

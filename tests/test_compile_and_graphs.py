@@ -545,6 +545,32 @@ def test_graph_runner_takes_the_bucket_a_batch_fills_exactly():
         assert set(runner._buckets) == taken, (batch, seqlen)
 
 
+def test_graph_runner_buckets_bound_their_sequences_by_their_tokens():
+    """A bucket's static bounds are its own: at most its token count of sequences (then the padding's
+    pieces) and of rows per sequence, so a small bucket's attention launches fewer programs, on the
+    short-sequence tile. A batch whose empty sequences outnumber its tokens takes the bucket of its
+    sequence count, and equals the eager model."""
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    runner = CUDAGraphRunner(fast, buckets=(16, 64), max_sequences=32, max_seqlen=48, capture=False)
+    bounds, taken = [], []
+    encoder = fast.encoder.forward
+    fast.encoder.forward = lambda hidden, packing, *args, **kwargs: (
+        bounds.append((packing.cu_seqlens.numel() - 1, packing.max_seqlen)) or encoder(hidden, packing, *args, **kwargs))
+    gen = torch.Generator().manual_seed(19)
+    ids, types = random_inputs(fast.config, 20, 3, gen)
+    few = torch.zeros(20, 3, dtype=torch.long)
+    few[:3] = 1  # 9 tokens in 20 sequences, 17 of them empty
+    for batch_ids, batch_types, mask, size in ((ids[:4], types[:4], None, 16), (ids, types, few, 64)):
+        got = runner(batch_ids, mask, batch_types)
+        taken.append(bounds[-1])  # the runner's encoder call, before the eager model's
+        want = _outputs(fast, batch_ids, mask, batch_types)
+        assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, f"{size}-token bucket")
+        assert_close(got.pooler_output, want.pooler_output, 1e-5, f"{size}-token bucket pooler")
+        assert runner.has_graph(size)
+    # 16 tokens: 16 sequences + 1 padding piece of at most 48 rows, 16 rows; 64: 32 + 2 pieces, 48 rows.
+    assert taken == [(17, 16), (34, 48)]
+
+
 def test_graph_runner_runs_batches_of_more_sequences_than_it_holds_eagerly():
     """More sequences than ``max_sequences`` (a bucket's cu_seqlens holds no more): the call runs the
     model eagerly, equals it, and makes no bucket; an empty batch (every token masked) too."""
