@@ -143,9 +143,9 @@ class _Bucket:
     @torch.inference_mode(False)
     def __init__(self, tokens: int, sequences: int, device):
         self.tokens = tokens
-        self.input_ids = torch.zeros(tokens, dtype=torch.long, device=device)
-        self.position_ids = torch.zeros(tokens, dtype=torch.long, device=device)
-        self.token_type_ids = torch.zeros(tokens, dtype=torch.long, device=device)
+        # One buffer, so that input from the host is one copy (CUDAGraphRunner.replay_packed).
+        self.indices = torch.zeros(3, tokens, dtype=torch.long, device=device)
+        self.input_ids, self.position_ids, self.token_type_ids = self.indices
         self.cu_seqlens = torch.full((sequences + 1,), tokens, dtype=torch.int32, device=device)
         self.output: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -236,6 +236,48 @@ class CUDAGraphRunner(_GraphRunner):
         count = bucket.cu_seqlens.numel() - 1 - sequences
         steps = torch.arange(1, count + 1, dtype=torch.int32) * self.piece
         return (steps + tokens).clamp_(max=bucket.tokens)
+
+    def replay_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                      lengths: list[int]) -> torch.Tensor | None:
+        """Packed sequences held on the host through their bucket's graph, with no host sync: checked on
+        the host, copied in (from pinned memory, asynchronously) and replayed, so the host can prepare
+        the next batch while the GPU runs this one. ``input_ids``, ``token_type_ids``: 1-D CPU integer
+        tensors of the tokens, sequence after sequence; ``lengths``: each sequence's token count (its
+        positions count from 0). Returns the last hidden state ``[tokens, hidden]``, a view of the
+        bucket's static output that the next replay overwrites: read it (on the current stream) before
+        the next call. None where the graphs do not take the batch (see :meth:`__call__`) or a value is
+        out of range: the model, called on the same input, runs it or names the value."""
+        tokens, sequences = input_ids.numel(), len(lengths)
+        for t in (input_ids, token_type_ids):
+            if t.device.type != "cpu" or t.dim() != 1 or t.numel() != tokens or t.is_floating_point() or t.is_complex():
+                raise ValueError("replay_packed takes 1-D integer CPU tensors of input_ids and token_type_ids, one "
+                                 f"entry per token, got {tuple(input_ids.shape)} and {tuple(token_type_ids.shape)}")
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        if lengths.dim() != 1 or not sequences or int(lengths.sum()) != tokens or int(lengths.min()) < 0:
+            raise ValueError(f"lengths must be token counts that add up to the {tokens} tokens, got {lengths.tolist()}")
+        if not (_plain_call(self.model, {}) and not self.model.first_token_only and tokens > 0
+                and max(tokens, sequences) <= self.buckets[-1] and sequences <= self.max_sequences):
+            return None
+        sizes = table_sizes(self.model.config, self.model.embeddings)
+        longest = int(lengths.max())
+        if (longest > min(self.max_seqlen, sizes.max_position_embeddings)
+                or not 0 <= int(input_ids.min()) <= int(input_ids.max()) < sizes.vocab_size
+                or not 0 <= int(token_type_ids.min()) <= int(token_type_ids.max()) < sizes.type_vocab_size):
+            return None
+        offsets = torch.zeros(sequences + 1, dtype=torch.int32)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        positions = torch.arange(tokens) - torch.repeat_interleave(offsets[:-1].long(), lengths, output_size=tokens)
+        with torch.no_grad(), _on_device(self.device, self.capture), self._serialized():
+            bucket = self._bucket(max(tokens, sequences))
+            host = torch.zeros(3, bucket.tokens, dtype=torch.long)  # past `tokens`: index 0, always in range
+            host[:, :tokens] = torch.stack([input_ids, positions, token_type_ids])
+            cu_seqlens = torch.cat([offsets, self._tail_offsets(tokens, sequences, bucket)])
+            for static, value in ((bucket.indices, host), (bucket.cu_seqlens, cu_seqlens)):
+                static.copy_(value.pin_memory() if self.capture else value, non_blocking=True)
+            if bucket.graph is None:
+                return self._encode(bucket)[:tokens]
+            bucket.graph.replay()
+            return bucket.output[:tokens]
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:

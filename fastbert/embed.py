@@ -226,25 +226,29 @@ class SentenceEmbedder:
 
     @torch.inference_mode()
     def _encode_batch(self, ids: list[list[int]], types: list[list[int]], runner=None) -> torch.Tensor:
-        """``runner``: the graph runner to replay the batch in (None: the model, eagerly)."""
-        lengths = torch.tensor([len(x) for x in ids])
-        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(self.device)
-        packed = {"input_ids": torch.tensor([t for x in ids for t in x], device=self.device)[None],
-                  "token_type_ids": torch.tensor([t for x in types for t in x], device=self.device)[None],
-                  "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()]).to(self.device)[None],
-                  "cu_seq_lens_q": cu_seqlens, "max_length_q": int(lengths.max())}
-        output = None
+        """The batch's embeddings on the device. ``runner``: the graph runner to replay the batch in,
+        checked and copied in from the host with no host sync (None: the model, eagerly)."""
+        lengths = [len(x) for x in ids]
+        flat_ids, flat_types = (torch.tensor([t for x in rows for t in x]) for rows in (ids, types))
+        cu_seqlens = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0))
+        hidden = None
         if runner is not None:
             try:
-                output = runner(**packed)
+                hidden = runner.replay_packed(flat_ids, flat_types, lengths)  # read before its next replay
             except torch.OutOfMemoryError:  # capturing took the memory that the eager batches can do without
                 warnings.warn("fastbert embed: a CUDA graph's capture ran out of GPU memory; this embedder's "
                               "batches run eagerly from now on (--no-cuda-graphs / cuda_graphs=False skips graphs)")
                 self.cuda_graphs, self._runner = False, None
-        if output is None:
-            output = self.model(**packed)
-        hidden = output.last_hidden_state[0]
-        pooled = _segment_pool(hidden, cu_seqlens.to(torch.int32), self.pipeline["pooling"])
+        if hidden is None:  # eagerly (a batch the graphs do not take, or with a bad value: the model says which)
+            packed = {"input_ids": flat_ids[None], "token_type_ids": flat_types[None],
+                      "position_ids": torch.cat([torch.arange(n) for n in lengths])[None], "cu_seq_lens_q": cu_seqlens,
+                      "max_length_q": max(lengths)}
+            hidden = self.model(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                                   for k, v in packed.items()}).last_hidden_state[0]
+        cu_seqlens = cu_seqlens.to(torch.int32)
+        if self.device.type == "cuda":
+            cu_seqlens = cu_seqlens.pin_memory()
+        pooled = _segment_pool(hidden, cu_seqlens.to(self.device, non_blocking=True), self.pipeline["pooling"])
         if self.pipeline["normalize"]:
             pooled = F.normalize(pooled, p=2, dim=1)
         return pooled.float()
@@ -261,9 +265,15 @@ class SentenceEmbedder:
         out = np.zeros((len(lines), self.dimension()), dtype=np.float32)
         batches = [order[start:start + batch_size] for start in range(0, len(lines), batch_size)]
         runners = self._runners_for([sum(len(ids[i]) for i in chunk) for chunk in batches], batch_size)
+        pending = []  # each batch's embeddings, copied to the host without waiting for them
         for chunk, runner in tqdm(list(zip(batches, runners)), desc="Batches", disable=not progress, file=sys.stderr):
             runner = runner if self.cuda_graphs else None  # a capture may have run out of memory
-            out[chunk] = self._encode_batch([ids[i] for i in chunk], [types[i] for i in chunk], runner).cpu().numpy()
+            pooled = self._encode_batch([ids[i] for i in chunk], [types[i] for i in chunk], runner)
+            pending.append((chunk, pooled.to("cpu", non_blocking=True)))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies above have landed
+        for chunk, pooled in pending:
+            out[chunk] = pooled.numpy()
         return out
 
     def _runners_for(self, batch_tokens: list[int], batch_size: int) -> list:

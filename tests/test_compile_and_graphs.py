@@ -571,6 +571,78 @@ def test_graph_runner_buckets_bound_their_sequences_by_their_tokens():
     assert taken == [(17, 16), (34, 48)]
 
 
+def _packed_reference(model, ids, types, lengths):
+    """The model on the packed row (DataCollatorWithFlattening's form), on the model's device."""
+    device = next(model.parameters()).device
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu_seqlens = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0))
+    with torch.no_grad():
+        return model(ids[None].to(device), token_type_ids=types[None].to(device), position_ids=positions[None].to(device),
+                     cu_seq_lens_q=cu_seqlens.to(device)).last_hidden_state[0]
+
+
+@pytest.mark.parametrize("capture", [False] + ([True] if torch.cuda.is_available() else []))
+def test_graph_runner_replays_packed_host_input(capture):
+    """replay_packed: sequences given on the host (ids, token types, lengths) through their bucket
+    equal the model on the same packed row, for several length mixes (an empty sequence, one bucket
+    replayed with other lengths, one whose empty sequences outnumber its tokens). On a GPU, a replay of
+    a captured bucket makes no host sync (CUDA's sync debug mode raises on one)."""
+    device = "cuda" if capture else "cpu"
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    fast = fast.to(device)
+    runner = CUDAGraphRunner(fast, buckets=(16, 64), max_sequences=24, max_seqlen=32, capture=capture)
+    gen = torch.Generator().manual_seed(23)
+    for lengths in ([5, 0, 9], [3, 1, 12], [32, 20, 7], [2] + [0] * 20, [16]):
+        ids, types = random_inputs(fast.config, 1, sum(lengths), gen)
+        got = runner.replay_packed(ids[0], types[0], lengths)
+        assert got is not None and got.device.type == device, lengths
+        assert_close(got, _packed_reference(fast, ids[0], types[0], lengths), 1e-5, f"lengths {lengths}")
+    assert set(runner._buckets) == {16, 64}
+    if capture:
+        ids, types = random_inputs(fast.config, 1, 14, gen)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = runner.replay_packed(ids[0], types[0], [6, 8]).clone()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert_close(got, _packed_reference(fast, ids[0], types[0], [6, 8]), 1e-5, "no-sync replay")
+
+
+def test_graph_runner_hands_packed_input_it_cannot_take_back():
+    """replay_packed returns None (the caller runs the model, which names a bad value) for a value out
+    of its table, more sequences than the runner holds, more tokens than its largest bucket, a sequence
+    longer than its max_seqlen, and a model that computes only first tokens; and refuses malformed
+    arguments by name."""
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    runner = CUDAGraphRunner(fast, buckets=(16, 64), max_sequences=4, max_seqlen=32, capture=False)
+    gen = torch.Generator().manual_seed(29)
+    ids, types = random_inputs(fast.config, 1, 40, gen)
+    ids, types = ids[0], types[0]
+    for what, args in (("id past the vocabulary", (ids[:6].clone().index_fill_(0, torch.tensor([4]), 10**6),
+                                                   types[:6], [3, 3])),
+                       ("negative id", (ids[:6].clone().index_fill_(0, torch.tensor([1]), -1), types[:6], [6])),
+                       ("token type past its table", (ids[:6], types[:6].clone().fill_(2), [6])),
+                       ("more sequences than max_sequences", (ids[:5], types[:5], [1] * 5)),
+                       ("more tokens than the largest bucket", (torch.cat([ids, ids]), torch.cat([types, types]),
+                                                                [20] * 4)),
+                       ("a sequence past max_seqlen", (ids, types, [33, 7]))):
+        assert runner.replay_packed(*args) is None, what
+    assert not runner._buckets
+    with pytest.raises(ValueError, match=r"input_ids\[0, 4\] = 1000000 is out of range"):  # what the caller hears
+        _packed_reference(fast, ids[:6].clone().index_fill_(0, torch.tensor([4]), 10**6), types[:6], [3, 3])
+    for bad, match in (((ids[:6, None], types[:6], [6]), "1-D integer CPU tensors"),
+                       ((ids[:6].float(), types[:6], [6]), "1-D integer CPU tensors"),
+                       ((ids[:6], types[:5], [6]), "1-D integer CPU tensors"),
+                       ((ids[:6], types[:6], [2, 3]), "add up to the 6 tokens"),
+                       ((ids[:6], types[:6], [7, -1]), "add up to the 6 tokens"),
+                       ((ids[:0], types[:0], []), "add up to the 0 tokens")):
+        with pytest.raises(ValueError, match=match):
+            runner.replay_packed(*bad)
+    fast.first_token_only = True
+    assert runner.replay_packed(ids[:6], types[:6], [6]) is None
+
+
 def test_graph_runner_runs_batches_of_more_sequences_than_it_holds_eagerly():
     """More sequences than ``max_sequences`` (a bucket's cu_seqlens holds no more): the call runs the
     model eagerly, equals it, and makes no bucket; an empty batch (every token masked) too."""
