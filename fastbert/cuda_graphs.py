@@ -243,15 +243,17 @@ class CUDAGraphRunner(_GraphRunner):
         the host, copied in (from pinned memory, asynchronously) and replayed, so the host can prepare
         the next batch while the GPU runs this one. ``input_ids``, ``token_type_ids``: 1-D CPU integer
         tensors of the tokens, sequence after sequence; ``lengths``: each sequence's token count (its
-        positions count from 0). Returns the last hidden state ``[tokens, hidden]``, a view of the
-        bucket's static output that the next replay overwrites: read it (on the current stream) before
-        the next call. None where the graphs do not take the batch (see :meth:`__call__`) or a value is
-        out of range: the model, called on the same input, runs it or names the value."""
+        positions count from 0). Returns the last hidden state ``[tokens, hidden]`` on the device (a copy of
+        the bucket's static output, made on the device inside the call, so calls from several threads
+        stay apart). None where the graphs do not take the batch (see :meth:`__call__`) or a value is out
+        of range: the model, called on the same input, runs it or names the value."""
         tokens, sequences = input_ids.numel(), len(lengths)
         for t in (input_ids, token_type_ids):
-            if t.device.type != "cpu" or t.dim() != 1 or t.numel() != tokens or t.is_floating_point() or t.is_complex():
-                raise ValueError("replay_packed takes 1-D integer CPU tensors of input_ids and token_type_ids, one "
-                                 f"entry per token, got {tuple(input_ids.shape)} and {tuple(token_type_ids.shape)}")
+            if t.device.type != "cpu" or t.dim() != 1 or t.numel() != tokens or t.dtype not in (torch.int64, torch.int32):
+                raise ValueError("replay_packed takes 1-D int64 or int32 CPU tensors of input_ids and token_type_ids, "
+                                 f"one entry per token, got {input_ids.dtype} {tuple(input_ids.shape)} on "
+                                 f"{input_ids.device} and {token_type_ids.dtype} {tuple(token_type_ids.shape)} on "
+                                 f"{token_type_ids.device}")
         lengths = torch.as_tensor(lengths, dtype=torch.long)
         if lengths.dim() != 1 or not sequences or int(lengths.sum()) != tokens or int(lengths.min()) < 0:
             raise ValueError(f"lengths must be token counts that add up to the {tokens} tokens, got {lengths.tolist()}")
@@ -277,7 +279,7 @@ class CUDAGraphRunner(_GraphRunner):
             if bucket.graph is None:
                 return self._encode(bucket)[:tokens]
             bucket.graph.replay()
-            return bucket.output[:tokens]
+            return bucket.output[:tokens].clone()  # the next replay overwrites the static output
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:

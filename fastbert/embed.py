@@ -9,6 +9,7 @@ any other module runs through sentence-transformers itself, with fastbert swappe
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.metadata
 import json
@@ -47,12 +48,15 @@ _PACKED_ST_SETTINGS = {
 # eager forward of a small model waits on the host's launches, a replay does not. Capturing a bucket
 # (two warm-up runs, the capture, the graph's instantiation) costs C, and each of its n batches then
 # takes a replay R instead of an eager forward F: it pays off when n (F - R) > C. Measured on the
-# H200 (2026-11-26, benchmarks/bench_embed.py, all-MiniLM-L6-v2-shaped fp32, batches of 32 sentences
-# in the 4096-token bucket): C = 27-35 ms (the job with its capture against the same job replaying),
-# F - R = 1.8-3.7 ms a batch (eager job against replayed, min and median of ten): n > 10-15. A job
-# captures the buckets that at least this many of its batches replay, and runs the others eagerly
-# (a bucket built by an earlier job of the same embedder is always replayed).
-MIN_BATCHES_PER_GRAPH = 12
+# H200 (2026-11-26, benchmarks/bench_embed.py: all-MiniLM-L6-v2-shaped fp32, 33 batches of 32
+# sentences, 24 of them in the two buckets it captured), median / min of ten jobs: C = 17.4 / 13.1 ms
+# a graph (the job capturing against the same job replaying), F - R = 4.8 / 2.3 ms a batch (the job
+# eager against replayed): n > 3.6 / 5.7. A job captures the buckets that at least this many of its
+# batches replay, and runs the others eagerly (a bucket built by an earlier job of the same embedder
+# is always replayed). Measured before replays went sync-free (replay_packed), which makes R smaller.
+MIN_BATCHES_PER_GRAPH = 6
+# Batches a job queues on the GPU before it reads the first one's embeddings back (SentenceEmbedder.encode).
+PENDING_BATCHES = 4
 
 
 def default_model_dir() -> Path:
@@ -234,7 +238,7 @@ class SentenceEmbedder:
         hidden = None
         if runner is not None:
             try:
-                hidden = runner.replay_packed(flat_ids, flat_types, lengths)  # read before its next replay
+                hidden = runner.replay_packed(flat_ids, flat_types, lengths)
             except torch.OutOfMemoryError:  # capturing took the memory that the eager batches can do without
                 warnings.warn("fastbert embed: a CUDA graph's capture ran out of GPU memory; this embedder's "
                               "batches run eagerly from now on (--no-cuda-graphs / cuda_graphs=False skips graphs)")
@@ -265,16 +269,34 @@ class SentenceEmbedder:
         out = np.zeros((len(lines), self.dimension()), dtype=np.float32)
         batches = [order[start:start + batch_size] for start in range(0, len(lines), batch_size)]
         runners = self._runners_for([sum(len(ids[i]) for i in chunk) for chunk in batches], batch_size)
-        pending = []  # each batch's embeddings, copied to the host without waiting for them
+        # Each batch's embeddings come back by an asynchronous copy (into pinned memory), read once the
+        # batch PENDING_BATCHES later is queued: the host runs ahead of the GPU by that many batches,
+        # and the pinned memory in use stays that small.
+        pending = collections.deque()
         for chunk, runner in tqdm(list(zip(batches, runners)), desc="Batches", disable=not progress, file=sys.stderr):
             runner = runner if self.cuda_graphs else None  # a capture may have run out of memory
             pooled = self._encode_batch([ids[i] for i in chunk], [types[i] for i in chunk], runner)
-            pending.append((chunk, pooled.to("cpu", non_blocking=True)))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the copies above have landed
-        for chunk, pooled in pending:
-            out[chunk] = pooled.numpy()
+            pending.append(self._copy_to_host(chunk, pooled))
+            if len(pending) > PENDING_BATCHES:
+                self._land(out, *pending.popleft())
+        while pending:
+            self._land(out, *pending.popleft())
         return out
+
+    def _copy_to_host(self, chunk: list[int], pooled: torch.Tensor):
+        """(chunk, host tensor, event once it has landed or None on the CPU), the copy queued."""
+        if self.device.type != "cuda":
+            return chunk, pooled, None
+        host = pooled.to("cpu", non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record(torch.cuda.current_stream(self.device))
+        return chunk, host, landed
+
+    @staticmethod
+    def _land(out: np.ndarray, chunk: list[int], host: torch.Tensor, landed) -> None:
+        if landed is not None:
+            landed.synchronize()
+        out[chunk] = host.numpy()
 
     def _runners_for(self, batch_tokens: list[int], batch_size: int) -> list:
         """The graph runner for each batch of ``batch_tokens`` tokens whose bucket is already built or

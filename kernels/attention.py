@@ -346,8 +346,9 @@ def compile_configs() -> list[dict]:
         cfg = attention_config(head_dim, dtype == "fp32", long_sequences)
         if long_sequences and cfg == attention_config(head_dim, dtype == "fp32"):
             continue
-        # The compact grid where it is launched (head dim 64), with the slot count a CUDAGraphRunner
-        # bucket of 16384 tokens needs (256 sequences + 256 padding pieces: 512 slots).
+        # The compact grid where it is launched (head dim 64), with the most slots a CUDAGraphRunner at
+        # its defaults launches (its 16384-token bucket: 256 sequences + 256 padding pieces); buckets of
+        # up to 192 tokens launch 128 or 256, fewer offsets per thread in the scan.
         for slots in (0, 512) if d == head_dim == COMPACT_HEAD_DIM else (0,):
             constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
             constexprs.update(EVEN_D=even, IEEE=dtype == "fp32", SLOTS=slots)

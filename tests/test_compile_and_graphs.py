@@ -585,25 +585,28 @@ def _packed_reference(model, ids, types, lengths):
 def test_graph_runner_replays_packed_host_input(capture):
     """replay_packed: sequences given on the host (ids, token types, lengths) through their bucket
     equal the model on the same packed row, for several length mixes (an empty sequence, one bucket
-    replayed with other lengths, one whose empty sequences outnumber its tokens). On a GPU, a replay of
-    a captured bucket makes no host sync (CUDA's sync debug mode raises on one)."""
+    replayed with other lengths, one whose empty sequences outnumber its tokens), each compared once
+    every call has run (a result that a later replay overwrote would show). On a GPU, a replay of a
+    captured bucket makes no host sync (CUDA's sync debug mode raises on one)."""
     device = "cuda" if capture else "cpu"
     fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
     fast = fast.to(device)
     runner = CUDAGraphRunner(fast, buckets=(16, 64), max_sequences=24, max_seqlen=32, capture=capture)
     gen = torch.Generator().manual_seed(23)
+    batches = []
     for lengths in ([5, 0, 9], [3, 1, 12], [32, 20, 7], [2] + [0] * 20, [16]):
         ids, types = random_inputs(fast.config, 1, sum(lengths), gen)
-        got = runner.replay_packed(ids[0], types[0], lengths)
+        batches.append((ids[0], types[0], lengths, runner.replay_packed(ids[0], types[0], lengths)))
+    for ids, types, lengths, got in batches:
         assert got is not None and got.device.type == device, lengths
-        assert_close(got, _packed_reference(fast, ids[0], types[0], lengths), 1e-5, f"lengths {lengths}")
+        assert_close(got, _packed_reference(fast, ids, types, lengths), 1e-5, f"lengths {lengths}")
     assert set(runner._buckets) == {16, 64}
     if capture:
         ids, types = random_inputs(fast.config, 1, 14, gen)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            got = runner.replay_packed(ids[0], types[0], [6, 8]).clone()
+            got = runner.replay_packed(ids[0], types[0], [6, 8])
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert_close(got, _packed_reference(fast, ids[0], types[0], [6, 8]), 1e-5, "no-sync replay")
@@ -611,9 +614,9 @@ def test_graph_runner_replays_packed_host_input(capture):
 
 def test_graph_runner_hands_packed_input_it_cannot_take_back():
     """replay_packed returns None (the caller runs the model, which names a bad value) for a value out
-    of its table, more sequences than the runner holds, more tokens than its largest bucket, a sequence
-    longer than its max_seqlen, and a model that computes only first tokens; and refuses malformed
-    arguments by name."""
+    of its table, more sequences than the runner or its largest bucket holds, more tokens than its
+    largest bucket, a sequence longer than its max_seqlen or the position table, a model in training
+    mode and one that computes only first tokens; and refuses malformed arguments by name."""
     fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
     runner = CUDAGraphRunner(fast, buckets=(16, 64), max_sequences=4, max_seqlen=32, capture=False)
     gen = torch.Generator().manual_seed(29)
@@ -628,12 +631,22 @@ def test_graph_runner_hands_packed_input_it_cannot_take_back():
                                                                 [20] * 4)),
                        ("a sequence past max_seqlen", (ids, types, [33, 7]))):
         assert runner.replay_packed(*args) is None, what
-    assert not runner._buckets
+    wide = CUDAGraphRunner(fast, buckets=(16, 128), max_sequences=160, max_seqlen=100, capture=False)
+    long_ids, long_types = (t[0] for t in random_inputs(fast.config, 1, 70, gen))
+    assert wide.replay_packed(long_ids, long_types, [70]) is None, "a sequence past the 64 positions"
+    assert wide.replay_packed(long_ids[:1], long_types[:1], [1] + [0] * 140) is None, "141 sequences, bucket of 128"
+    assert wide.replay_packed(long_ids[:60], long_types[:60], [60]) is not None  # within every bound
+    fast.train()
+    assert runner.replay_packed(ids[:6], types[:6], [6]) is None, "training mode"
+    fast.eval()
+    assert not runner._buckets and set(wide._buckets) == {128}
     with pytest.raises(ValueError, match=r"input_ids\[0, 4\] = 1000000 is out of range"):  # what the caller hears
         _packed_reference(fast, ids[:6].clone().index_fill_(0, torch.tensor([4]), 10**6), types[:6], [3, 3])
-    for bad, match in (((ids[:6, None], types[:6], [6]), "1-D integer CPU tensors"),
-                       ((ids[:6].float(), types[:6], [6]), "1-D integer CPU tensors"),
-                       ((ids[:6], types[:5], [6]), "1-D integer CPU tensors"),
+    for bad, match in (((ids[:6, None], types[:6], [6]), "1-D int64 or int32 CPU tensors"),
+                       ((ids[:6].float(), types[:6], [6]), "1-D int64 or int32 CPU tensors"),
+                       ((ids[:6].bool(), types[:6], [6]), "1-D int64 or int32 CPU tensors"),
+                       ((ids[:6], types[:6].to(torch.uint8), [6]), "1-D int64 or int32 CPU tensors"),
+                       ((ids[:6], types[:5], [6]), "1-D int64 or int32 CPU tensors"),
                        ((ids[:6], types[:6], [2, 3]), "add up to the 6 tokens"),
                        ((ids[:6], types[:6], [7, -1]), "add up to the 6 tokens"),
                        ((ids[:0], types[:0], []), "add up to the 0 tokens")):

@@ -47,7 +47,7 @@ def _shared_buckets(embedder, runner, lines, batch_size) -> set[int]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch_size, repeats", [(1, 1), (5, 3), (32, 16)])
+@pytest.mark.parametrize("batch_size, repeats", [(1, 1), (5, 1), (32, 8)])
 def test_embed_through_graphs_equals_transformers(pipeline_dir, device, batch_size, repeats):
     """Batches of several sizes replayed in their buckets (captured on a GPU, where graphs are the
     default; on the CPU, asked for, the runner's static buffers run eagerly) give transformers'
