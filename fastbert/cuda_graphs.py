@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAtte
 
 from . import ops, validation
 from .modeling_bert import BertSelfAttention
-from .validation import check_inputs, table_sizes
+from .validation import ID_DTYPES, check_inputs, table_sizes
 
 # Steps of at most 1.5x up to 1024 tokens, then every 512: a batch computes at most 512 tokens more than
 # it holds past 1024 (12.5% at 4096), at the price of more graphs, each captured on first use (an H200
@@ -249,7 +249,7 @@ class CUDAGraphRunner(_GraphRunner):
         of range: the model, called on the same input, runs it or names the value."""
         tokens, sequences = input_ids.numel(), len(lengths)
         for t in (input_ids, token_type_ids):
-            if t.device.type != "cpu" or t.dim() != 1 or t.numel() != tokens or t.dtype not in (torch.int64, torch.int32):
+            if t.device.type != "cpu" or t.dim() != 1 or t.numel() != tokens or t.dtype not in ID_DTYPES:
                 raise ValueError("replay_packed takes 1-D int64 or int32 CPU tensors of input_ids and token_type_ids, "
                                  f"one entry per token, got {input_ids.dtype} {tuple(input_ids.shape)} on "
                                  f"{input_ids.device} and {token_type_ids.dtype} {tuple(token_type_ids.shape)} on "
@@ -405,7 +405,7 @@ class PaddedCUDAGraphRunner(_GraphRunner):
                 continue
             if t.device != self.device or t.is_floating_point() or t.is_complex():
                 return False
-            if t is not attention_mask and t.dtype not in (torch.int64, torch.int32):
+            if t is not attention_mask and t.dtype not in ID_DTYPES:
                 return False  # the model refuses other id dtypes (bool, uint8, ...): let it say so
             if t is not input_ids and tuple(t.shape) not in ((batch, seqlen), (1, seqlen)):
                 return False

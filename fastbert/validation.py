@@ -113,10 +113,13 @@ class ModelInputs(NamedTuple):
     packing: ops.Packing
 
 
+# The lookups take int64 or int32 (what tokenizers give): uint8 or int16 ids would pass an "is
+# integer" check and then fail inside the embedding with a message that names no tensor.
+ID_DTYPES = (torch.int64, torch.int32)
+
+
 def _check_integer(name: str, t: torch.Tensor) -> None:
-    # The lookups take int64 or int32 (what tokenizers give): uint8 or int16 ids would pass an
-    # "is integer" check and then fail inside the embedding with a message that names no tensor.
-    if t.dtype not in (torch.int64, torch.int32):
+    if t.dtype not in ID_DTYPES:
         raise TypeError(f"{name} must hold integer ids (int64 or int32), got dtype {t.dtype}")
 
 

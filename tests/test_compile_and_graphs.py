@@ -554,8 +554,11 @@ def test_graph_runner_buckets_bound_their_sequences_by_their_tokens():
     runner = CUDAGraphRunner(fast, buckets=(16, 64), max_sequences=32, max_seqlen=48, capture=False)
     bounds, taken = [], []
     encoder = fast.encoder.forward
-    fast.encoder.forward = lambda hidden, packing, *args, **kwargs: (
-        bounds.append((packing.cu_seqlens.numel() - 1, packing.max_seqlen)) or encoder(hidden, packing, *args, **kwargs))
+    def recorded(hidden, packing, *args, **kwargs):  # each encoder call's sequence slots and max_seqlen
+        bounds.append((packing.cu_seqlens.numel() - 1, packing.max_seqlen))
+        return encoder(hidden, packing, *args, **kwargs)
+
+    fast.encoder.forward = recorded
     gen = torch.Generator().manual_seed(19)
     ids, types = random_inputs(fast.config, 20, 3, gen)
     few = torch.zeros(20, 3, dtype=torch.long)
@@ -577,8 +580,8 @@ def _packed_reference(model, ids, types, lengths):
     positions = torch.cat([torch.arange(n) for n in lengths])
     cu_seqlens = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0))
     with torch.no_grad():
-        return model(ids[None].to(device), token_type_ids=types[None].to(device), position_ids=positions[None].to(device),
-                     cu_seq_lens_q=cu_seqlens.to(device)).last_hidden_state[0]
+        return model(ids[None].to(device), token_type_ids=types[None].to(device),
+                     position_ids=positions[None].to(device), cu_seq_lens_q=cu_seqlens.to(device)).last_hidden_state[0]
 
 
 @pytest.mark.parametrize("capture", [False] + ([True] if torch.cuda.is_available() else []))
