@@ -294,6 +294,7 @@ class SentenceEmbedder:
 
     @staticmethod
     def _land(out: np.ndarray, chunk: list[int], host: torch.Tensor, landed) -> None:
+        """Write a batch's embeddings into ``out`` at its lines, once its copy has landed."""
         if landed is not None:
             landed.synchronize()
         out[chunk] = host.numpy()
