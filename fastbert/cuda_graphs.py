@@ -3,7 +3,8 @@
 A captured graph bakes in its tensor addresses, its ``cu_seqlens`` capacity and its ``max_seqlen``.
 So each bucket holds static buffers of ``bucket`` tokens and a fixed-capacity ``cu_seqlens``, and
 its attention is launched for a static ``max_seqlen`` bound. A call validates and unpacks its batch
-eagerly (host syncs are fine there), copies the packed tokens into the smallest bucket that holds
+eagerly with one host sync (a tokenizer's padded batch in the one ``pack_padded_batch`` kernel,
+other forms through ``check_inputs``), copies the packed tokens into the smallest bucket that holds
 them, and replays. The tokens past the last real one are cut into short sequences (at most
 ``PADDING_PIECE`` tokens, so their attention costs little) that attend only among themselves: every
 row is computed on initialised inputs (zeros, or the already validated indices of an earlier call),
@@ -36,6 +37,11 @@ from .validation import ID_DTYPES, check_inputs, table_sizes
 # run with power-of-two buckets replayed a 4915-token batch in 16384: 3.3x its work).
 DEFAULT_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024) + tuple(range(1536, 16384 + 1, 512))
 PADDING_PIECE = 64
+# Up to this many positions (batch x seqlen) CUDAGraphRunner unpads a padded batch in the one
+# pack_padded_batch kernel. Its single program was 7-8x faster than the composition it replaced up to
+# 1024 positions, 2.7x at 4096, 0.81x at 16384 and 0.44x at 32768 (H200, 2026-11-26): up to here the
+# ~25 launches it saves (each tens of microseconds of host time) outweigh that; past it, not.
+ONE_KERNEL_UNPAD_POSITIONS = 32768
 
 
 def _plain_call(model, kwargs, allowed=()) -> bool:
@@ -294,11 +300,42 @@ class CUDAGraphRunner(_GraphRunner):
             output = self._replay(input_ids, attention_mask, token_type_ids, position_ids, kwargs)
         return eager() if output is None else output
 
+    def _unpad_in_one_kernel(self, input_ids, attention_mask, token_type_ids, sizes):
+        """A padded batch with an integer or bool mask (what a tokenizer gives), unpadded and checked by
+        ``pack_padded_batch`` (one kernel on a GPU) and one read-back, where check_inputs' packing and
+        checks take a composition of small launches (which small batches wait on) and the same one sync.
+        None where it does not apply or a value is out of range (check_inputs then takes the batch, and
+        raises)."""
+        if (attention_mask is None or input_ids.dim() != 2 or input_ids.dtype not in ID_DTYPES
+                or not 0 < input_ids.numel() <= ONE_KERNEL_UNPAD_POSITIONS
+                or attention_mask.is_floating_point() or tuple(attention_mask.shape) != tuple(input_ids.shape)
+                or attention_mask.device != input_ids.device or input_ids.shape[1] > sizes.max_position_embeddings):
+            return None
+        batch, seqlen = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        elif (token_type_ids.dtype not in ID_DTYPES or token_type_ids.device != input_ids.device
+              or tuple(token_type_ids.shape) not in ((batch, seqlen), (1, seqlen))):
+            return None
+        packed = ops.pack_padded_batch(input_ids, attention_mask, token_type_ids.expand(batch, seqlen),
+                                       sizes.vocab_size, sizes.type_vocab_size)
+        real = packed.packing.cu_seqlens[:batch + 1]  # then the padding's pieces, which a replay has its own of
+        tokens, longest, *extremes = torch.cat([real[-1:], real.diff().amax(0, keepdim=True), packed.extremes]).tolist()
+        if validation.refused(extremes, [sizes.vocab_size, sizes.type_vocab_size, 2]):
+            return None
+        packing = ops.Packing(packed.packing.indices[:tokens], real, longest, batch, seqlen)
+        return validation.ModelInputs(packed.input_ids[:tokens], None, packed.position_ids[:tokens],
+                                      packed.token_type_ids[:tokens], packing)
+
     def _replay(self, input_ids, attention_mask, token_type_ids, position_ids, kwargs):
         """The output through a bucket's graph, or None when the batch fits no bucket."""
-        inputs = check_inputs(table_sizes(self.model.config, self.model.embeddings), input_ids, attention_mask,
-                              token_type_ids, position_ids, None,
-                              kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
+        sizes = table_sizes(self.model.config, self.model.embeddings)
+        inputs = None
+        if position_ids is None and not kwargs:
+            inputs = self._unpad_in_one_kernel(input_ids, attention_mask, token_type_ids, sizes)
+        if inputs is None:
+            inputs = check_inputs(sizes, input_ids, attention_mask, token_type_ids, position_ids, None,
+                                  kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         packing = inputs.packing
         tokens, sequences = packing.num_tokens, packing.cu_seqlens.numel() - 1
         fits = (max(tokens, sequences) <= self.buckets[-1] and sequences <= self.max_sequences
@@ -345,9 +382,9 @@ class PaddedCUDAGraphRunner(_GraphRunner):
     padded batches: one graph per (batch, seqlen) bucket, taking ``input_ids``, ``attention_mask`` and
     ``token_type_ids`` as they come.
 
-    :class:`CUDAGraphRunner` validates and unpads each batch eagerly, about 30 small launches and a
-    host sync before its replay: on the H200 run (2026-11-26) that work, not the replay, set the 1x128
-    time (0.99 ms). Here the graph holds it all: the sync-free static-size unpadding that torch.compile
+    :class:`CUDAGraphRunner` validates and unpads each batch eagerly with a host sync before its
+    replay (about 30 small launches until it unpadded a tokenizer's batch in one kernel): on the H200
+    run (2026-11-26) that work, not the replay, set the 1x128 time (0.99 ms). Here the graph holds it all: the sync-free static-size unpadding that torch.compile
     uses (the padding is computed on, never read), the value checks (read back after the replay, one
     sync; a bad value re-runs the batch eagerly, which raises the model's own error), re-padding and
     the pooler. A call copies three tensors in and slices two out. The price: the padding positions of

@@ -172,14 +172,18 @@ def test_padded_graph_runner_matches_eager(capture):
                  1e-5, "broadcast types, bool mask")
 
 
+@pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
 @pytest.mark.parametrize("capture", [False] + ([True] if torch.cuda.is_available() else []))
-def test_padded_graph_runner_refuses_bad_values_like_the_model(capture):
-    """Value checks run inside the graph: a bad id, token type or mask value raises the model's own
-    error (the batch re-runs eagerly), and the runner keeps working after it."""
+def test_graph_runners_refuse_bad_values_like_the_model(capture, runner_class):
+    """A bad id, token type or mask value raises the model's own error (PaddedCUDAGraphRunner checks
+    inside the graph and re-runs the batch eagerly; CUDAGraphRunner reads the checks back with its
+    unpadding), and the runner keeps working after it."""
     device = "cuda" if capture else "cpu"
     fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
     fast = fast.to(device)
-    runner = PaddedCUDAGraphRunner(fast, batch_buckets=(4,), seqlen_step=16, capture=capture)
+    runner = (PaddedCUDAGraphRunner(fast, batch_buckets=(4,), seqlen_step=16, capture=capture)
+              if runner_class is PaddedCUDAGraphRunner else
+              CUDAGraphRunner(fast, buckets=(16, 64), max_sequences=4, max_seqlen=32, capture=capture))
     ids, types = random_inputs(fast.config, 2, 12, device=device)
     mask = make_mask("right", 2, 12).to(device)
     bad_ids = ids.clone()
@@ -214,6 +218,9 @@ def test_padded_graph_runner_refuses_bad_values_like_the_model(capture):
         runner(bad_ids, mask.float(), types)
     big_ids, big_types = random_inputs(fast.config, 5, 12, device=device)
     assert runner(big_ids, None, big_types).last_hidden_state.shape == (5, 12, fast.config.hidden_size)
+    if runner_class is CUDAGraphRunner:
+        assert set(runner._buckets) == {64}  # the good batches replayed
+        return
     # Rounding up never makes a bucket longer than the position table (64 here).
     long_runner = PaddedCUDAGraphRunner(fast, batch_buckets=(2,), seqlen_step=48, max_seqlen=100, capture=capture)
     long_ids, long_types = random_inputs(fast.config, 2, 60, device=device)
@@ -657,6 +664,61 @@ def test_graph_runner_hands_packed_input_it_cannot_take_back():
             runner.replay_packed(*bad)
     fast.first_token_only = True
     assert runner.replay_packed(ids[:6], types[:6], [6]) is None
+
+
+def test_graph_runner_unpads_a_tokenizer_batch_in_one_op(monkeypatch):
+    """A padded batch with an integer or bool mask (what a tokenizer gives) is unpadded and checked by
+    pack_padded_batch (one kernel on a GPU) instead of check_inputs' composition, with token types
+    given, broadcast from one row or absent, and every mask kind: each equals the eager model. Batches
+    without a mask, with a float mask or with position_ids still go through check_inputs."""
+    import fastbert.cuda_graphs as cuda_graphs
+    from fastbert import ops
+
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    runner = CUDAGraphRunner(fast, buckets=(16, 64), max_sequences=8, max_seqlen=32, capture=False)
+    calls = []
+    for module, name in ((cuda_graphs, "check_inputs"), (ops, "pack_padded_batch")):
+        def counted(*args, _original=getattr(module, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    gen = torch.Generator().manual_seed(31)
+    for kind, types_form, mask_dtype, taken in [
+            ("right", "full", torch.long, "pack_padded_batch"), ("left", "row", torch.long, "pack_padded_batch"),
+            ("holes", None, torch.bool, "pack_padded_batch"),
+            ("fully_masked_row", "full", torch.int32, "pack_padded_batch"),
+            ("none", "full", None, "check_inputs"), ("right", "full", torch.float32, "check_inputs")]:
+        ids, types = random_inputs(fast.config, 4, 9, gen)
+        types = {"full": types, "row": types[:1], None: None}[types_form]
+        mask = None if mask_dtype is None else make_mask(kind, 4, 9, gen).to(mask_dtype)
+        calls.clear()
+        got, want = runner(ids, mask, types), _outputs(fast, ids, mask, types)
+        assert calls[0] == taken and calls.count(taken) == 1, (kind, types_form, mask_dtype, calls)
+        what = f"{kind} mask ({mask_dtype}), types {types_form}"
+        assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, what)
+        assert_close(got.pooler_output, want.pooler_output, 1e-5, f"{what} pooler")
+    ids, types = random_inputs(fast.config, 2, 9, gen)
+    calls.clear()
+    runner(ids, torch.ones_like(ids), types, position_ids=torch.arange(9).expand(2, 9))
+    assert calls[0] == "check_inputs"
+    monkeypatch.setattr(cuda_graphs, "ONE_KERNEL_UNPAD_POSITIONS", 17)  # past it: check_inputs
+    mask = make_mask("right", 2, 9, gen)
+    calls.clear()
+    assert_close(runner(ids, mask, types).last_hidden_state, _outputs(fast, ids, mask, types).last_hidden_state,
+                 1e-5, "18 positions")
+    assert calls[0] == "check_inputs"
+    monkeypatch.setattr(cuda_graphs, "ONE_KERNEL_UNPAD_POSITIONS", 18)
+    calls.clear()
+    runner(ids, mask, types)
+    assert calls[0] == "pack_padded_batch"
+    # Padded past the runner's max_seqlen, its sequences within it: the bound is the longest real row.
+    narrow = CUDAGraphRunner(fast, buckets=(64,), max_sequences=8, max_seqlen=24, capture=False)
+    ids, types = random_inputs(fast.config, 2, 40, gen)
+    mask = (torch.arange(40) < torch.tensor([[10], [20]])).long()
+    assert_close(narrow(ids, mask, types).last_hidden_state, _outputs(fast, ids, mask, types).last_hidden_state,
+                 1e-5, "rows of 10 and 20 tokens padded to 40")
+    assert narrow.has_graph(64)
 
 
 def test_graph_runner_runs_batches_of_more_sequences_than_it_holds_eagerly():
