@@ -306,15 +306,18 @@ class CUDAGraphRunner(_GraphRunner):
         checks take a composition of small launches (which small batches wait on) and the same one sync.
         None where it does not apply or a value is out of range (check_inputs then takes the batch, and
         raises)."""
-        if (attention_mask is None or input_ids.dim() != 2 or input_ids.dtype not in ID_DTYPES
+        if (not isinstance(input_ids, torch.Tensor) or not isinstance(attention_mask, torch.Tensor)
+                or input_ids.dim() != 2 or input_ids.dtype not in ID_DTYPES
                 or not 0 < input_ids.numel() <= ONE_KERNEL_UNPAD_POSITIONS
-                or attention_mask.is_floating_point() or tuple(attention_mask.shape) != tuple(input_ids.shape)
+                or attention_mask.is_floating_point() or attention_mask.is_complex()
+                or tuple(attention_mask.shape) != tuple(input_ids.shape)
                 or attention_mask.device != input_ids.device or input_ids.shape[1] > sizes.max_position_embeddings):
             return None
         batch, seqlen = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        elif (token_type_ids.dtype not in ID_DTYPES or token_type_ids.device != input_ids.device
+        elif (not isinstance(token_type_ids, torch.Tensor) or token_type_ids.dtype not in ID_DTYPES
+              or token_type_ids.device != input_ids.device
               or tuple(token_type_ids.shape) not in ((batch, seqlen), (1, seqlen))):
             return None
         packed = ops.pack_padded_batch(input_ids, attention_mask, token_type_ids.expand(batch, seqlen),

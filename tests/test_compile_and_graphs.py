@@ -702,6 +702,11 @@ def test_graph_runner_unpads_a_tokenizer_batch_in_one_op(monkeypatch):
     calls.clear()
     runner(ids, torch.ones_like(ids), types, position_ids=torch.arange(9).expand(2, 9))
     assert calls[0] == "check_inputs"
+    # What check_inputs names: no input_ids, a complex mask.
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        runner(None, torch.ones(2, 9, dtype=torch.long), types)
+    with pytest.raises(TypeError, match="attention_mask must be a 0/1 mask"):
+        runner(ids, torch.ones(2, 9, dtype=torch.complex64), types)
     monkeypatch.setattr(cuda_graphs, "ONE_KERNEL_UNPAD_POSITIONS", 17)  # past it: check_inputs
     mask = make_mask("right", 2, 9, gen)
     calls.clear()
