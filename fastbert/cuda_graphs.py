@@ -53,6 +53,27 @@ def _plain_call(model, kwargs, allowed=()) -> bool:
             and getattr(config, "return_dict", True) and all(key in allowed for key in kwargs))
 
 
+def _integer_padded_batch(input_ids, attention_mask, token_type_ids, device=None) -> bool:
+    """Whether a call's tensors are the padded batch both runners unpad themselves: 2-D non-empty
+    int64 / int32 ``input_ids``, an integer or bool mask of its shape, token types of its shape or one
+    row (mask and types may be missing), all on ``device`` (default: ``input_ids``'). Anything else
+    goes to the model or check_inputs, which name what is wrong (bool or uint8 ids included)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
+        return False
+    device = input_ids.device if device is None else device
+    batch, seqlen = input_ids.shape
+    for t in (input_ids, attention_mask, token_type_ids):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.device != device or t.is_floating_point() or t.is_complex():
+            return False
+        if t is not attention_mask and t.dtype not in ID_DTYPES:
+            return False
+        if t is not input_ids and tuple(t.shape) not in ((batch, seqlen), (1, seqlen)):
+            return False
+    return attention_mask is None or tuple(attention_mask.shape) == (batch, seqlen)
+
+
 def _on_device(device: torch.device, capture: bool):
     """The model's GPU as the current device while graphs are captured and replayed: capture records
     the current device's streams, and replay launches on them (a model on ``cuda:1`` with ``cuda:0``
@@ -168,7 +189,8 @@ class CUDAGraphRunner(_GraphRunner):
     ``compact_attention``: launch the fused attention on its compact grid (a program per query block
     with rows) rather than one per query block of ``max_seqlen`` and sequence slot, most of them
     empty, at head dim 64 (the kernel's ``COMPACT_HEAD_DIM``; other head dims keep the plain grid);
-    off until timed on a GPU (benchmarks/RESULTS.md).
+    opt-in: on the H200 the model's times with it were within 1.3% of the plain grid's
+    (benchmarks/RESULTS.md, fourth measurement).
 
     Graphs read the model's weights where they were at capture: updates in place (an optimizer step,
     ``load_state_dict``) are seen by the next replay; weights replaced by new tensors (``.to()``,
@@ -306,20 +328,13 @@ class CUDAGraphRunner(_GraphRunner):
         checks take a composition of small launches (which small batches wait on) and the same one sync.
         None where it does not apply or a value is out of range (check_inputs then takes the batch, and
         raises)."""
-        if (not isinstance(input_ids, torch.Tensor) or not isinstance(attention_mask, torch.Tensor)
-                or input_ids.dim() != 2 or input_ids.dtype not in ID_DTYPES
-                or not 0 < input_ids.numel() <= ONE_KERNEL_UNPAD_POSITIONS
-                or attention_mask.is_floating_point() or attention_mask.is_complex()
-                or tuple(attention_mask.shape) != tuple(input_ids.shape)
-                or attention_mask.device != input_ids.device or input_ids.shape[1] > sizes.max_position_embeddings):
+        if (attention_mask is None or not _integer_padded_batch(input_ids, attention_mask, token_type_ids)
+                or input_ids.numel() > ONE_KERNEL_UNPAD_POSITIONS
+                or input_ids.shape[1] > sizes.max_position_embeddings):
             return None
         batch, seqlen = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        elif (not isinstance(token_type_ids, torch.Tensor) or token_type_ids.dtype not in ID_DTYPES
-              or token_type_ids.device != input_ids.device
-              or tuple(token_type_ids.shape) not in ((batch, seqlen), (1, seqlen))):
-            return None
         packed = ops.pack_padded_batch(input_ids, attention_mask, token_type_ids.expand(batch, seqlen),
                                        sizes.vocab_size, sizes.type_vocab_size)
         real = packed.packing.cu_seqlens[:batch + 1]  # then the padding's pieces, which a replay has its own of
@@ -387,9 +402,10 @@ class PaddedCUDAGraphRunner(_GraphRunner):
 
     :class:`CUDAGraphRunner` validates and unpads each batch eagerly with a host sync before its
     replay (about 30 small launches until it unpadded a tokenizer's batch in one kernel): on the H200
-    run (2026-11-26) that work, not the replay, set the 1x128 time (0.99 ms). Here the graph holds it all: the sync-free static-size unpadding that torch.compile
-    uses (the padding is computed on, never read), the value checks (read back after the replay, one
-    sync; a bad value re-runs the batch eagerly, which raises the model's own error), re-padding and
+    run (2026-11-26) that work, not the replay, set the 1x128 time (0.99 ms). Here the graph holds it
+    all: the sync-free static-size unpadding that torch.compile uses (the padding is computed on,
+    never read), the value checks (read back after the replay, one sync; a bad value re-runs the
+    batch eagerly, which raises the model's own error), re-padding and
     the pooler. A call copies three tensors in and slices two out. The price: the padding positions of
     a bucket are computed on, so batches with much padding are cheaper through CUDAGraphRunner.
 
@@ -435,21 +451,11 @@ class PaddedCUDAGraphRunner(_GraphRunner):
 
     def _takes(self, input_ids, attention_mask, token_type_ids, kwargs) -> bool:
         """Whether the graphs take this call (else the model runs it eagerly, and raises what it raises)."""
-        if not _plain_call(self.model, kwargs) or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        if not _plain_call(self.model, kwargs) or not _integer_padded_batch(input_ids, attention_mask, token_type_ids,
+                                                                             self.device):
             return False
         batch, seqlen = input_ids.shape
-        if not (0 < batch <= self.batch_buckets[-1] and 0 < seqlen <= self.max_seqlen):
-            return False
-        for t in (input_ids, attention_mask, token_type_ids):
-            if t is None:
-                continue
-            if t.device != self.device or t.is_floating_point() or t.is_complex():
-                return False
-            if t is not attention_mask and t.dtype not in ID_DTYPES:
-                return False  # the model refuses other id dtypes (bool, uint8, ...): let it say so
-            if t is not input_ids and tuple(t.shape) not in ((batch, seqlen), (1, seqlen)):
-                return False
-        return attention_mask is None or tuple(attention_mask.shape) == (batch, seqlen)
+        return batch <= self.batch_buckets[-1] and seqlen <= self.max_seqlen
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:
