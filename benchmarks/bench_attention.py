@@ -22,7 +22,7 @@ Implementations, each on the same sequences:
   defaults launch it in a bucket of 512 tokens or more (a program per query block of 512 tokens x
   sequence slot x head, most returning at once): against
   ``fastbert-triton``, what those programs cost; ``fastbert-triton+runner-slots+compact``: the same
-  launch on the compact grid (a program per query block with rows), not yet the default anywhere.
+  launch on the compact grid (a program per query block with rows), opt-in.
 
 TFLOP/s counts the useful work only, ``4 * sum(L_i^2) * heads * head_dim`` (QK^T and PV), for every
 implementation, so the figures compare time to the same answer. ``benchmark.extra_info`` holds

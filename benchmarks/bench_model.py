@@ -8,7 +8,7 @@ padded batch through the same API (it unpads inside), eagerly and through its tw
 ``PaddedCUDAGraphRunner``: the whole forward in a graph per batch-shape bucket). On BERT-base bf16,
 fastbert's rows run the default ``FASTBERT_GEMM=cublaslt`` (the FFN's first matmul with its bias and
 tanh-form GELU in cuBLASLt's epilogue), ``+compact`` rows ``CUDAGraphRunner`` with its attention on the
-compact grid (not yet its default), ``+cublas`` rows ``FASTBERT_GEMM=cublas`` (cuBLAS, then the
+compact grid (opt-in), ``+cublas`` rows ``FASTBERT_GEMM=cublas`` (cuBLAS, then the
 exact-GELU epilogue kernel: the default before the third H200 run), ``+triton-gemm`` rows
 ``FASTBERT_GEMM=triton`` (matmul and GELU as one Triton GEMM), and ``module-path`` rows time eager
 fastbert without the encoder's fast path (each layer through its modules and ops: what the fast

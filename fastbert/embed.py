@@ -9,7 +9,6 @@ any other module runs through sentence-transformers itself, with fastbert swappe
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import importlib.metadata
 import json
@@ -17,7 +16,7 @@ import os
 import sys
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import numpy as np
@@ -272,7 +271,7 @@ class SentenceEmbedder:
         # Each batch's embeddings come back by an asynchronous copy (into pinned memory), read once the
         # batch PENDING_BATCHES later is queued: the host runs ahead of the GPU by that many batches,
         # and the pinned memory in use stays that small.
-        pending = collections.deque()
+        pending = deque()
         for chunk, runner in tqdm(list(zip(batches, runners)), desc="Batches", disable=not progress, file=sys.stderr):
             runner = runner if self.cuda_graphs else None  # a capture may have run out of memory
             pooled = self._encode_batch([ids[i] for i in chunk], [types[i] for i in chunk], runner)
