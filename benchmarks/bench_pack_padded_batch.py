@@ -3,7 +3,7 @@
 Implementations, each on the same ``[batch, seqlen]`` batch (ids, token types, a right-padded mask of
 random lengths, as a tokenizer pads):
 
-- ``fastbert-triton``: ``fastbert.ops.pack_padded_batch``, one Triton program;
+- ``fastbert-triton``: ``fastbert.ops.pack_padded_batch``, blocks of positions in two Triton launches;
 - ``torch-eager``: ``pack_padded_batch_reference``, the PyTorch composition it replaces (a sort, sums
   and offsets, gathers, clamps and masked extremes: ~19 kernels).
 

@@ -38,10 +38,12 @@ from .validation import ID_DTYPES, check_inputs, table_sizes
 DEFAULT_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024) + tuple(range(1536, 16384 + 1, 512))
 PADDING_PIECE = 64
 # Up to this many positions (batch x seqlen) CUDAGraphRunner unpads a padded batch in the one
-# pack_padded_batch kernel. Its single program was 7-8x faster than the composition it replaced up to
-# 1024 positions, 2.7x at 4096, 0.81x at 16384 and 0.44x at 32768 (H200, 2026-11-26): up to here the
-# ~25 launches it saves (each tens of microseconds of host time) outweigh that; past it, not.
-ONE_KERNEL_UNPAD_POSITIONS = 32768
+# pack_padded_batch op. Its kernel was then a single program, 7-8x faster than the composition it
+# replaced up to 1024 positions, 2.7x at 4096, 0.81x at 16384 and 0.44x at 32768 (H200, 2026-11-26): up
+# to here the ~25 launches it saves (each tens of microseconds of host time) outweigh that; past it,
+# not. It now runs as blocks of positions in two launches (not yet timed): the bound stays until a GPU
+# run times them past it.
+ONE_OP_UNPAD_POSITIONS = 32768
 
 
 def _plain_call(model, kwargs, allowed=()) -> bool:
@@ -322,14 +324,14 @@ class CUDAGraphRunner(_GraphRunner):
             output = self._replay(input_ids, attention_mask, token_type_ids, position_ids, kwargs)
         return eager() if output is None else output
 
-    def _unpad_in_one_kernel(self, input_ids, attention_mask, token_type_ids, sizes):
+    def _unpad_in_one_op(self, input_ids, attention_mask, token_type_ids, sizes):
         """A padded batch with an integer or bool mask (what a tokenizer gives), unpadded and checked by
-        ``pack_padded_batch`` (one kernel on a GPU) and one read-back, where check_inputs' packing and
+        ``pack_padded_batch`` (two launches on a GPU) and one read-back, where check_inputs' packing and
         checks take a composition of small launches (which small batches wait on) and the same one sync.
         None where it does not apply or a value is out of range (check_inputs then takes the batch, and
         raises)."""
         if (attention_mask is None or not _integer_padded_batch(input_ids, attention_mask, token_type_ids)
-                or input_ids.numel() > ONE_KERNEL_UNPAD_POSITIONS
+                or input_ids.numel() > ONE_OP_UNPAD_POSITIONS
                 or input_ids.shape[1] > sizes.max_position_embeddings):
             return None
         batch, seqlen = input_ids.shape
@@ -350,7 +352,7 @@ class CUDAGraphRunner(_GraphRunner):
         sizes = table_sizes(self.model.config, self.model.embeddings)
         inputs = None
         if position_ids is None and not kwargs:
-            inputs = self._unpad_in_one_kernel(input_ids, attention_mask, token_type_ids, sizes)
+            inputs = self._unpad_in_one_op(input_ids, attention_mask, token_type_ids, sizes)
         if inputs is None:
             inputs = check_inputs(sizes, input_ids, attention_mask, token_type_ids, position_ids, None,
                                   kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
@@ -401,7 +403,7 @@ class PaddedCUDAGraphRunner(_GraphRunner):
     ``token_type_ids`` as they come.
 
     :class:`CUDAGraphRunner` validates and unpads each batch eagerly with a host sync before its
-    replay (about 30 small launches until it unpadded a tokenizer's batch in one kernel): on the H200
+    replay (about 30 small launches until it unpadded a tokenizer's batch in one op): on the H200
     run (2026-11-26) that work, not the replay, set the 1x128 time (0.99 ms). Here the graph holds it
     all: the sync-free static-size unpadding that torch.compile uses (the padding is computed on,
     never read), the value checks (read back after the replay, one sync; a bad value re-runs the

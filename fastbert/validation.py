@@ -323,7 +323,7 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
         if (packing is None and input_ids is not None and attention_mask is not None and position_ids is None
                 and not attention_mask.is_floating_point() and input_ids.numel() > 0):
             # A padded batch of ids (what PaddedCUDAGraphRunner captures): packing, lookups clamped and
-            # value extremes in one op (one kernel on a GPU, where the composition below is ~19).
+            # value extremes in one op (two launches on a GPU, where the composition below is ~19).
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             packed = ops.pack_padded_batch(input_ids, attention_mask, token_type_ids, config.vocab_size,

@@ -668,7 +668,7 @@ def test_graph_runner_hands_packed_input_it_cannot_take_back():
 
 def test_graph_runner_unpads_a_tokenizer_batch_in_one_op(monkeypatch):
     """A padded batch with an integer or bool mask (what a tokenizer gives) is unpadded and checked by
-    pack_padded_batch (one kernel on a GPU) instead of check_inputs' composition, with token types
+    pack_padded_batch (two launches on a GPU) instead of check_inputs' composition, with token types
     given, broadcast from one row or absent, and every mask kind: each equals the eager model. Batches
     without a mask, with a float mask or with position_ids still go through check_inputs."""
     import fastbert.cuda_graphs as cuda_graphs
@@ -707,13 +707,13 @@ def test_graph_runner_unpads_a_tokenizer_batch_in_one_op(monkeypatch):
         runner(None, torch.ones(2, 9, dtype=torch.long), types)
     with pytest.raises(TypeError, match="attention_mask must be a 0/1 mask"):
         runner(ids, torch.ones(2, 9, dtype=torch.complex64), types)
-    monkeypatch.setattr(cuda_graphs, "ONE_KERNEL_UNPAD_POSITIONS", 17)  # past it: check_inputs
+    monkeypatch.setattr(cuda_graphs, "ONE_OP_UNPAD_POSITIONS", 17)  # past it: check_inputs
     mask = make_mask("right", 2, 9, gen)
     calls.clear()
     assert_close(runner(ids, mask, types).last_hidden_state, _outputs(fast, ids, mask, types).last_hidden_state,
                  1e-5, "18 positions")
     assert calls[0] == "check_inputs"
-    monkeypatch.setattr(cuda_graphs, "ONE_KERNEL_UNPAD_POSITIONS", 18)
+    monkeypatch.setattr(cuda_graphs, "ONE_OP_UNPAD_POSITIONS", 18)
     calls.clear()
     runner(ids, mask, types)
     assert calls[0] == "pack_padded_batch"

@@ -1,6 +1,6 @@
 """The static-size packing of a padded batch with its value checks: what ``PaddedCUDAGraphRunner``'s
-graph runs before the embeddings (``validation.static_forms``). One Triton program on a GPU
-(kernels/pack_padded_batch.py), the PyTorch composition it replaces elsewhere."""
+graph runs before the embeddings (``validation.static_forms``). Two Triton launches on a GPU
+(kernels/pack_padded_batch.py), the PyTorch composition they replace elsewhere."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ if backend.triton_available():
 
     from fastbert.kernels.pack_padded_batch import _pack_padded_batch_fwd_kernel, pack_padded_batch_fwd
 
-    def _launch(input_ids, attention_mask, token_type_ids, vocab_size: int, type_vocab_size: int, kernel=None):
+    def _launch(input_ids, attention_mask, token_type_ids, vocab_size: int, type_vocab_size: int, launch=None):
         # The kernel takes a row stride per input (0 for token types broadcast from one row) and unit
         # column strides: anything else (a transposed or sliced view, types broadcast from a column)
         # is copied first.
@@ -74,7 +74,7 @@ if backend.triton_available():
         with backend.device_guard(input_ids):
             pack_padded_batch_fwd(input_ids, attention_mask, token_type_ids, vocab_size, type_vocab_size,
                                   (indices, valid, packed_ids, packed_types, positions, cu_seqlens, extremes),
-                                  kernel=kernel)
+                                  launch=launch)
         return indices, valid, packed_ids, packed_types, positions, cu_seqlens, extremes
 
     @torch.library.triton_op(TRITON_OP, mutates_args=())
@@ -85,8 +85,8 @@ if backend.triton_available():
         """(indices, valid, packed ids, packed token types, positions, cu_seqlens, extremes) of a
         ``[batch, seqlen]`` batch (kernels/pack_padded_batch.py)."""
         interpreted = backend.is_interpreted(_pack_padded_batch_fwd_kernel)
-        kernel = _pack_padded_batch_fwd_kernel if interpreted else wrap_triton(_pack_padded_batch_fwd_kernel)
-        return _launch(input_ids, attention_mask, token_type_ids, vocab_size, type_vocab_size, kernel)
+        return _launch(input_ids, attention_mask, token_type_ids, vocab_size, type_vocab_size,
+                       None if interpreted else wrap_triton)
 
 
 def _check(input_ids, attention_mask, token_type_ids, vocab_size: int, type_vocab_size: int) -> None:

@@ -4,8 +4,9 @@
 - Under ``TRITON_INTERPRET=1`` on CPU tensors, in a child pytest process: every output equal to the
   reference's, element for element, with the launch helper's outputs pre-filled with a sentinel (an
   unwritten element fails): right / left padding, holes, fully masked rows, no padding, one position,
-  batches of several blocks, int32 ids, bool masks, broadcast and strided inputs, out-of-range ids and
-  token types at real tokens and at padding.
+  batches of several blocks and of more blocks (and rows) than the second launch reads a step, int32
+  ids, bool masks, broadcast and strided inputs, out-of-range ids and token types at real tokens and at
+  padding.
 - On a GPU (skipped without one): the same cases.
 - Here: the reference's own meaning (the static unpadding, the lookups and the extremes), the input
   checks, the backend choice and the registered schema.
@@ -28,7 +29,9 @@ P = importlib.import_module("fastbert.ops.pack_padded_batch")
 VOCAB, TYPES = 100, 3
 NAMES = ("indices", "valid", "packed_ids", "packed_types", "positions", "cu_seqlens", "extremes")
 MASK_KINDS = ["right", "left", "holes", "fully_masked_row", "none"]
-SHAPES = [(1, 1), (1, 128), (3, 7), (4, 300), (2, 1100), (5, 1030)]  # the last two: several 1024-blocks
+# (4, 300) on: several blocks of positions; (300, 3): more rows than the kernel's padding-piece step.
+SHAPES = [(1, 1), (1, 128), (3, 7), (4, 300), (2, 1100), (5, 1030), (300, 3)]
+MANY_BLOCKS = (70, 1000)  # more blocks than the second launch reads counts a step (137 of 512 positions)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 
 
@@ -76,6 +79,18 @@ def case_matches_reference(device, kind, shape, mask_dtype, id_dtype, out_of_ran
         packed = P.pack_padded_batch(ids, mask, types, VOCAB, TYPES)
     got = packed.outputs()
     assert_same(got, want, f"op {kind} {shape}")
+
+
+def case_more_blocks_than_a_step(device, kind):
+    """A batch of more blocks than the second launch reads counts a step, its extremes only in the last
+    block (past that step): an id, a token type and a mask value out of range at its last real tokens."""
+    ids, mask, types = make_batch(kind, *MANY_BLOCKS, seed=5)
+    mask[-1, -2:] = torch.tensor([1, 3])  # a mask of 3 counts as a real token, and as its largest value
+    ids[-1, -1], types[-1, -2] = VOCAB + 7, -3
+    ids, mask, types = ids.to(device), mask.to(device), types.to(device)
+    want = P.pack_padded_batch_reference(ids, mask, types, VOCAB, TYPES)
+    assert want[-1].tolist()[1::2] == [VOCAB + 7, TYPES - 1, 3]
+    assert_same(launch(ids, mask, types, device), want, f"{kind} {MANY_BLOCKS}")
 
 
 def case_broadcast_and_strided(device):
@@ -199,7 +214,7 @@ test_fused_op_is_registered = registered_schema_test(
 # ---------------------------------------------------------------------------------------------------
 # The interpreter: these cases are defined only in the child process.
 
-test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 60)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 80)
 
 
 if IN_CHILD:
@@ -217,6 +232,10 @@ if IN_CHILD:
     @pytest.mark.parametrize("kind", ["holes", "fully_masked_row"])
     def test_interpreter_case_other_dtypes(kind, mask_dtype, id_dtype):
         case_matches_reference("cpu", kind, (3, 70), mask_dtype, id_dtype, True)
+
+    @pytest.mark.parametrize("kind", ["holes", "fully_masked_row"])
+    def test_interpreter_case_more_blocks_than_a_step(kind):
+        case_more_blocks_than_a_step("cpu", kind)
 
     def test_interpreter_case_broadcast_and_strided():
         case_broadcast_and_strided("cpu")
@@ -243,3 +262,7 @@ class TestCuda:
     def test_other_dtypes_broadcast_and_strided(self, mask_dtype, id_dtype):
         case_matches_reference("cuda", "holes", (3, 70), mask_dtype, id_dtype, True)
         case_broadcast_and_strided("cuda")
+
+    @pytest.mark.parametrize("kind", ["holes", "fully_masked_row"])
+    def test_more_blocks_than_a_step(self, kind):
+        case_more_blocks_than_a_step("cuda", kind)
