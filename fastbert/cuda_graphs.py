@@ -496,11 +496,11 @@ class PaddedCUDAGraphRunner(_GraphRunner):
             hidden, pooled, extremes, limits = bucket.outputs
         else:
             hidden, pooled, extremes, limits = self._forward(bucket)
+        # The copies out (the next replay overwrites the static outputs) are queued before the read-back
+        # waits for the replay, so that the host launches them while the GPU runs the graph.
+        hidden = (hidden[:batch, :seqlen] if hidden.shape[1] == bucket.shape[1] else hidden[:batch]).clone()
+        pooled = None if pooled is None else pooled[:batch].clone()
         if validation.refused(extremes.tolist(), limits):  # one sync: a value is out of range; the model says which
             self.model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
             raise RuntimeError("a value check failed in the CUDA graph but not in the eager model")
-        hidden = hidden[:batch, :seqlen] if hidden.shape[1] == bucket.shape[1] else hidden[:batch]
-        return BaseModelOutputWithPoolingAndCrossAttentions(
-            last_hidden_state=hidden.clone(),  # the next replay overwrites the static outputs
-            pooler_output=None if pooled is None else pooled[:batch].clone(),
-        )
+        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden, pooler_output=pooled)
