@@ -141,15 +141,13 @@ def pack_padded_batch_fwd(input_ids, attention_mask, token_type_ids, vocab_size:
     (``batch * seqlen`` at least 1 and below 2**30); the blocks' scratch is allocated here. ``launch``
     wraps each kernel before it is indexed by its grid (``torch.library.wrap_triton`` inside a custom
     op; None: launched directly)."""
-    import torch
-
     batch, seqlen = input_ids.shape
     n = batch * seqlen
     if not 0 < n < 2**30:
         raise ValueError(f"pack_padded_batch takes 1 to 2**30 - 1 positions, got {batch} x {seqlen}")
     wrap = (lambda kernel: kernel) if launch is None else launch
     blocks = triton.cdiv(n, BLOCK)
-    block_stats = torch.empty(blocks, STATS, dtype=torch.int64, device=input_ids.device)
+    block_stats = outputs[0].new_empty((blocks, STATS))  # int64, as the indices
     strides = (input_ids.stride(0), token_type_ids.stride(0), attention_mask.stride(0))
     wrap(_pack_padded_batch_count_kernel)[(blocks,)](
         input_ids, token_type_ids, attention_mask, block_stats, batch, seqlen, *strides,
