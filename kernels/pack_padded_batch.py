@@ -23,14 +23,16 @@ those of ``fastbert.ops.pack_padded_batch_reference``:
 The flat positions are cut into blocks of ``BLOCK``, one program each, in two launches:
 
 1. ``_pack_padded_batch_count_kernel`` writes each block's real-token count and value extremes to
-   ``block_stats`` (``[blocks, 8]`` int64: count, then the six extremes);
+   ``block_stats`` (``[8, blocks]`` int64, slot-major so that the counts are adjacent: the counts, then
+   the six extremes);
 2. ``_pack_padded_batch_fwd_kernel`` sums the counts of the blocks before its own (its first packed
    row) and of all blocks (``total``), then stores every position at its packed row: a real token at
    ``p`` = the real tokens before it, padding at ``total + (its flat position - p)``; its first program
    also writes the tail of ``cu_seqlens`` and reduces the blocks' extremes.
 
-Each program of the second launch reads every block's count: ``blocks**2`` reads in all, a few
-thousand at the default buckets (at most 64 x 512 positions), and fine up to ~10^7 positions. The
+Each program of the second launch reads every block's count: ``blocks**2`` reads in all, 4096 at the
+default buckets' largest (64 x 512 positions), 2**24 (128 MiB from L2) at ``MAX_POSITIONS``, past
+which the op takes its PyTorch composition instead. The
 single program this replaced walked the whole batch twice: 0.81x the PyTorch composition at 32 x 512
 and 0.44x at 64 x 512 on an H200 (2026-11-26), where the blocks spread the walk over the GPU. The
 composition of PyTorch operators both replace (a sort, a sum and a cumsum, the offsets, two gathers,
@@ -45,6 +47,7 @@ BLOCK = 512
 BLOCK_B = 128  # block counts (or padding pieces) read a step by the second launch
 NUM_WARPS = 4
 STATS = 8  # int64 slots a block: its real-token count, then id, type and mask (lowest, highest)
+MAX_POSITIONS = 2**21  # the launches take fewer (4096 blocks: see above)
 
 
 @triton.jit
@@ -81,7 +84,7 @@ def _pack_padded_batch_count_kernel(
     stats = tl.where(slot == 4, tl.max(tl.where(inside, types, -big), axis=0), stats)
     stats = tl.where(slot == 5, tl.min(tl.where(inside, m, big), axis=0), stats)
     stats = tl.where(slot == 6, tl.max(tl.where(inside, m, -big), axis=0), stats)
-    tl.store(block_stats_ptr + block * STATS + slot, stats)
+    tl.store(block_stats_ptr + slot * tl.num_programs(0) + block, stats)
 
 
 @triton.jit
@@ -99,10 +102,10 @@ def _pack_padded_batch_fwd_kernel(
     total = first
     for q0 in range(0, blocks, BLOCK_B):
         q = q0 + tl.arange(0, BLOCK_B)
-        counts = tl.load(block_stats_ptr + q * STATS, mask=q < blocks, other=0)
+        counts = tl.load(block_stats_ptr + q, mask=q < blocks, other=0)
         first += tl.sum(tl.where(q < block, counts, 0), axis=0)
         total += tl.sum(counts, axis=0)
-    first, total = first.to(tl.int32), total.to(tl.int32)  # n < 2**30
+    first, total = first.to(tl.int32), total.to(tl.int32)  # n < MAX_POSITIONS
 
     flat, col, inside, _, keep, ids, types = _load_block(ids_ptr, types_ptr, mask_ptr, block * BLOCK, n, seqlen,
                                                          stride_ids, stride_types, stride_mask, BLOCK)
@@ -128,9 +131,10 @@ def _pack_padded_batch_fwd_kernel(
         highs = tl.full([STATS], -big, tl.int64)
         for q0 in range(0, blocks, BLOCK_B):
             q = q0 + tl.arange(0, BLOCK_B)
-            stats = tl.load(block_stats_ptr + q[:, None] * STATS + slot[None, :], mask=(q < blocks)[:, None], other=0)
-            lows = tl.minimum(lows, tl.min(tl.where((q < blocks)[:, None], stats, big), axis=0))
-            highs = tl.maximum(highs, tl.max(tl.where((q < blocks)[:, None], stats, -big), axis=0))
+            listed = (q < blocks)[None, :]  # (not `inside`: a name of another shape above)
+            stats = tl.load(block_stats_ptr + slot[:, None] * blocks + q[None, :], mask=listed, other=0)
+            lows = tl.minimum(lows, tl.min(tl.where(listed, stats, big), axis=1))
+            highs = tl.maximum(highs, tl.max(tl.where(listed, stats, -big), axis=1))
         tl.store(extremes_ptr + slot - 1, tl.where(slot % 2 == 1, lows, highs), mask=(slot >= 1) & (slot <= 6))
 
 
@@ -138,16 +142,16 @@ def pack_padded_batch_fwd(input_ids, attention_mask, token_type_ids, vocab_size:
                           outputs, launch=None):
     """Launch both kernels: ``outputs`` = (indices, valid, packed_ids, packed_types, positions,
     cu_seqlens, extremes), allocated by the caller with the shapes and dtypes of the module docstring
-    (``batch * seqlen`` at least 1 and below 2**30); the blocks' scratch is allocated here. ``launch``
+    (``batch * seqlen`` at least 1 and below ``MAX_POSITIONS``); the blocks' scratch is allocated here. ``launch``
     wraps each kernel before it is indexed by its grid (``torch.library.wrap_triton`` inside a custom
     op; None: launched directly)."""
     batch, seqlen = input_ids.shape
     n = batch * seqlen
-    if not 0 < n < 2**30:
-        raise ValueError(f"pack_padded_batch takes 1 to 2**30 - 1 positions, got {batch} x {seqlen}")
+    if not 0 < n < MAX_POSITIONS:
+        raise ValueError(f"pack_padded_batch's kernels take 1 to {MAX_POSITIONS - 1} positions, got {batch} x {seqlen}")
     wrap = (lambda kernel: kernel) if launch is None else launch
     blocks = triton.cdiv(n, BLOCK)
-    block_stats = outputs[0].new_empty((blocks, STATS))  # int64, as the indices
+    block_stats = outputs[0].new_empty((STATS, blocks))  # int64, as the indices
     strides = (input_ids.stride(0), token_type_ids.stride(0), attention_mask.stride(0))
     wrap(_pack_padded_batch_count_kernel)[(blocks,)](
         input_ids, token_type_ids, attention_mask, block_stats, batch, seqlen, *strides,

@@ -55,7 +55,7 @@ TRITON_OP = "fastbert::pack_padded_batch"
 if backend.triton_available():
     from torch.library import wrap_triton
 
-    from fastbert.kernels.pack_padded_batch import _pack_padded_batch_fwd_kernel, pack_padded_batch_fwd
+    from fastbert.kernels.pack_padded_batch import MAX_POSITIONS, _pack_padded_batch_fwd_kernel, pack_padded_batch_fwd
 
     def _launch(input_ids, attention_mask, token_type_ids, vocab_size: int, type_vocab_size: int, launch=None):
         # The kernel takes a row stride per input (0 for token types broadcast from one row) and unit
@@ -117,7 +117,7 @@ def pack_padded_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, tok
         outputs = pack_padded_batch_reference(*args)
     else:
         backend.check_kernel_runs_here(_pack_padded_batch_fwd_kernel, input_ids.device)
-        if input_ids.shape[0] * input_ids.shape[1] >= 2**30:
+        if input_ids.shape[0] * input_ids.shape[1] >= MAX_POSITIONS:  # past what the kernels are made for
             outputs = pack_padded_batch_reference(*args)
         elif backend.direct_launch(input_ids, attention_mask, token_type_ids):
             outputs = _launch(*args)

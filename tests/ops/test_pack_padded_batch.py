@@ -214,7 +214,7 @@ test_fused_op_is_registered = registered_schema_test(
 # ---------------------------------------------------------------------------------------------------
 # The interpreter: these cases are defined only in the child process.
 
-test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 80)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 81)
 
 
 if IN_CHILD:
@@ -236,6 +236,22 @@ if IN_CHILD:
     @pytest.mark.parametrize("kind", ["holes", "fully_masked_row"])
     def test_interpreter_case_more_blocks_than_a_step(kind):
         case_more_blocks_than_a_step("cpu", kind)
+
+    def test_interpreter_case_past_the_kernels_bound_takes_the_reference(monkeypatch):
+        """From MAX_POSITIONS on (the second launch's reads grow as the square of the blocks), the op
+        takes its PyTorch composition, with the same outputs; below it, the kernels."""
+        def refuse(*args, **kwargs):
+            raise AssertionError("the kernels were launched")
+
+        monkeypatch.setattr(P, "pack_padded_batch_fwd", refuse)
+        ids, mask, types = make_batch("holes", 3, 4, out_of_range=True)
+        monkeypatch.setattr(P, "MAX_POSITIONS", 12)
+        with backend.use_backend("triton"):
+            packed = P.pack_padded_batch(ids, mask, types, VOCAB, TYPES)
+        assert_same(packed.outputs(), P.pack_padded_batch_reference(ids, mask, types, VOCAB, TYPES), "past the bound")
+        monkeypatch.setattr(P, "MAX_POSITIONS", 13)
+        with backend.use_backend("triton"), pytest.raises(AssertionError, match="the kernels were launched"):
+            P.pack_padded_batch(ids, mask, types, VOCAB, TYPES)
 
     def test_interpreter_case_broadcast_and_strided():
         case_broadcast_and_strided("cpu")
