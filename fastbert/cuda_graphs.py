@@ -364,10 +364,10 @@ class CUDAGraphRunner(_GraphRunner):
             return None
         bucket = self._bucket(max(tokens, sequences))  # its sequence slots: min(max_sequences, its tokens)
         # Checked above, so copying into the static buffers is all that is left: no host sync. The rows
-        # past `tokens` keep indices already validated (their outputs are never read).
-        for static, value in ((bucket.input_ids, inputs.input_ids), (bucket.position_ids, inputs.position_ids),
-                              (bucket.token_type_ids, inputs.token_type_ids)):
-            static[:tokens].copy_(value)
+        # past `tokens` keep indices already validated (their outputs are never read). One launch for
+        # the three rows where their dtypes match (a foreach copy), as the padded runner copies.
+        torch._foreach_copy_([bucket.input_ids[:tokens], bucket.position_ids[:tokens], bucket.token_type_ids[:tokens]],
+                             [inputs.input_ids, inputs.position_ids, inputs.token_type_ids])
         bucket.cu_seqlens[:sequences + 1].copy_(packing.cu_seqlens)
         bucket.cu_seqlens[sequences + 1:].copy_(self._tail_offsets(tokens, sequences, bucket), non_blocking=True)
         if bucket.graph is not None:
