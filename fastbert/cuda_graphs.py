@@ -3,7 +3,7 @@
 A captured graph bakes in its tensor addresses, its ``cu_seqlens`` capacity and its ``max_seqlen``.
 So each bucket holds static buffers of ``bucket`` tokens and a fixed-capacity ``cu_seqlens``, and
 its attention is launched for a static ``max_seqlen`` bound. A call validates and unpacks its batch
-eagerly with one host sync (a tokenizer's padded batch in the one ``pack_padded_batch`` kernel,
+eagerly with one host sync (a tokenizer's padded batch in the one ``pack_padded_batch`` op,
 other forms through ``check_inputs``), copies the packed tokens into the smallest bucket that holds
 them, and replays. The tokens past the last real one are cut into short sequences (at most
 ``PADDING_PIECE`` tokens, so their attention costs little) that attend only among themselves: every

@@ -75,15 +75,15 @@ def _pack_padded_batch_count_kernel(
     _, _, inside, m, keep, ids, types = _load_block(ids_ptr, types_ptr, mask_ptr, block * BLOCK, n, seqlen,
                                                     stride_ids, stride_types, stride_mask, BLOCK)
     ids, types = tl.where(keep, ids, 0), tl.where(keep, types, 0)  # padding read as 0
-    big = 9223372036854775807
+    big, least = 9223372036854775807, -9223372036854775807 - 1  # int64's extremes (the fills)
     slot = tl.arange(0, STATS)
     stats = tl.where(slot == 0, tl.sum(keep.to(tl.int64), axis=0), 0)
     stats = tl.where(slot == 1, tl.min(tl.where(inside, ids, big), axis=0), stats)
-    stats = tl.where(slot == 2, tl.max(tl.where(inside, ids, -big), axis=0), stats)
+    stats = tl.where(slot == 2, tl.max(tl.where(inside, ids, least), axis=0), stats)
     stats = tl.where(slot == 3, tl.min(tl.where(inside, types, big), axis=0), stats)
-    stats = tl.where(slot == 4, tl.max(tl.where(inside, types, -big), axis=0), stats)
+    stats = tl.where(slot == 4, tl.max(tl.where(inside, types, least), axis=0), stats)
     stats = tl.where(slot == 5, tl.min(tl.where(inside, m, big), axis=0), stats)
-    stats = tl.where(slot == 6, tl.max(tl.where(inside, m, -big), axis=0), stats)
+    stats = tl.where(slot == 6, tl.max(tl.where(inside, m, least), axis=0), stats)
     tl.store(block_stats_ptr + slot * tl.num_programs(0) + block, stats)
 
 
@@ -125,16 +125,16 @@ def _pack_padded_batch_fwd_kernel(
             b = b0 + tl.arange(0, BLOCK_B)
             tl.store(cu_seqlens_ptr + batch + 1 + b, tl.minimum(total + (b + 1) * seqlen, n), mask=b < batch)
         # The extremes over the blocks: slots 1, 3, 5 are lowest values, 2, 4, 6 highest.
-        big = 9223372036854775807
+        big, least = 9223372036854775807, -9223372036854775807 - 1
         slot = tl.arange(0, STATS)
         lows = tl.full([STATS], big, tl.int64)
-        highs = tl.full([STATS], -big, tl.int64)
+        highs = tl.full([STATS], least, tl.int64)
         for q0 in range(0, blocks, BLOCK_B):
             q = q0 + tl.arange(0, BLOCK_B)
             listed = (q < blocks)[None, :]  # (not `inside`: a name of another shape above)
             stats = tl.load(block_stats_ptr + slot[:, None] * blocks + q[None, :], mask=listed, other=0)
             lows = tl.minimum(lows, tl.min(tl.where(listed, stats, big), axis=1))
-            highs = tl.maximum(highs, tl.max(tl.where(listed, stats, -big), axis=1))
+            highs = tl.maximum(highs, tl.max(tl.where(listed, stats, least), axis=1))
         tl.store(extremes_ptr + slot - 1, tl.where(slot % 2 == 1, lows, highs), mask=(slot >= 1) & (slot <= 6))
 
 
@@ -147,6 +147,9 @@ def pack_padded_batch_fwd(input_ids, attention_mask, token_type_ids, vocab_size:
     op; None: launched directly)."""
     batch, seqlen = input_ids.shape
     n = batch * seqlen
+    for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if seqlen > 1 and t.stride(1) != 1:  # the kernels read columns as adjacent elements
+            raise ValueError(f"pack_padded_batch's kernels take unit column strides, got {name} strides {t.stride()}")
     if not 0 < n < MAX_POSITIONS:
         raise ValueError(f"pack_padded_batch's kernels take 1 to {MAX_POSITIONS - 1} positions, got {batch} x {seqlen}")
     wrap = (lambda kernel: kernel) if launch is None else launch

@@ -5,8 +5,8 @@
   reference's, element for element, with the launch helper's outputs pre-filled with a sentinel (an
   unwritten element fails): right / left padding, holes, fully masked rows, no padding, one position,
   batches of several blocks and of more blocks (and rows) than the second launch reads a step, int32
-  ids, bool masks, broadcast and strided inputs, out-of-range ids and token types at real tokens and at
-  padding.
+  ids, bool masks, masks of other integers, broadcast and strided inputs, out-of-range ids and token
+  types at real tokens and at padding, int64's limits; nothing written past an output's end.
 - On a GPU (skipped without one): the same cases.
 - Here: the reference's own meaning (the static unpadding, the lookups and the extremes), the input
   checks, the backend choice and the registered schema.
@@ -46,19 +46,28 @@ def make_batch(kind, batch, seqlen, seed=0, mask_dtype=torch.long, id_dtype=torc
     return ids, make_mask(kind, batch, seqlen, gen).to(mask_dtype), types
 
 
+GUARD = 3  # sentinel elements past each output's end, which the kernels must leave alone
+
+
 def launch(ids, mask, types, device="cpu"):
-    """The launch helper on outputs pre-filled with a sentinel: any element it does not write fails."""
+    """The launch helper on outputs pre-filled with a sentinel: any element it does not write fails,
+    and so does any it writes past an output's end (each is the head of a longer buffer)."""
     from fastbert.kernels.pack_padded_batch import pack_padded_batch_fwd
 
     n, batch = ids.numel(), ids.shape[0]
-    outputs = (torch.full((n,), -7, dtype=torch.int64, device=device), torch.ones(n, dtype=torch.bool, device=device),
-               *(torch.full((n,), -7, dtype=torch.int64, device=device) for _ in range(3)),
-               torch.full((2 * batch + 1,), -7, dtype=torch.int32, device=device),
-               torch.full((6,), -7, dtype=torch.int64, device=device))
+    buffers = (torch.full((n + GUARD,), -7, dtype=torch.int64, device=device),
+               torch.ones(n + GUARD, dtype=torch.bool, device=device),
+               *(torch.full((n + GUARD,), -7, dtype=torch.int64, device=device) for _ in range(3)),
+               torch.full((2 * batch + 1 + GUARD,), -7, dtype=torch.int32, device=device),
+               torch.full((6 + GUARD,), -7, dtype=torch.int64, device=device))
+    outputs = tuple(b[:-GUARD] for b in buffers)
     valid = outputs[1]
     valid[: n // 2] = False  # a bool output cannot hold a sentinel: start it opposite to the answer's halves
     valid[n // 2:] = True
-    return pack_padded_batch_fwd(ids, mask, types, VOCAB, TYPES, outputs)
+    pack_padded_batch_fwd(ids, mask, types, VOCAB, TYPES, outputs)
+    for name, b in zip(NAMES, buffers):
+        assert (b[-GUARD:] == (True if b.dtype == torch.bool else -7)).all(), f"{name} written past its end"
+    return outputs
 
 
 def assert_same(got, want, what):
@@ -91,6 +100,26 @@ def case_more_blocks_than_a_step(device, kind):
     want = P.pack_padded_batch_reference(ids, mask, types, VOCAB, TYPES)
     assert want[-1].tolist()[1::2] == [VOCAB + 7, TYPES - 1, 3]
     assert_same(launch(ids, mask, types, device), want, f"{kind} {MANY_BLOCKS}")
+
+
+def case_extreme_values(device):
+    """Masks of any integer (negative and large values count as real tokens, as in the reference) and
+    ids, token types and mask values at int64's limits, at real tokens and at padding: the extremes
+    come back exact, the lookups clamped."""
+    ids, mask, types = make_batch("holes", 3, 600, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    mask = mask * torch.randint(-3, 4, mask.shape, generator=gen)  # zeros stay padding
+    least, most = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+    ids[0, :2], types[1, :2], mask[2, 5] = torch.tensor([least, most]), torch.tensor([most, least]), most
+    mask[0, :2] = mask[1, :2] = 1
+    ids, mask, types = ids.to(device), mask.to(device), types.to(device)
+    want = P.pack_padded_batch_reference(ids, mask, types, VOCAB, TYPES)
+    assert want[-1].tolist()[:4] == [least, most, least, most] and want[-1].tolist()[5] == most
+    assert_same(launch(ids, mask, types, device), want, "int64 limits, mask values -3 to 3")
+    only_least = torch.full((2, 3), least, device=device)  # every value at the lowest: the highest is it too
+    want = P.pack_padded_batch_reference(only_least, only_least, only_least, VOCAB, TYPES)
+    assert want[-1].tolist() == [least] * 6
+    assert_same(launch(only_least, only_least, only_least, device), want, "every value int64's lowest")
 
 
 def case_broadcast_and_strided(device):
@@ -214,7 +243,7 @@ test_fused_op_is_registered = registered_schema_test(
 # ---------------------------------------------------------------------------------------------------
 # The interpreter: these cases are defined only in the child process.
 
-test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 81)
+test_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 83)
 
 
 if IN_CHILD:
@@ -256,6 +285,14 @@ if IN_CHILD:
     def test_interpreter_case_broadcast_and_strided():
         case_broadcast_and_strided("cpu")
 
+    def test_interpreter_case_extreme_values():
+        case_extreme_values("cpu")
+
+    def test_interpreter_case_launcher_refuses_column_strides():
+        ids, mask, types = make_batch("right", 4, 6)
+        with pytest.raises(ValueError, match=r"unit column strides, got input_ids strides \(1, 4\)"):
+            launch(ids.t().contiguous().t(), mask, types)
+
     def test_interpreter_case_opcheck():
         ids, mask, types = make_batch("holes", 3, 9)
         torch.library.opcheck(torch.ops.fastbert.pack_padded_batch.default, (ids, mask, types, VOCAB, TYPES),
@@ -278,6 +315,7 @@ class TestCuda:
     def test_other_dtypes_broadcast_and_strided(self, mask_dtype, id_dtype):
         case_matches_reference("cuda", "holes", (3, 70), mask_dtype, id_dtype, True)
         case_broadcast_and_strided("cuda")
+        case_extreme_values("cuda")
 
     @pytest.mark.parametrize("kind", ["holes", "fully_masked_row"])
     def test_more_blocks_than_a_step(self, kind):
