@@ -32,10 +32,10 @@ The flat positions are cut into blocks of ``BLOCK``, one program each, in two la
 
 Each program of the second launch reads every block's count: ``blocks**2`` reads in all, 4096 at the
 default buckets' largest (64 x 512 positions), 2**24 (128 MiB from L2) at ``MAX_POSITIONS``, past
-which the op takes its PyTorch composition instead. The
-single program this replaced walked the whole batch twice: 0.81x the PyTorch composition at 32 x 512
-and 0.44x at 64 x 512 on an H200 (2026-11-26), where the blocks spread the walk over the GPU. The
-composition of PyTorch operators both replace (a sort, a sum and a cumsum, the offsets, two gathers,
+which the op takes its PyTorch composition instead. The single program this replaced walked the
+whole batch twice: 0.81x the PyTorch composition at 32 x 512 and 0.44x at 64 x 512 on an H200
+(2026-11-26), where the blocks spread the walk over the GPU. The composition of PyTorch operators
+both replace (a sort, a sum and a cumsum, the offsets, two gathers,
 clamps, the masked extremes and their stack) is about 19 kernels, each a launch and a dependency in
 the graph, which at batch 1 costs more than the work.
 """
@@ -48,6 +48,8 @@ BLOCK_B = 128  # block counts (or padding pieces) read a step by the second laun
 NUM_WARPS = 4
 STATS = 8  # int64 slots a block: its real-token count, then id, type and mask (lowest, highest)
 MAX_POSITIONS = 2**21  # the launches take fewer (4096 blocks: see above)
+INT64_MAX = tl.constexpr(2**63 - 1)  # the fills of running extremes
+INT64_MIN = tl.constexpr(-(2**63))
 
 
 @triton.jit
@@ -75,15 +77,14 @@ def _pack_padded_batch_count_kernel(
     _, _, inside, m, keep, ids, types = _load_block(ids_ptr, types_ptr, mask_ptr, block * BLOCK, n, seqlen,
                                                     stride_ids, stride_types, stride_mask, BLOCK)
     ids, types = tl.where(keep, ids, 0), tl.where(keep, types, 0)  # padding read as 0
-    big, least = 9223372036854775807, -9223372036854775807 - 1  # int64's extremes (the fills)
     slot = tl.arange(0, STATS)
     stats = tl.where(slot == 0, tl.sum(keep.to(tl.int64), axis=0), 0)
-    stats = tl.where(slot == 1, tl.min(tl.where(inside, ids, big), axis=0), stats)
-    stats = tl.where(slot == 2, tl.max(tl.where(inside, ids, least), axis=0), stats)
-    stats = tl.where(slot == 3, tl.min(tl.where(inside, types, big), axis=0), stats)
-    stats = tl.where(slot == 4, tl.max(tl.where(inside, types, least), axis=0), stats)
-    stats = tl.where(slot == 5, tl.min(tl.where(inside, m, big), axis=0), stats)
-    stats = tl.where(slot == 6, tl.max(tl.where(inside, m, least), axis=0), stats)
+    stats = tl.where(slot == 1, tl.min(tl.where(inside, ids, INT64_MAX), axis=0), stats)
+    stats = tl.where(slot == 2, tl.max(tl.where(inside, ids, INT64_MIN), axis=0), stats)
+    stats = tl.where(slot == 3, tl.min(tl.where(inside, types, INT64_MAX), axis=0), stats)
+    stats = tl.where(slot == 4, tl.max(tl.where(inside, types, INT64_MIN), axis=0), stats)
+    stats = tl.where(slot == 5, tl.min(tl.where(inside, m, INT64_MAX), axis=0), stats)
+    stats = tl.where(slot == 6, tl.max(tl.where(inside, m, INT64_MIN), axis=0), stats)
     tl.store(block_stats_ptr + slot * tl.num_programs(0) + block, stats)
 
 
@@ -125,16 +126,15 @@ def _pack_padded_batch_fwd_kernel(
             b = b0 + tl.arange(0, BLOCK_B)
             tl.store(cu_seqlens_ptr + batch + 1 + b, tl.minimum(total + (b + 1) * seqlen, n), mask=b < batch)
         # The extremes over the blocks: slots 1, 3, 5 are lowest values, 2, 4, 6 highest.
-        big, least = 9223372036854775807, -9223372036854775807 - 1
         slot = tl.arange(0, STATS)
-        lows = tl.full([STATS], big, tl.int64)
-        highs = tl.full([STATS], least, tl.int64)
+        lows = tl.full([STATS], INT64_MAX, tl.int64)
+        highs = tl.full([STATS], INT64_MIN, tl.int64)
         for q0 in range(0, blocks, BLOCK_B):
             q = q0 + tl.arange(0, BLOCK_B)
-            listed = (q < blocks)[None, :]  # (not `inside`: a name of another shape above)
+            listed = (q < blocks)[None, :]  # not `inside`, which holds another shape (a name keeps its type)
             stats = tl.load(block_stats_ptr + slot[:, None] * blocks + q[None, :], mask=listed, other=0)
-            lows = tl.minimum(lows, tl.min(tl.where(listed, stats, big), axis=1))
-            highs = tl.maximum(highs, tl.max(tl.where(listed, stats, least), axis=1))
+            lows = tl.minimum(lows, tl.min(tl.where(listed, stats, INT64_MAX), axis=1))
+            highs = tl.maximum(highs, tl.max(tl.where(listed, stats, INT64_MIN), axis=1))
         tl.store(extremes_ptr + slot - 1, tl.where(slot % 2 == 1, lows, highs), mask=(slot >= 1) & (slot <= 6))
 
 
@@ -142,9 +142,9 @@ def pack_padded_batch_fwd(input_ids, attention_mask, token_type_ids, vocab_size:
                           outputs, launch=None):
     """Launch both kernels: ``outputs`` = (indices, valid, packed_ids, packed_types, positions,
     cu_seqlens, extremes), allocated by the caller with the shapes and dtypes of the module docstring
-    (``batch * seqlen`` at least 1 and below ``MAX_POSITIONS``); the blocks' scratch is allocated here. ``launch``
-    wraps each kernel before it is indexed by its grid (``torch.library.wrap_triton`` inside a custom
-    op; None: launched directly)."""
+    (``batch * seqlen`` at least 1 and below ``MAX_POSITIONS``; unit column strides); the blocks'
+    scratch is allocated here. ``launch`` wraps each kernel before it is indexed by its grid
+    (``torch.library.wrap_triton`` inside a custom op; None: launched directly)."""
     batch, seqlen = input_ids.shape
     n = batch * seqlen
     for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
