@@ -58,7 +58,7 @@ if backend.triton_available():
     from fastbert.kernels.pack_padded_batch import MAX_POSITIONS, _pack_padded_batch_fwd_kernel, pack_padded_batch_fwd
 
     def _launch(input_ids, attention_mask, token_type_ids, vocab_size: int, type_vocab_size: int, launch=None):
-        # The kernel takes a row stride per input (0 for token types broadcast from one row) and unit
+        # The kernels take a row stride per input (0 for token types broadcast from one row) and unit
         # column strides: anything else (a transposed or sliced view, types broadcast from a column)
         # is copied first.
         input_ids, attention_mask, token_type_ids = (
