@@ -291,10 +291,9 @@ class CUDAGraphRunner(_GraphRunner):
                 and max(tokens, sequences) <= self.buckets[-1] and sequences <= self.max_sequences):
             return None
         sizes = table_sizes(self.model.config, self.model.embeddings)
-        longest = int(lengths.max())
-        if (longest > min(self.max_seqlen, sizes.max_position_embeddings)
-                or not 0 <= int(input_ids.min()) <= int(input_ids.max()) < sizes.vocab_size
-                or not 0 <= int(token_type_ids.min()) <= int(token_type_ids.max()) < sizes.type_vocab_size):
+        extremes = [int(v) for t in (input_ids, token_type_ids) for v in torch.aminmax(t)]
+        if (int(lengths.max()) > min(self.max_seqlen, sizes.max_position_embeddings)
+                or validation.refused(extremes, [sizes.vocab_size, sizes.type_vocab_size])):
             return None
         offsets = torch.zeros(sequences + 1, dtype=torch.int32)
         torch.cumsum(lengths, 0, out=offsets[1:])
@@ -335,13 +334,10 @@ class CUDAGraphRunner(_GraphRunner):
                 or input_ids.shape[1] > sizes.max_position_embeddings):
             return None
         batch, seqlen = input_ids.shape
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        packed = ops.pack_padded_batch(input_ids, attention_mask, token_type_ids.expand(batch, seqlen),
-                                       sizes.vocab_size, sizes.type_vocab_size)
+        packed, limits = validation.pack_padded_ids(sizes, input_ids, attention_mask, token_type_ids)
         real = packed.packing.cu_seqlens[:batch + 1]  # then the padding's pieces, which a replay has its own of
         tokens, longest, *extremes = torch.cat([real[-1:], real.diff().amax(0, keepdim=True), packed.extremes]).tolist()
-        if validation.refused(extremes, [sizes.vocab_size, sizes.type_vocab_size, 2]):
+        if validation.refused(extremes, limits):
             return None
         packing = ops.Packing(packed.packing.indices[:tokens], real, longest, batch, seqlen)
         return validation.ModelInputs(packed.input_ids[:tokens], None, packed.position_ids[:tokens],

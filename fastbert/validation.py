@@ -240,6 +240,18 @@ def refused(extremes: list[int], limits: list[int]) -> bool:
     return _refused_at(extremes, limits) is not None
 
 
+def pack_padded_ids(sizes, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor | None) -> tuple[ops.PackedBatch, list[int]]:
+    """``ops.pack_padded_batch`` of a padded batch of ids with an integer or bool mask (token types:
+    none for zeros, or one row for every row), and the limits its extremes are read against
+    (:func:`refused`): the vocabulary, the token types and the 0/1 mask."""
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    packed = ops.pack_padded_batch(input_ids, attention_mask, token_type_ids.expand(input_ids.shape),
+                                   sizes.vocab_size, sizes.type_vocab_size)
+    return packed, [sizes.vocab_size, sizes.type_vocab_size, 2]
+
+
 def _checked_unpad(config, shape, device, attention_mask, input_ids, token_type_ids, position_ids) -> ops.Packing:
     """Validate a padded batch's values and unpad it with one host sync (on CUDA tensors every
     sync stalls the launch queue): the mask's 0/1 values, the ranges of ids, positions and token
@@ -324,11 +336,8 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
                 and not attention_mask.is_floating_point() and input_ids.numel() > 0):
             # A padded batch of ids (what PaddedCUDAGraphRunner captures): packing, lookups clamped and
             # value extremes in one op (two launches on a GPU, where the composition below is ~19).
-            if token_type_ids is None:
-                token_type_ids = torch.zeros_like(input_ids)
-            packed = ops.pack_padded_batch(input_ids, attention_mask, token_type_ids, config.vocab_size,
-                                           config.type_vocab_size)
-            checks.extremes, checks.limits = packed.extremes, [config.vocab_size, config.type_vocab_size, 2]
+            packed, checks.limits = pack_padded_ids(config, input_ids, attention_mask, token_type_ids)
+            checks.extremes = packed.extremes
             return ModelInputs(packed.input_ids, None, packed.position_ids, packed.token_type_ids, packed.packing)
         if batch * seqlen == 0:  # nothing to look up, nothing to check
             checks.extremes, checks.limits = torch.zeros(0, dtype=torch.int64, device=device), []
