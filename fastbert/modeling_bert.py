@@ -584,7 +584,9 @@ class BertModel(BertPreTrainedModel):
                               position_ids, inputs_embeds,
                               kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         packing = inputs.packing
-        first_rows, first_is_real = packing.first_tokens() if first_token_only else (None, None)
+        # A batch without a real token has no first token to select: every row's is padding (zeros).
+        select_first = first_token_only and packing.num_tokens > 0
+        first_rows, first_is_real = packing.first_tokens() if select_first else (None, None)
         # With hidden states or attentions requested the last layer must compute every row anyway.
         last_layer_rows = None if output_hidden_states or output_attentions else first_rows
         hidden_states = self.embeddings(inputs.input_ids, inputs.position_ids, inputs.token_type_ids,
@@ -593,8 +595,11 @@ class BertModel(BertPreTrainedModel):
                                                             output_hidden_states, last_layer_rows)
 
         if first_token_only:
-            first = hidden_states if last_layer_rows is not None else hidden_states[first_rows]
-            first = torch.where(first_is_real[:, None], first, 0)  # a padded first position: zeros
+            if first_rows is None:
+                first = hidden_states.new_zeros(packing.batch, hidden_states.shape[-1])
+            else:
+                first = hidden_states if last_layer_rows is not None else hidden_states[first_rows]
+                first = torch.where(first_is_real[:, None], first, 0)  # a padded first position: zeros
             sequence_output = first.view(packing.batch, -1, first.shape[-1])
             pooled_output = self.pooler(first[:, None]) if self.pooler is not None else None
         else:

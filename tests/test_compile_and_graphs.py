@@ -64,6 +64,20 @@ def test_first_token_only(pair, mask_kind, device):
     assert_close(first.pooler_output, full.pooler_output, 1e-5, "pooler")
 
 
+@pytest.mark.parametrize("extra", [{}, {"output_hidden_states": True}])
+def test_first_token_only_without_a_real_token(pair, extra):
+    """A batch whose every position is padding has no first token to compute: each row's is zeros, as
+    a padded first position is in a batch with real tokens, and the pooler reads them (no IndexError)."""
+    fast, _ = pair
+    ids, types = random_inputs(fast.config, 2, 6)
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    full = _outputs(fast, ids, mask, types, **extra)
+    first = _outputs(fast, ids, mask, types, first_token_only=True, **extra)
+    assert first.last_hidden_state.shape == (2, 1, fast.config.hidden_size)
+    assert (first.last_hidden_state == 0).all()
+    assert_close(first.pooler_output, full.pooler_output, 1e-6, "pooler")
+
+
 def test_first_token_only_per_packed_sequence(pair):
     fast, _ = pair
     lengths = [4, 2, 5]
