@@ -284,9 +284,12 @@ class CUDAGraphRunner(_GraphRunner):
                                  f"one entry per token, got {input_ids.dtype} {tuple(input_ids.shape)} on "
                                  f"{input_ids.device} and {token_type_ids.dtype} {tuple(token_type_ids.shape)} on "
                                  f"{token_type_ids.device}")
-        lengths = torch.as_tensor(lengths, dtype=torch.long)
-        if lengths.dim() != 1 or not sequences or int(lengths.sum()) != tokens or int(lengths.min()) < 0:
-            raise ValueError(f"lengths must be token counts that add up to the {tokens} tokens, got {lengths.tolist()}")
+        given = torch.as_tensor(lengths)  # as given: 6.5 or True is not a token count, and is not rounded to one
+        lengths = given.long()
+        if (given.dtype == torch.bool or given.is_floating_point() or given.is_complex() or given.dim() != 1
+                or not sequences or int(lengths.sum()) != tokens or int(lengths.min()) < 0):
+            raise ValueError(f"lengths must be integer token counts that add up to the {tokens} tokens, "
+                             f"got {given.tolist()}")
         if not (_plain_call(self.model, {}) and not self.model.first_token_only and tokens > 0
                 and max(tokens, sequences) <= self.buckets[-1] and sequences <= self.max_sequences):
             return None
@@ -310,14 +313,15 @@ class CUDAGraphRunner(_GraphRunner):
             bucket.graph.replay()
             return bucket.output[:tokens].clone()  # the next replay overwrites the static output
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *args,
                  **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:
-        # What the graphs cannot take runs as a plain model call (autograd and all); the replay path
-        # runs without autograd, and its outputs are ordinary tensors (not inference tensors).
-        eager = functools.partial(self.model, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                  position_ids=position_ids, **kwargs)
+        # What the graphs cannot take runs as a plain model call (autograd and all; the model's further
+        # positional arguments, inputs_embeds first); the replay path runs without autograd, and its
+        # outputs are ordinary tensors (not inference tensors).
+        eager = functools.partial(self.model, input_ids, attention_mask, token_type_ids, position_ids, *args, **kwargs)
         # first_token_only set on the model: its last layer and output shape differ from the graphs'.
-        if not _plain_call(self.model, kwargs, ("cu_seq_lens_q", "max_length_q")) or self.model.first_token_only:
+        if (args or not _plain_call(self.model, kwargs, ("cu_seq_lens_q", "max_length_q"))
+                or self.model.first_token_only):
             return eager()
         with torch.no_grad(), _on_device(self.device, self.capture), self._serialized():
             output = self._replay(input_ids, attention_mask, token_type_ids, position_ids, kwargs)
@@ -455,12 +459,12 @@ class PaddedCUDAGraphRunner(_GraphRunner):
         batch, seqlen = input_ids.shape
         return batch <= self.batch_buckets[-1] and seqlen <= self.max_seqlen
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *args,
                  **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:
-        if position_ids is not None:  # positional, as the model takes it; the graphs count columns
-            kwargs["position_ids"] = position_ids
-        if not self._takes(input_ids, attention_mask, token_type_ids, kwargs):
-            return self.model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        # The graphs count positions by column: position_ids, like the model's further positional
+        # arguments (inputs_embeds first), run the model eagerly.
+        if args or position_ids is not None or not self._takes(input_ids, attention_mask, token_type_ids, kwargs):
+            return self.model(input_ids, attention_mask, token_type_ids, position_ids, *args, **kwargs)
         # Ordinary tensors, not inference tensors; one call at a time (see _GraphRunner).
         with torch.no_grad(), _on_device(self.device, self.capture), self._serialized():
             return self._replay(input_ids, attention_mask, token_type_ids)

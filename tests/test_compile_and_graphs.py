@@ -525,6 +525,23 @@ def test_cuda_graph_runner_runs_first_token_only_models_eagerly():
     assert_close(got.last_hidden_state, want.last_hidden_state, 1e-5, "first token only")
 
 
+@pytest.mark.parametrize("runner_class", [CUDAGraphRunner, PaddedCUDAGraphRunner])
+def test_graph_runners_take_the_models_other_arguments(runner_class):
+    """A call without input_ids (inputs_embeds, by keyword or in the model's positional order) runs the
+    model eagerly and gives its output; a call with no input gets the model's error, not the runner's
+    signature's."""
+    fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
+    runner = runner_class(fast, capture=False)
+    embeds = torch.randn(2, 7, fast.config.hidden_size, generator=torch.Generator().manual_seed(37))
+    mask = make_mask("right", 2, 7)
+    want = _outputs(fast, None, mask, None, inputs_embeds=embeds)
+    for got in (runner(inputs_embeds=embeds, attention_mask=mask), runner(None, mask, None, None, embeds)):
+        assert_close(got.last_hidden_state, want.last_hidden_state, 1e-6, "inputs_embeds")
+        assert_close(got.pooler_output, want.pooler_output, 1e-6, "inputs_embeds pooler")
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        runner()
+
+
 def test_padded_graph_runner_takes_position_ids_positionally():
     fast, _ = model_pair(make_config("h144", layers=2, max_positions=64))
     runner = PaddedCUDAGraphRunner(fast, batch_buckets=(4,), seqlen_step=16, capture=False)
@@ -673,7 +690,11 @@ def test_graph_runner_hands_packed_input_it_cannot_take_back():
                        ((ids[:6], types[:5], [6]), "1-D int64 or int32 CPU tensors"),
                        ((ids[:6], types[:6], [2, 3]), "add up to the 6 tokens"),
                        ((ids[:6], types[:6], [7, -1]), "add up to the 6 tokens"),
-                       ((ids[:0], types[:0], []), "add up to the 0 tokens")):
+                       ((ids[:0], types[:0], []), "add up to the 0 tokens"),
+                       ((ids[:6], types[:6], [6.5]), r"integer token counts .* got \[6\.5\]"),
+                       ((ids[:6], types[:6], [3, 3.9]), "integer token counts"),
+                       ((ids[:6], types[:6], [True] * 6), "integer token counts"),
+                       ((ids[:6], types[:6], torch.tensor([3.0, 3.0])), "integer token counts")):
         with pytest.raises(ValueError, match=match):
             runner.replay_packed(*bad)
     fast.first_token_only = True
@@ -776,8 +797,8 @@ def test_padded_graph_runner_leaves_what_the_model_refuses_to_the_model():
         runner(ids, mask, types[:, :1])
     seen = []
     forward = fast.forward
-    fast.forward = lambda input_ids, *args, **kwargs: seen.append(kwargs["attention_mask"]) or \
-        forward(input_ids, *args, **kwargs)
+    fast.forward = lambda input_ids, attention_mask=None, *args, **kwargs: seen.append(attention_mask) or \
+        forward(input_ids, attention_mask, *args, **kwargs)
     float_mask = mask.float()
     got = runner(ids, float_mask, types)
     fast.forward = forward
