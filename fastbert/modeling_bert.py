@@ -457,6 +457,16 @@ class BertPooler(nn.Module):
         return self.activation(self.dense(hidden_states[:, 0]))
 
 
+def _selected_hidden_states(output_hidden_states, count: int) -> set[int] | None:
+    """The hidden states an ``output_hidden_states`` of an index or indices selects, as transformers
+    reads it (negative ones from the end, those out of range select nothing; the others are None in
+    the output), or None for a flag (all of them)."""
+    if isinstance(output_hidden_states, bool) or output_hidden_states is None:
+        return None
+    picks = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
+    return {i % count for i in picks if -count <= i < count}
+
+
 def _attentions_to_input_layout(probs: torch.Tensor, packing: ops.Packing) -> torch.Tensor:
     """``[sequences, heads, max_seqlen, max_seqlen]`` over packed positions -> ``[batch, heads, seqlen,
     seqlen]`` over the input's columns (holes, left padding and packed rows are spread back out)."""
@@ -545,7 +555,7 @@ class BertModel(BertPreTrainedModel):
         past_key_values=None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         return_dict: bool | None = None,
         cache=None,
         first_token_only: bool | None = None,
@@ -606,7 +616,9 @@ class BertModel(BertPreTrainedModel):
             sequence_output = ops.pad(hidden_states, packing)
             pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         if all_hidden is not None:
-            all_hidden = tuple(ops.pad(h, packing) for h in all_hidden)
+            selected = _selected_hidden_states(output_hidden_states, len(all_hidden))
+            all_hidden = tuple(ops.pad(h, packing) if selected is None or i in selected else None
+                               for i, h in enumerate(all_hidden))
         if all_probs is not None:
             all_probs = tuple(_attentions_to_input_layout(p, packing) for p in all_probs)
         output = BaseModelOutputWithPoolingAndCrossAttentions(

@@ -109,6 +109,26 @@ def test_hidden_states_and_attentions():
         assert (a.masked_select(~key_mask.expand_as(a)) == 0).all()
 
 
+@pytest.mark.parametrize("selection", [-1, 1, [0, 2], (2, -3), [-1, 7], [5], 0, []])
+def test_hidden_states_selected_by_index(selection):
+    """output_hidden_states as an index or indices (transformers 5): the selected hidden states, the
+    others None, as transformers returns them (negative from the end, out of range selecting none; its
+    index 0 and an empty list select no hidden states at all)."""
+    fast, hf = model_pair(make_config(layers=2))
+    ids, types = random_inputs(fast.config, 3, 10)
+    mask = make_mask("right", 3, 10)
+    ours, theirs = _compare(fast, hf, ids, mask, types, output_hidden_states=selection)
+    if theirs.hidden_states is None:
+        assert ours.hidden_states is None
+        return
+    assert [h is None for h in ours.hidden_states] == [h is None for h in theirs.hidden_states]
+    assert any(h is not None for h in theirs.hidden_states) == (selection not in ([5],))
+    keep = mask.bool()
+    for a, b in zip(ours.hidden_states, theirs.hidden_states):
+        if b is not None:
+            assert_close(a[keep], b[keep], FP32_MODEL_RANDOM, f"hidden_states {selection}")
+
+
 def test_return_dict_false_gives_transformers_tuple_order():
     fast, hf = model_pair(make_config())
     ids, _ = random_inputs(fast.config, 2, 8)
