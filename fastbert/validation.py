@@ -325,9 +325,13 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
         _check_integer("position_ids", position_ids)
         _check_shape("position_ids", position_ids, shape, allow_broadcast_batch=True)
         position_ids = position_ids.expand(shape)
-    elif seqlen > config.max_position_embeddings and cu_seq_lens_q is None:
+    elif seqlen > config.max_position_embeddings:
+        # Packed rows included: without position_ids, transformers counts positions by column across
+        # the whole row, cu_seq_lens_q or not (each sequence restarting at 0 needs position_ids).
         raise ValueError(f"sequence length {seqlen} exceeds max_position_embeddings "
-                         f"{config.max_position_embeddings} of this model")
+                         f"{config.max_position_embeddings} of this model"
+                         + (" (packed sequences restart at position 0 only with position_ids)"
+                            if cu_seq_lens_q is not None else ""))
 
     packing = _packed_sequences(shape, attention_mask, position_ids, cu_seq_lens_q, max_length_q, device)
     checks = None if torch.compiler.is_compiling() else _STATIC_FORMS.get()
@@ -351,9 +355,6 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
     elif packing is None:
         packing = _checked_unpad(config, shape, device, attention_mask, input_ids, token_type_ids, position_ids)
         ranges_checked = True
-    elif position_ids is None:  # packed sequences without positions: each counts from 0
-        seq_idx, offset = ops.padding.sequence_positions(packing.cu_seqlens, seqlen)
-        position_ids = offset[None]
     tokens = packing.num_tokens
     columns = position_ids is None  # positions are the column indices: in range (seqlen was checked)
     if not columns:

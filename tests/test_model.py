@@ -707,8 +707,20 @@ def test_packed_input_equals_separate_sequences(device):
             assert_close(by_positions[0, start:start + len(s)], expected, FP32_MODEL_RANDOM, "packed")
             assert_close(by_offsets[0, start:start + len(s)], expected, FP32_MODEL_RANDOM, "packed")
             start += len(s)
+        # Without position_ids, positions are the row's columns, cu_seq_lens_q or not, as transformers
+        # counts them (its flash-attention path then attends within each sequence, as here).
+        by_columns = fast(flat, cu_seq_lens_q=collated["cu_seq_lens_q"]).last_hidden_state
+        start = 0
+        for s in seqs:
+            columns = torch.arange(start, start + len(s), device=device)[None]
+            expected = hf(s[None], position_ids=columns).last_hidden_state[0]
+            assert_close(by_columns[0, start:start + len(s)], expected, FP32_MODEL_RANDOM, "packed, column positions")
+            start += len(s)
     with pytest.raises(ValueError, match="max_length_q=2 is shorter"):
         fast(flat, position_ids=positions, cu_seq_lens_q=collated["cu_seq_lens_q"], max_length_q=2)
+    long_row = torch.randint(0, fast.config.vocab_size, (1, fast.config.max_position_embeddings + 1), device=device)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings .* restart at position 0 only with"):
+        fast(long_row, cu_seq_lens_q=torch.tensor([0, 10, long_row.shape[1]], device=device))
     with pytest.raises(ValueError, match="must rise from 0"):
         fast(flat, cu_seq_lens_q=torch.tensor([0, 5, 4, 16], device=device))
 
