@@ -306,7 +306,7 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
             raise TypeError(f"inputs_embeds must be a floating-point tensor, got dtype {inputs_embeds.dtype}")
         shape, device = tuple(inputs_embeds.shape[:2]), inputs_embeds.device
     batch, seqlen = shape
-    if seqlen == 0 and batch > 0:
+    if seqlen == 0:  # batch 0 included: the pooler's first column does not exist either
         raise ValueError(f"the input has shape {shape}: every sequence is empty (seqlen 0)")
 
     if attention_mask is not None:

@@ -153,8 +153,11 @@ def test_wrong_rank_and_embedding_width(model):
 
 
 def test_empty_sequences(model):
-    with pytest.raises(ValueError, match="every sequence is empty"):
-        model(ids(2, 0))
+    """Sequences of no positions, in a batch or an empty one (whose output would have no first column
+    for the pooler), by input_ids or inputs_embeds."""
+    for given in ({"input_ids": ids(2, 0)}, {"input_ids": ids(0, 0)}, {"inputs_embeds": torch.zeros(0, 0, 144)}):
+        with pytest.raises(ValueError, match=r"the input has shape \(\d, 0\): every sequence is empty"):
+            model(**given)
 
 
 def test_unknown_backend(model, monkeypatch):

@@ -740,12 +740,15 @@ def test_positions_with_a_later_0_that_are_not_packed_form_are_one_row(positions
     assert_close(got, want, FP32_MODEL_RANDOM, f"positions {positions}")
 
 
-def test_empty_batch_gives_empty_outputs():
+@pytest.mark.parametrize("form", ["input_ids", "inputs_embeds"])
+def test_empty_batch_gives_empty_outputs(form):
     fast, _ = model_pair(make_config())
+    hidden, seqlen = fast.config.hidden_size, 7
+    given = torch.zeros(0, seqlen, dtype=torch.long) if form == "input_ids" else torch.zeros(0, seqlen, hidden)
     with torch.no_grad():
-        out = fast(torch.zeros(0, 7, dtype=torch.long))
-    assert out.last_hidden_state.shape == (0, 7, fast.config.hidden_size)
-    assert out.pooler_output.shape == (0, fast.config.hidden_size)
+        out = fast(**{form: given})
+    assert out.last_hidden_state.shape == (0, seqlen, hidden)
+    assert out.pooler_output.shape == (0, hidden)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")

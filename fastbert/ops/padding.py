@@ -70,7 +70,8 @@ def packing_of(keep, seqlens, max_seqlen: int, total: int, batch: int, seqlen: i
     """The packing of a mask whose statistics the host already has (``max_seqlen`` and ``total`` kept
     tokens): no further sync where ``torch.nonzero_static`` exists."""
     if keep is None or total == batch * seqlen:
-        cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+        cu_seqlens = (torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device) if seqlen
+                      else torch.zeros(batch + 1, dtype=torch.int32, device=device))  # arange takes no step 0
         return Packing(None, cu_seqlens[: batch + 1], seqlen if batch else 0, batch, seqlen)
     flat = keep.flatten()
     if hasattr(torch, "nonzero_static"):

@@ -98,7 +98,7 @@ def test_first_tokens_of_caller_packed_sequences_stay_inside_the_rows(lengths):
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.long, torch.int32, torch.bool], ids=str)
-@pytest.mark.parametrize("seqlen", [1, 5])
+@pytest.mark.parametrize("seqlen", [0, 1, 5])
 def test_an_empty_batch_with_a_mask_packs_no_tokens(seqlen, mask_dtype):
     """A batch of 0 rows with its (empty) mask: the same packing as without one (no token, one offset,
     every token kept), and pack / pad pass the empty tensors through."""
@@ -110,3 +110,10 @@ def test_an_empty_batch_with_a_mask_packs_no_tokens(seqlen, mask_dtype):
     assert packing.cu_seqlens.dtype == torch.int32 and packing.cu_seqlens.tolist() == plain.cu_seqlens.tolist() == [0]
     assert pack(torch.randn(0, seqlen, 3), packing).shape == (0, 3)
     assert pad(torch.randn(0, 3), packing).shape == (0, seqlen, 3)
+
+
+def test_rows_of_no_positions_pack_no_tokens():
+    """Rows of seqlen 0: every offset is 0 (the offsets of full rows step by seqlen)."""
+    packing = unpad_input(None, 3, 0, "cpu")
+    assert packing.num_tokens == 0 and packing.cu_seqlens.tolist() == [0, 0, 0, 0]
+    assert packing.cu_seqlens.dtype == torch.int32
