@@ -281,3 +281,34 @@ def test_token_types_of_one_column_are_refused(model):
 def test_integer_inputs_embeds_are_refused(model):
     with pytest.raises(TypeError, match="inputs_embeds must be a floating-point tensor, got dtype torch.int64"):
         model(inputs_embeds=torch.ones(1, 3, model.config.hidden_size, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"])
+@pytest.mark.parametrize("form", ["list", "numpy"])
+def test_inputs_that_are_not_tensors_are_named(model, name, form):
+    """A list or a NumPy array where a tensor goes: named, not an AttributeError from inside, nor an
+    integer-dtype error that names int64."""
+    x = ids(2, 5)
+    args = {"input_ids": x, "attention_mask": torch.ones_like(x), "token_type_ids": torch.zeros_like(x),
+            "position_ids": torch.arange(5).expand(2, 5)}
+    if name == "inputs_embeds":
+        del args["input_ids"]
+    given = torch.randn(2, 5, model.config.hidden_size) if name == "inputs_embeds" else args[name]
+    args[name] = given.tolist() if form == "list" else given.numpy()
+    kind = "list" if form == "list" else "ndarray"
+    with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got {kind}"):
+        model(**args)
+
+
+def test_inputs_embeds_wider_than_the_model_are_named():
+    """fp64 embeddings into an fp32 model (or fp32 into fp16): named; narrower ones are taken, as
+    transformers takes them (the sum promotes to the model's dtype)."""
+    model = model_pair(make_config(vocab=100, max_positions=16))[0]
+    embeds = torch.randn(2, 5, model.config.hidden_size)
+    with pytest.raises(TypeError, match="inputs_embeds of dtype torch.float64 are wider than the model's torch.float32"):
+        model(inputs_embeds=embeds.double())
+    narrow = model(inputs_embeds=embeds.bfloat16()).last_hidden_state
+    assert narrow.dtype == torch.float32
+    assert torch.equal(narrow, model(inputs_embeds=embeds.bfloat16().float()).last_hidden_state)
+    with pytest.raises(TypeError, match="torch.float32 are wider than the model's torch.float16"):
+        model.half()(inputs_embeds=embeds)
