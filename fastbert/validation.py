@@ -326,6 +326,9 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
         _check_integer("token_type_ids", token_type_ids)
         _check_shape("token_type_ids", token_type_ids, shape, allow_broadcast_batch=True)
         token_type_ids = token_type_ids.expand(shape)
+    elif config.type_vocab_size < 1 and batch * seqlen:  # the default type 0 is looked up unchecked
+        raise ValueError("token_type_ids default to 0, but the token type embedding table has no rows "
+                         "(type_vocab_size 0)")
     if position_ids is not None:
         _check_integer("position_ids", position_ids)
         _check_shape("position_ids", position_ids, shape, allow_broadcast_batch=True)

@@ -312,3 +312,16 @@ def test_inputs_embeds_wider_than_the_model_are_named():
     assert torch.equal(narrow, model(inputs_embeds=embeds.bfloat16().float()).last_hidden_state)
     with pytest.raises(TypeError, match="torch.float32 are wider than the model's torch.float16"):
         model.half()(inputs_embeds=embeds)
+
+
+def test_default_token_type_without_a_token_type_table_is_named():
+    """type_vocab_size 0: the default token type 0 has no row to look up (a GPU kernel would read past
+    the empty table); given token types are range-checked as ever."""
+    config = make_config(vocab=100, max_positions=16)
+    config.type_vocab_size = 0
+    model = model_pair(config)[0]
+    x = ids(2, 5)
+    with pytest.raises(ValueError, match="token_type_ids default to 0, but the token type embedding table has no rows"):
+        model(x)
+    with pytest.raises(ValueError, match=r"token_type_ids\[0, 0\] = 0 is out of range"):
+        model(x, token_type_ids=torch.zeros_like(x))
