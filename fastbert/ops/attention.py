@@ -103,7 +103,8 @@ def varlen_attention_with_probs(
         return qkv.new_zeros(0, hidden), qkv.new_zeros(batch, num_heads, max_seqlen, max_seqlen)
     q, k, v, key_mask, seq_idx, offset = _padded_qkv(qkv, cu_seqlens, max_seqlen, num_heads)
     scale = head_dim**-0.5 if scale is None else scale
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    compute = torch.promote_types(qkv.dtype, torch.float32)  # fp64 stays fp64
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
     probs = scores.masked_fill(~key_mask, float("-inf")).softmax(dim=-1)
     query_mask = torch.zeros(batch, max_seqlen, dtype=torch.bool, device=qkv.device)
     query_mask[seq_idx, offset] = True

@@ -550,3 +550,16 @@ def test_probabilities_are_zero_at_padded_queries_and_keys(dtype, lengths):
         sums = probs[b, :, :n, :n].float().sum(-1)
         assert_close(sums, torch.ones_like(sums), rounding, f"sequence {b}: rows sum to 1")
     check(out, qkv, cu, max_seqlen, heads, f"with_probs {dtype}")
+
+
+def test_probabilities_in_fp64_are_computed_in_fp64():
+    """fp64 input keeps fp64 scores and softmax (transformers' eager attention does): the output is the
+    fp64 reference's to fp64 rounding, not fp32's (~1e-8 off)."""
+    from fastbert.ops.attention import varlen_attention_with_probs
+
+    lengths, heads = [5, 9], 2
+    cu = cu_seqlens_of(lengths)
+    qkv = make_qkv(sum(lengths), heads, 16, torch.float64, scale=3.0)
+    out, probs = varlen_attention_with_probs(qkv, cu, 9, heads)
+    assert out.dtype == probs.dtype == torch.float64
+    assert_close(out, A.varlen_attention_reference(qkv, cu, 9, heads), 1e-13, "fp64 with probabilities")
