@@ -291,9 +291,9 @@ def _checked_unpad(config, shape, device, attention_mask, input_ids, token_type_
 
 def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                  cu_seq_lens_q=None, max_length_q=None) -> ModelInputs:
-    for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
-                        ("position_ids", position_ids), ("inputs_embeds", inputs_embeds),
-                        ("cu_seq_lens_q", cu_seq_lens_q)):
+    for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                        ("token_type_ids", token_type_ids), ("position_ids", position_ids),
+                        ("inputs_embeds", inputs_embeds), ("cu_seq_lens_q", cu_seq_lens_q)):
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__} (torch.as_tensor makes one)")
     if (input_ids is None) == (inputs_embeds is None):

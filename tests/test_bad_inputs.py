@@ -305,7 +305,8 @@ def test_inputs_embeds_wider_than_the_model_are_named():
     transformers takes them (the sum promotes to the model's dtype)."""
     model = model_pair(make_config(vocab=100, max_positions=16))[0]
     embeds = torch.randn(2, 5, model.config.hidden_size)
-    with pytest.raises(TypeError, match="inputs_embeds of dtype torch.float64 are wider than the model's torch.float32"):
+    with pytest.raises(TypeError, match="inputs_embeds of dtype torch.float64 are wider than the model's "
+                                        "torch.float32"):
         model(inputs_embeds=embeds.double())
     narrow = model(inputs_embeds=embeds.bfloat16()).last_hidden_state
     assert narrow.dtype == torch.float32
