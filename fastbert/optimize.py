@@ -131,6 +131,14 @@ def _tree_difference(module: transformers.BertModel) -> str | None:
             continue
         if type(got) is not type(want):
             return f"{name} is a {type(got).__qualname__}, not transformers' {type(want).__qualname__}"
+        # What a container took from the config when it was built (a head count, a head size): fastbert's
+        # containers take the config as it is now.
+        built = {attr: value for attr, value in vars(want).items()
+                 if isinstance(value, (int, float, str)) and not isinstance(value, bool)}
+        stale = [attr for attr, value in built.items() if vars(got).get(attr, value) != value]
+        if stale:
+            return (f"{name}.{stale[0]} is {vars(got)[stale[0]]!r} where its config now makes it "
+                    f"{built[stale[0]]!r} (the config was changed after the model was built)")
         replaced = [attr for attr, value in vars(got).items()
                     if attr != "forward" and callable(value) and inspect.isfunction(getattr(type(got), attr, None))]
         if replaced:
@@ -175,17 +183,20 @@ def optimize(model: nn.Module) -> nn.Module:
             raise ValueError(f"fastbert.optimize cannot take the place of this BertModel: {reason}")
         return to_fastbert(model)
     swapped, skipped = [], []
+    replacements: dict[int, BertModel | None] = {}  # one encoder held in several places stays one (a bi-encoder)
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent._modules.items()):
             if not _is_transformers_bert(child):
                 continue
             path = f"{parent_name}.{name}" if parent_name else name
-            reason = _not_swappable(child)
-            if reason:
-                skipped.append(f"{path} ({reason})")
-                continue
-            parent._modules[name] = to_fastbert(child)
-            swapped.append(path)
+            if id(child) not in replacements:
+                reason = _not_swappable(child)
+                if reason:
+                    skipped.append(f"{path} ({reason})")
+                replacements[id(child)] = None if reason else to_fastbert(child)
+            if replacements[id(child)] is not None:
+                parent._modules[name] = replacements[id(child)]
+                swapped.append(path)
     if skipped:
         logger.warning("fastbert.optimize left these transformers BertModels in place: %s", "; ".join(skipped))
     if not swapped:

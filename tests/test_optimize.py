@@ -203,6 +203,10 @@ MODIFIED_TREES = {
                           transformers.models.bert.modeling_bert.BertLayer(head.config)),
                       r"encoder.layer.2 \(BertLayer\) is not part of a BertModel of its config"),
     "a class patched": (_patch_intermediate, "BertIntermediate.forward is not transformers' own"),
+    "the head count changed in the config": (
+        lambda head, mp: setattr(head.config, "num_attention_heads", 2),
+        r"encoder.layer.0.attention.self.num_attention_heads is 3 where its config now makes it 2 \(the config was "
+        r"changed after the model was built\)"),
     "a method replaced on an instance": (_replace_feed_forward_chunk,
                                          "encoder.layer.0.feed_forward_chunk is replaced on the instance"),
 }
@@ -227,6 +231,27 @@ def test_encoders_changed_by_hand_are_left_in_place(change, monkeypatch):
     assert head.bert is encoder and type(encoder) is transformers.BertModel
     with torch.no_grad():
         assert torch.equal(head(ids).logits, want)
+
+
+def test_an_encoder_held_in_two_places_stays_one():
+    """A bi-encoder whose query and document sides hold one BertModel: one fastbert model takes both
+    places (its flags and hooks reach both), as the one transformers model did."""
+
+    class Twin(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.query, self.document = encoder, encoder
+            self.both = torch.nn.ModuleList([encoder])
+
+    torch.manual_seed(0)
+    twin = Twin(transformers.BertModel(make_config()).eval())
+    ids = torch.randint(0, twin.query.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = twin.query(ids).last_hidden_state
+    optimize(twin)
+    assert isinstance(twin.query, fastbert.BertModel) and twin.query is twin.document is twin.both[0]
+    with torch.no_grad():
+        assert_close(twin.document(ids).last_hidden_state, want, FP32_MODEL_RANDOM, "the shared encoder")
 
 
 def test_unchanged_trees_and_wrapped_leaves_still_swap():
