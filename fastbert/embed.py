@@ -451,10 +451,14 @@ def run(args) -> int:
         raise SystemExit(f"fastbert embed: cannot read input {args.input!r}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise SystemExit(f"fastbert embed: input {exc}") from None
-    try:  # then the device and the model (the default one may not be installed)
+    try:  # then the device, the backend settings for it and the model (the default one may not be installed)
         device = resolve_device(args.device)
+        from .ops import backend
+
+        backend.runnable_backend(device)
+        backend.gemm_setting()
         model_dir = check_model_dir(args.model) if args.model is not None else default_model_dir()
-    except (ValueError, ModuleNotFoundError) as exc:
+    except (ValueError, RuntimeError, ModuleNotFoundError) as exc:
         raise SystemExit(f"fastbert embed: {exc}") from None
     with _progress_bars(not args.quiet):
         try:

@@ -37,7 +37,9 @@ def report() -> list[tuple[str, str]]:
         rows.append(("device", f"cuda: {props.name} (sm_{props.major}{props.minor}), torch CUDA {torch.version.cuda}"))
     else:
         rows.append(("device", f"cpu (no CUDA device; torch CUDA build: {torch.version.cuda or 'none'})"))
-    rows.append(("FASTBERT_BACKEND", _or_error(backend.backend_setting)))
+    # Checked on the device a model would run on here: a backend its kernels cannot run on is an error.
+    main_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows.append(("FASTBERT_BACKEND", _or_error(lambda: backend.runnable_backend(main_device))))
     rows.append(("FASTBERT_GEMM", _or_error(backend.gemm_setting)))
     try:
         from ._extension import extension_status

@@ -152,7 +152,7 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(fastbert.embed, "SentenceEmbedder", refuse)
 
 
-def _user_error_args(tmp_path, case):
+def _user_error_args(tmp_path, case, monkeypatch):
     good_in, out = str(SENTENCES), str(tmp_path / "e.npy")
     if case == "missing input":
         return [str(tmp_path / "missing.txt"), "-o", out], r"cannot read input '.*missing\.txt': No such file"
@@ -174,6 +174,14 @@ def _user_error_args(tmp_path, case):
             "model directory 'sentence-transformers/all-MiniLM-L6-v2' does not exist"
     if case == "output directory missing":
         return [good_in, "-o", str(tmp_path / "nodir" / "out.npy")], r"the output's directory '.*nodir' does not exist"
+    if case in ("bogus backend", "bogus GEMM"):
+        variable = "FASTBERT_BACKEND" if case == "bogus backend" else "FASTBERT_GEMM"
+        monkeypatch.setenv(variable, "bogus")
+        return [good_in, "-o", out], f"{variable}='bogus' is not one of"
+    if case == "Triton backend on a CPU":
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        return [good_in, "-o", out, "--device", "cpu"], "FASTBERT_BACKEND=triton on cpu tensors needs TRITON_INTERPRET=1"
     if case == "output is a directory":
         (tmp_path / "d.npy").mkdir()
         return [good_in, "-o", str(tmp_path / "d.npy")], "is a directory"
@@ -182,9 +190,10 @@ def _user_error_args(tmp_path, case):
 
 @pytest.mark.parametrize("case", ["missing input", "directory input", "non-UTF-8 input", "bogus device",
                                   "cuda without a GPU", "missing model folder", "hub id",
-                                  "output directory missing", "output is a directory"])
-def test_embed_user_errors_are_named_before_loading(tmp_path, no_model_load, case):
-    args, message = _user_error_args(tmp_path, case)
+                                  "output directory missing", "output is a directory", "bogus backend", "bogus GEMM",
+                                  "Triton backend on a CPU"])
+def test_embed_user_errors_are_named_before_loading(tmp_path, no_model_load, monkeypatch, case):
+    args, message = _user_error_args(tmp_path, case, monkeypatch)
     with pytest.raises(SystemExit, match="^fastbert embed: .*" + message):
         main(["embed", *args])
 
@@ -310,6 +319,19 @@ def test_info_reports_an_invalid_setting(monkeypatch, capsys, variable):
     out = capsys.readouterr().out
     assert re.search(rf"^{variable} +error: {variable}='bogus' is not one of", out, re.MULTILINE), out
     assert "op attention" in out  # the rest of the report is still there
+
+
+def test_info_reports_a_backend_that_cannot_run_here(monkeypatch, capsys):
+    """FASTBERT_BACKEND=triton where a model would run on the CPU without the interpreter: every job
+    would fail at its first op, so info says so (it listed every op as triton and exited 0)."""
+    if torch.cuda.is_available():
+        pytest.skip("a model runs on the GPU here, where the setting is valid")
+    monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["info"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^FASTBERT_BACKEND +error: FASTBERT_BACKEND=triton on cpu tensors needs TRITON_INTERPRET=1",
+                     out, re.MULTILINE), out
 
 
 def test_demo_runs_from_another_directory(tmp_path, monkeypatch):

@@ -133,15 +133,28 @@ def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> b
         return False
     device = (tensors[0] if tensors[0] is not None else next(t for t in tensors if t is not None)).device
     if name == "triton":
-        if not triton_available():
-            raise RuntimeError("FASTBERT_BACKEND=triton, but triton is not installed")
-        if device.type != "cuda" and not triton_interpreter():
-            raise RuntimeError(
-                f"FASTBERT_BACKEND=triton on {device.type} tensors needs TRITON_INTERPRET=1 "
-                "(Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter)"
-            )
+        _check_triton_runs_on(device)
         return True
     return device.type == "cuda" and triton_available()
+
+
+def _check_triton_runs_on(device: torch.device) -> None:
+    if not triton_available():
+        raise RuntimeError("FASTBERT_BACKEND=triton, but triton is not installed")
+    if device.type != "cuda" and not triton_interpreter():
+        raise RuntimeError(
+            f"FASTBERT_BACKEND=triton on {device.type} tensors needs TRITON_INTERPRET=1 "
+            "(Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter)"
+        )
+
+
+def runnable_backend(device: torch.device) -> str:
+    """The backend setting, after checking that its kernels can run on ``device``: what a job checks
+    before it loads a model, rather than failing at its first batch."""
+    name = backend_setting()
+    if name == "triton":
+        _check_triton_runs_on(torch.device(device))
+    return name
 
 
 def direct_launch(*tensors: torch.Tensor | None) -> bool:
