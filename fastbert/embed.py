@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -110,6 +111,13 @@ def _pooling_modes(config: dict) -> list[str]:
     return [name for key, name in _POOLING_KEYS.items() if config.get(key)]
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+
+
 def _read_pipeline(model_dir: Path) -> dict | None:
     """The directory's Transformer/Pooling/Normalize settings, or None if it has other modules or
     settings the packed pipeline does not apply."""
@@ -118,24 +126,24 @@ def _read_pipeline(model_dir: Path) -> dict | None:
         # (sentence-transformers reads neither sentence_bert_config.json nor prompts for one)
         return {"pooling": ["mean"], "normalize": False, "st_config": {}}
     model_config_file = model_dir / "config_sentence_transformers.json"
-    model_config = json.loads(model_config_file.read_text()) if model_config_file.exists() else {}
+    model_config = _read_json(model_config_file) if model_config_file.exists() else {}
     # A default prompt is prepended to every sentence (and may be left out of the pooling), a
     # truncate_dim cuts every embedding, another model_type is converted: sentence-transformers does these.
     if (model_config.get("default_prompt_name") or model_config.get("truncate_dim")
             or model_config.get("model_type", "SentenceTransformer") != "SentenceTransformer"):
         return None
-    modules = json.loads(modules_file.read_text())
+    modules = _read_json(modules_file)
     kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
     if kinds[:2] != ["Transformer", "Pooling"] or not set(kinds) <= _MODULE_KINDS or kinds.count("Transformer") > 1:
         return None
     if modules[0].get("path", "") not in ("", "."):
         return None
-    pooling_config = json.loads((model_dir / modules[1]["path"] / "config.json").read_text())
+    pooling_config = _read_json(model_dir / modules[1]["path"] / "config.json")
     modes = _pooling_modes(pooling_config)
     if not modes or not set(modes) <= set(_POOLING_KEYS.values()):
         return None
     st_config_file = model_dir / "sentence_bert_config.json"
-    st_config = json.loads(st_config_file.read_text()) if st_config_file.exists() else {}
+    st_config = _read_json(st_config_file) if st_config_file.exists() else {}
     for key, value in st_config.items():
         if value in (None, {}, [], "") or (key in _PACKED_ST_SETTINGS and _PACKED_ST_SETTINGS[key] in (None, value)):
             continue
@@ -466,6 +474,9 @@ def run(args) -> int:
                                         cuda_graphs=None if args.cuda_graphs else False)
         except ValueError as exc:  # a model fastbert refuses (another model type, a config, its keys): named
             raise SystemExit(f"fastbert embed: {exc}") from None
+        except (OSError, SafetensorError) as exc:  # a file of the model missing, unreadable or corrupt
+            raise SystemExit(f"fastbert embed: cannot load the model in {str(model_dir)!r}: "
+                             f"{type(exc).__name__}: {exc}") from None
         start = time.perf_counter()
         embeddings = embedder.encode(lines, batch_size=args.batch_size, progress=not args.quiet)
         seconds = time.perf_counter() - start

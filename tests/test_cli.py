@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +197,38 @@ def test_embed_user_errors_are_named_before_loading(tmp_path, no_model_load, mon
     args, message = _user_error_args(tmp_path, case, monkeypatch)
     with pytest.raises(SystemExit, match="^fastbert embed: .*" + message):
         main(["embed", *args])
+
+
+def _broken_copy(tmp_path, breakage):
+    """The embedded MiniLM folder as links to its files, with one thing broken."""
+    source, folder = Path(minilm_path()), tmp_path / "model"
+    folder.mkdir()
+    for entry in source.iterdir():
+        (folder / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    if breakage == "no weights":
+        (folder / "model.safetensors").unlink()
+    elif breakage == "no pooling folder":
+        (folder / "1_Pooling").unlink()
+    elif breakage == "corrupt weights":
+        (folder / "model.safetensors").unlink()
+        (folder / "model.safetensors").write_bytes(b"junk")
+    else:  # modules.json not JSON
+        (folder / "modules.json").unlink()
+        (folder / "modules.json").write_text("{bad")
+    return folder
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no weights", r"cannot load the model in '.*model': OSError: .*no file named model.safetensors"),
+    ("no pooling folder", r"cannot load the model in '.*model': FileNotFoundError: .*1_Pooling/config.json"),
+    ("corrupt weights", r"cannot load the model in '.*model': SafetensorError: "),
+    ("modules.json not JSON", r".*model/modules.json is not valid JSON \(.* at line 1, column 2\)")])
+def test_embed_names_a_broken_model_folder(tmp_path, breakage, message):
+    """A model folder that passes the first checks but lacks a file or holds a corrupt one: one line
+    naming the folder (or the file) and the error, no traceback."""
+    folder = _broken_copy(tmp_path, breakage)
+    with pytest.raises(SystemExit, match="^fastbert embed: " + message):
+        main(["embed", str(SENTENCES), "-o", str(tmp_path / "e.npy"), "--model", str(folder), "--quiet"])
 
 
 def test_embed_user_error_prints_no_traceback(tmp_path):
