@@ -66,7 +66,7 @@ def _parse_archs(text: str) -> list[int]:
         if not part:
             continue
         part = part.removeprefix("sm_").removeprefix("sm")
-        if not part.isdigit():
+        if not part.isdigit() or int(part) < 50:  # sm_50 (Maxwell) is the oldest any ptxas here takes
             raise ValueError(f"--arch: {part!r} is not a compute capability such as 80, 90 or 120")
         archs.append(int(part))
     if not archs:
@@ -237,6 +237,10 @@ def run(args) -> int:
         archs = _parse_archs(args.arch)
     except ValueError as exc:
         print(f"fastbert compile-kernels: {exc}", file=sys.stderr)
+        return 2
+    if (getattr(args, "jobs", 0) or 0) < 0:
+        print(f"fastbert compile-kernels: --jobs {args.jobs}: give a number of processes, or 0 for one per core",
+              file=sys.stderr)
         return 2
     try:
         import triton

@@ -98,9 +98,12 @@ def test_a_spill_fails_the_command(monkeypatch, capsys):
 
 def test_bad_arguments_are_refused(capsys):
     assert compile_kernels.run(argparse.Namespace(arch="8x", kernel=None, jobs=1)) == 2
+    assert compile_kernels.run(argparse.Namespace(arch="0", kernel=None, jobs=1)) == 2
+    assert compile_kernels.run(argparse.Namespace(arch="90", kernel=None, jobs=-1)) == 2
     assert compile_kernels.run(argparse.Namespace(arch="90", kernel=["nope"], jobs=1)) == 2
     err = capsys.readouterr().err
     assert "not a compute capability" in err and "unknown kernel nope" in err
+    assert "--arch: '0' is not a compute capability" in err and "--jobs -1: give a number of processes" in err
 
 
 def test_kernel_modules_lists_the_fused_ops():
