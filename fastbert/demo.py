@@ -36,14 +36,19 @@ def main(argv=None) -> int:
     parser.add_argument("input", nargs="?", default=str(DEFAULT_INPUT),
                         help="a text file, one sentence per line (default: benchmarks/data/sentences.txt of "
                              "the repository)")
-    parser.add_argument("-o", "--output", default="build/demo/embeddings.npy")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("-o", "--output", default="build/demo/embeddings.npy",
+                        help="where fastbert embed writes (.npy: the demo reads it back)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the input (at least 1)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.input):
         where = " (the default input is part of the fastbert repository, not of an installed package)" \
             if args.input == str(DEFAULT_INPUT) else ""
         raise SystemExit(f"fastbert demo: input {args.input!r} is not a file{where}; "
                          "pass one: python -m fastbert.demo SENTENCES.txt")
+    if not args.output.endswith(".npy"):
+        raise SystemExit(f"fastbert demo: output {args.output!r} must end in .npy (the demo reads it back)")
+    if args.repeats < 1:
+        raise SystemExit(f"fastbert demo: --repeats {args.repeats}: time at least one pass")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from sentence_transformers import SentenceTransformer
@@ -51,13 +56,18 @@ def main(argv=None) -> int:
     from .cli import main as fastbert_main
     from .embed import SentenceEmbedder, default_model_dir, read_lines
 
+    try:
+        lines = read_lines(args.input)
+    except ValueError as exc:
+        raise SystemExit(f"fastbert demo: input {exc}") from None
+    if not lines:
+        raise SystemExit(f"fastbert demo: input {args.input!r} has no lines to embed and compare")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     command = ["embed", args.input, "-o", args.output, "--quiet"]
     print("$ fastbert " + " ".join(command), flush=True)
     fastbert_main(command)
     ours = np.load(args.output)
 
-    lines = read_lines(args.input)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     stock = SentenceTransformer(str(default_model_dir()), device=device)
     theirs = stock.encode(lines, convert_to_numpy=True)

@@ -385,3 +385,24 @@ def test_demo_names_a_missing_input(tmp_path):
 
     with pytest.raises(SystemExit, match=r"fastbert demo: input '.*nothere\.txt' is not a file"):
         fastbert.demo.main([str(tmp_path / "nothere.txt")])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty input", r"input '.*empty\.txt' has no lines to embed and compare"),
+    ("no timed pass", r"--repeats 0: time at least one pass"),
+    ("jsonl output", r"output '.*e\.jsonl' must end in \.npy \(the demo reads it back\)"),
+    ("csv output in a new folder", r"output '.*e\.csv' must end in \.npy")])
+def test_demo_names_bad_arguments_before_embedding(tmp_path, monkeypatch, case, message):
+    """Named before anything runs (no embed call, no folder made), where they were a ZeroDivisionError,
+    a NumPy broadcast error, an unpicklable read-back after the embed had run."""
+    import fastbert.cli
+    import fastbert.demo
+
+    monkeypatch.setattr(fastbert.cli, "main", lambda argv: pytest.fail("the demo embedded before checking"))
+    (tmp_path / "empty.txt").write_text("")
+    args = {"empty input": [str(tmp_path / "empty.txt")], "no timed pass": ["--repeats", "0"],
+            "jsonl output": ["-o", str(tmp_path / "e.jsonl")],
+            "csv output in a new folder": ["-o", str(tmp_path / "new" / "e.csv")]}[case]
+    with pytest.raises(SystemExit, match="^fastbert demo: " + message):
+        fastbert.demo.main(args)
+    assert not (tmp_path / "new").exists()
