@@ -368,12 +368,16 @@ def _prepend_lowercase(tokenizer) -> None:
 def read_lines(path: str) -> list[str]:
     """The lines of a UTF-8 text file, split on "\\n" only (a trailing "\\r" is dropped): other Unicode
     line boundaries (\\x0b, \\x0c, \\x85, \\u2028 ...) are part of a sentence. A byte-order mark is not
-    part of the first line; a final newline does not start another line."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        try:
-            text = f.read()
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    part of the first line; a final newline does not start another line. ``-``: standard input."""
+    if path == "-":
+        data, name = sys.stdin.buffer.read(), "standard input"
+    else:
+        with open(path, "rb") as f:
+            data, name = f.read(), path
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text:
         return []
     lines = text.split("\n")
@@ -398,7 +402,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("input", help="a UTF-8 text file: one sentence per line")
+    parser.add_argument("input", help="a UTF-8 text file: one sentence per line (-: standard input)")
     parser.add_argument("-o", "--output", required=True, help="OUT.npy (a float32 array) or OUT.jsonl")
     parser.add_argument("--model", default=None,
                         help="a local sentence-transformers model directory (default: the embedded all-MiniLM-L6-v2)")
@@ -437,6 +441,8 @@ def _check_output(path: str) -> None:
     if not path.endswith((".npy", ".jsonl")):
         raise SystemExit(f"fastbert embed: output {path!r} must end in .npy or .jsonl")
     parent = Path(path).parent
+    if parent.exists() and not parent.is_dir():
+        raise SystemExit(f"fastbert embed: the output's directory {str(parent)!r} is a file")
     if not parent.is_dir():
         raise SystemExit(f"fastbert embed: the output's directory {str(parent)!r} does not exist")
     if Path(path).is_dir():

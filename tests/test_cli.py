@@ -183,6 +183,8 @@ def _user_error_args(tmp_path, case, monkeypatch):
         monkeypatch.setenv("FASTBERT_BACKEND", "triton")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         return [good_in, "-o", out, "--device", "cpu"], "FASTBERT_BACKEND=triton on cpu tensors needs TRITON_INTERPRET=1"
+    if case == "output's directory is a file":
+        return [good_in, "-o", str(SENTENCES / "out.npy")], r"the output's directory '.*sentences\.txt' is a file"
     if case == "output is a directory":
         (tmp_path / "d.npy").mkdir()
         return [good_in, "-o", str(tmp_path / "d.npy")], "is a directory"
@@ -191,7 +193,8 @@ def _user_error_args(tmp_path, case, monkeypatch):
 
 @pytest.mark.parametrize("case", ["missing input", "directory input", "non-UTF-8 input", "bogus device",
                                   "cuda without a GPU", "missing model folder", "hub id",
-                                  "output directory missing", "output is a directory", "bogus backend", "bogus GEMM",
+                                  "output directory missing", "output is a directory", "output's directory is a file",
+                                  "bogus backend", "bogus GEMM",
                                   "Triton backend on a CPU"])
 def test_embed_user_errors_are_named_before_loading(tmp_path, no_model_load, monkeypatch, case):
     args, message = _user_error_args(tmp_path, case, monkeypatch)

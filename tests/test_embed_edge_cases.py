@@ -1,6 +1,7 @@
 """``fastbert.embed`` at its edges: how lines are read, settings only sentence-transformers applies,
 do_lower_case, empty input, the model directory and the checkpoint's dtype."""
 
+import io
 import json
 import os
 import shutil
@@ -57,9 +58,18 @@ def test_read_lines_endings_and_bom(tmp_path, data, lines):
 
 def test_read_lines_names_a_file_that_is_not_utf8(tmp_path):
     src = tmp_path / "latin1.txt"
-    src.write_bytes("café\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text"):
+    src.write_bytes("ab café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text \(invalid continuation byte at byte 6\)"):
         read_lines(str(src))
+
+
+def test_read_lines_of_standard_input(monkeypatch):
+    """``-`` reads standard input, bytes decoded as a file's are (a byte-order mark, "\\r\\n")."""
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfone\r\ntwo\n")))
+    assert read_lines("-") == ["one", "two"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("café".encode("latin-1"))))
+    with pytest.raises(ValueError, match=r"^standard input is not UTF-8 text"):
+        read_lines("-")
 
 
 # --- settings that sentence-transformers applies ----------------------------------------------------
