@@ -58,8 +58,11 @@ def check_loading_info(model, info: dict, path) -> None:
     prefixes = _ENCODER_PREFIXES if model.pooler is not None else _ENCODER_PREFIXES[:2]
     # A head's checkpoint (BertForSequenceClassification, ...) names the encoder's weights "bert.*".
     head_prefix = f"{model.base_model_prefix}."
+    # Buffers the model does not save (embeddings.position_ids, .token_type_ids), which some checkpoints
+    # hold anyway: no weight of the checkpoint is left out by skipping them, as transformers does.
+    unsaved = {name for name, _ in model.named_buffers()} - set(model.state_dict())
     unexpected = sorted(k for k in info.get("unexpected_keys", ())
-                        if k.removeprefix(head_prefix).startswith(prefixes))
+                        if (key := k.removeprefix(head_prefix)).startswith(prefixes) and key not in unsaved)
     mismatched = sorted(_mismatch(k) for k in info.get("mismatched_keys", ()))
     problems = []
     if missing:

@@ -8,6 +8,8 @@ ever runs on a padded position.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import NamedTuple
 
 import torch
@@ -464,6 +466,31 @@ class BertPooler(nn.Module):
         return self.activation(self.dense(hidden_states[:, 0]))
 
 
+_silenced_loads = 0  # strict loads in flight, in any thread
+_silenced_lock = threading.Lock()
+_verbosity_before = None
+
+
+@contextlib.contextmanager
+def _transformers_report_silenced():
+    """transformers' logging at ERROR while any strict load runs. Its level is global: the first load
+    in saves it and the last one out restores it, so that loads in several threads never leave it at
+    ERROR (each restoring what it saw on entry could restore another's ERROR last)."""
+    global _silenced_loads, _verbosity_before
+    with _silenced_lock:
+        if _silenced_loads == 0:
+            _verbosity_before = logging.get_verbosity()
+            logging.set_verbosity_error()
+        _silenced_loads += 1
+    try:
+        yield
+    finally:
+        with _silenced_lock:
+            _silenced_loads -= 1
+            if _silenced_loads == 0:
+                logging.set_verbosity(_verbosity_before)
+
+
 def _selected_hidden_states(output_hidden_states, count: int) -> set[int] | None:
     """The hidden states an ``output_hidden_states`` of an index or indices selects, as transformers
     reads it (negative ones from the end, those out of range select nothing; the others are None in
@@ -534,18 +561,15 @@ class BertModel(BertPreTrainedModel):
         if not isinstance(config, PretrainedConfig):  # a config given as a path is the one to check
             check_model_type(pretrained_model_name_or_path if config is None else config, kwargs)
         want_info = kwargs.pop("output_loading_info", False)
-        verbosity = logging.get_verbosity()
-        if strict:  # the check below names every key; transformers' report would only repeat it
-            logging.set_verbosity_error()
+        if strict:
             # Weights of another shape come back in the loading info (named, with both shapes, below)
-            # instead of transformers' error, which points to the report just silenced.
+            # instead of transformers' error, which points to the report silenced here.
             kwargs["ignore_mismatched_sizes"] = True  # strict raises on a mismatch anyway, naming it
-        try:
+        # With strict, the check below names every key; transformers' report would only repeat it.
+        with _transformers_report_silenced() if strict else contextlib.nullcontext():
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
             )
-        finally:
-            logging.set_verbosity(verbosity)
         if strict:
             check_loading_info(model, info, pretrained_model_name_or_path)
         return (model, info) if want_info else model

@@ -82,6 +82,54 @@ def test_unexpected_encoder_keys_of_a_head_checkpoint_are_named(tmp_path):
     fastbert.BertModel.from_pretrained(tmp_path, num_hidden_layers=2, strict=False)
 
 
+@pytest.mark.parametrize("head", [False, True])
+def test_checkpoints_holding_the_unsaved_buffers_load(tmp_path, head):
+    """Some checkpoints hold the embeddings' position_ids and token_type_ids buffers, which the model
+    does not save: no weight is left out, so they load as in transformers (token_type_ids was refused)."""
+    _, hf = model_pair(make_config())
+    prefix = "bert." if head else ""
+    (transformers.BertForSequenceClassification(hf.config) if head else hf).save_pretrained(tmp_path)
+    buffers = {f"{prefix}embeddings.{name}": getattr(hf.embeddings, name).clone()
+               for name in ("position_ids", "token_type_ids")}
+    _edit_checkpoint(tmp_path, lambda t: t.update(buffers))
+    loaded = fastbert.BertModel.from_pretrained(tmp_path)
+    reference = transformers.BertModel.from_pretrained(tmp_path)
+    _same_outputs(loaded.eval(), reference.eval(), hf.config)
+
+
+def test_strict_loads_in_threads_leave_transformers_logging_as_it_was(monkeypatch):
+    """Strict loads silence transformers' report by its global level. Two overlapping loads, the first
+    in leaving first: the level is restored when the last ends (each restoring the level it saw on
+    entry left it at ERROR, the first's silencing)."""
+    import threading
+
+    from transformers.utils import logging
+
+    first_inside, second_inside = threading.Event(), threading.Event()
+
+    def load(cls, *args, **kwargs):
+        if threading.current_thread() is threads[0]:
+            first_inside.set()
+            second_inside.wait(5)  # then leaves first
+        else:
+            second_inside.set()
+            threads[0].join(5)
+        return None, {}
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(load))
+    monkeypatch.setattr(fastbert.modeling_bert, "check_model_type", lambda *args: None)
+    monkeypatch.setattr(fastbert.modeling_bert, "check_loading_info", lambda *args: None)
+    before = logging.get_verbosity()
+    assert before != logging.ERROR
+    threads = [threading.Thread(target=fastbert.BertModel.from_pretrained, args=("unused",)) for _ in range(2)]
+    threads[0].start()
+    assert first_inside.wait(5)
+    threads[1].start()
+    for t in threads:
+        t.join(10)
+    assert second_inside.is_set() and logging.get_verbosity() == before
+
+
 @pytest.mark.parametrize("ignore", [None, False])
 def test_weights_of_another_shape_are_named_with_both_shapes(tmp_path, ignore):
     """Also when the caller passes ignore_mismatched_sizes=False: strict raises fastbert's named error
