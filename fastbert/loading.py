@@ -32,7 +32,8 @@ def check_model_type(path, kwargs: dict) -> None:
             return check_model_type(base, {k: v for k, v in kwargs.items() if k != "subfolder"})
         if failure is not None:
             raise failure  # transformers' own message (no such folder or hub id, no network, bad JSON, ...)
-        raise OSError(f"{path} has no config.json (a BERT checkpoint directory holds config.json and its weights)")
+        where = f"{path} (subfolder {kwargs['subfolder']!r})" if kwargs.get("subfolder") else str(path)
+        raise OSError(f"{where} has no config.json (a BERT checkpoint directory holds config.json and its weights)")
     model_type = config_dict.get("model_type", "bert")
     if model_type != "bert":
         raise ValueError(f"{path} holds a {model_type!r} model; fastbert.BertModel loads BERT checkpoints "

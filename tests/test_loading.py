@@ -163,6 +163,8 @@ def test_a_directory_without_config_is_named_and_a_config_without_model_type_loa
     del config["model_type"]
     config_file.write_text(json.dumps(config))
     _same_outputs(fastbert.BertModel.from_pretrained(tmp_path).eval(), hf, hf.config)
+    with pytest.raises(OSError, match=r"^.* \(subfolder 'nothere'\) has no config.json"):  # not the folder's
+        fastbert.BertModel.from_pretrained(tmp_path, subfolder="nothere")
 
 
 def test_task_head_checkpoint_loads_the_encoder(tmp_path):
