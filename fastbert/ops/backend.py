@@ -12,8 +12,8 @@ backend is active:
 - ``cublaslt`` (default): cuBLASLt's bias + activation epilogue (``torch._addmm_activation``) on
   CUDA tensors, one cuBLAS kernel. Its GELU is the tanh approximation: exact for ``gelu_tanh`` and
   ``relu`` models; for erf-GELU models (BERT's ``gelu``) it is taken in fp16 / bf16 only, where the
-  approximation (at most 4.7e-4) is inside the 16-bit error budget; fp32, CPU tensors and autograd
-  run as ``cublas``. The default since the third H200 measurement, where it was faster than
+  approximation (at most 4.7e-4) is inside the 16-bit error budget; fp32 erf-GELU, autocast, CPU
+  tensors and autograd run as ``cublas``. The default since the third H200 measurement, where it was faster than
   ``cublas`` at every measured shape (benchmarks/RESULTS.md).
 - ``cublas``: PyTorch's matmul (cuBLAS), then the epilogue as its own Triton kernel (exact erf-GELU
   in every dtype);
