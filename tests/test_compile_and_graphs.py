@@ -35,6 +35,28 @@ def test_compile_fullgraph_equals_eager(pair, mask_kind, monkeypatch):
     assert_close(got.pooler_output, want.pooler_output, 1e-6, "compiled pooler_output")
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compile_with_dynamic_shapes(dropout, monkeypatch):
+    """torch.compile(dynamic=True): floats such as the LayerNorm's eps and the dropout probability
+    become symbolic there (a math.isfinite or a bool argument of them broke the graph); a second shape
+    reuses the graph. With dropout (training), the same graph runs, its randomness aside."""
+    monkeypatch.setenv("FASTBERT_BACKEND", "torch")
+    config = make_config("h144", layers=2)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
+    fast, _ = model_pair(config)
+    fast.train(dropout > 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager", dynamic=True)
+    for batch, seqlen in ((3, 11), (2, 7)):
+        ids, types = random_inputs(fast.config, batch, seqlen)
+        mask = make_mask("right", batch, seqlen)
+        got = _outputs(compiled, ids, mask, types)
+        if dropout == 0:
+            assert_close(got.last_hidden_state, _outputs(fast, ids, mask, types).last_hidden_state, 1e-5,
+                         f"dynamic shapes {batch}x{seqlen}")
+        assert got.last_hidden_state.shape == (batch, seqlen, fast.config.hidden_size)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_inductor_equals_transformers(pair, monkeypatch, device):
     """Inductor over the whole model: on the CPU around the PyTorch ops, on a GPU around the Triton

@@ -109,7 +109,8 @@ def varlen_attention_with_probs(
     query_mask = torch.zeros(batch, max_seqlen, dtype=torch.bool, device=qkv.device)
     query_mask[seq_idx, offset] = True
     probs = (probs * query_mask[:, None, :, None]).to(qkv.dtype)
-    probs = F.dropout(probs, dropout_p, training=dropout_p > 0)  # returned after dropout, as transformers does
+    if dropout_p > 0:  # a Python test: a SymFloat's comparison is no bool argument under dynamic shapes
+        probs = F.dropout(probs, dropout_p)  # returned after dropout, as transformers does
     out = torch.matmul(probs, v)
     return out.transpose(1, 2)[seq_idx, offset].reshape(-1, hidden), probs
 
@@ -201,7 +202,7 @@ def varlen_attention(
     if validate:
         _check_offsets(qkv, cu_seqlens, max_seqlen)
     scale = head_dim**-0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
+    if not -math.inf < scale < math.inf:  # NaN too (comparisons: a SymFloat under dynamic shapes)
         raise ValueError(f"attention scale must be finite, got {scale}")
     if (dropout_p > 0 or not _kernel_takes(qkv, cu_seqlens, head_dim, scale)
             or not backend.use_triton(qkv, differentiable=True)):

@@ -198,7 +198,7 @@ def device_guard(t: torch.Tensor):
 def check_eps(eps, what: str) -> float:
     """``eps`` as a float, refused unless finite and >= 0 (a negative or NaN one makes every row NaN)."""
     value = float(eps)
-    if not math.isfinite(value) or value < 0:
+    if not 0 <= value < math.inf:  # NaN too; comparisons, not math.isfinite: a SymFloat under dynamic shapes
         raise ValueError(f"{what}: eps must be a finite number >= 0, got {eps}")
     return value
 
