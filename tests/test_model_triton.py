@@ -29,7 +29,7 @@ OPS = {  # op module -> the launch helper it calls
 }
 
 
-test_model_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 27, FASTBERT_BACKEND="triton")
+test_model_on_triton_interpreter_in_subprocess = interpreter_parent_test(__file__, 33, FASTBERT_BACKEND="triton")
 
 
 if IN_CHILD:
@@ -122,6 +122,23 @@ if IN_CHILD:
             _, expected = torch.func.jvp(hidden, (embeds,), (tangent,))
         assert ours.abs().max() > 0.1
         assert_close(ours, expected, FP32_INTERPRETER, "jvp tangent")
+
+    def test_interpreter_case_torch_func_grad_equals_the_pytorch_path(launches):
+        """torch.func.grad through the model on the Triton backend: the ops take their references (the
+        kernels' registered autograd has no functorch support: it raised), so the gradient is the
+        PyTorch path's."""
+        fast, _ = model_pair(make_config("h144", layers=1))
+        embeds = torch.randn(2, 7, 144)
+        mask = make_mask("right", 2, 7)
+
+        def loss(e):
+            return fast(inputs_embeds=e, attention_mask=mask).last_hidden_state.square().sum()
+
+        ours = torch.func.grad(loss)(embeds)
+        with backend.use_backend("torch"):
+            expected = torch.func.grad(loss)(embeds)
+        assert ours.abs().max() > 0.1
+        assert_close(ours, expected, FP32_INTERPRETER, "torch.func.grad")
 
     def test_interpreter_case_long_sequences(launches):
         """Sequences past two key blocks (the kernels' blocks are 32 to 64 keys), with holes."""

@@ -110,10 +110,17 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
+def transform_active() -> bool:
+    """Whether forward-mode AD or a ``torch.func`` transform (grad, vjp, jacrev, vmap) is on: the fused
+    ops' autograd (``register_autograd``) has no functorch support (an error under ``torch.func.grad``)
+    and no forward-mode rule (tangents dropped); the PyTorch references support both."""
+    return forward_ad_active() or torch._C._are_functorch_transforms_active()
+
+
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
     # Loops rather than any(<generator>) here and below: these run several times per op call, and a
     # generator costs about a microsecond of host time each (an eager small batch waits on it).
-    if forward_ad_active():  # any tensor may carry a tangent
+    if transform_active():  # any tensor may carry a tangent or be a transform's wrapper
         return True
     if not torch.is_grad_enabled():
         return False
@@ -129,7 +136,7 @@ def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> b
     ``differentiable``: the op's Triton path has a backward, so needing autograd does not force the
     reference."""
     name = backend_setting()
-    if name == "torch" or forward_ad_active() or (not differentiable and needs_autograd(*tensors)):
+    if name == "torch" or transform_active() or (not differentiable and needs_autograd(*tensors)):
         return False
     device = (tensors[0] if tensors[0] is not None else next(t for t in tensors if t is not None)).device
     if name == "triton":

@@ -128,3 +128,26 @@ def test_forward_mode_ad_takes_the_references(monkeypatch):
     _, through_jvp = torch.func.jvp(lambda w: ops.linear_activation(x, w, bias, "gelu"), (weight,),
                                     (torch.ones_like(weight),))
     assert tangent is not None and torch.allclose(tangent, expected) and torch.allclose(through_jvp, expected)
+
+
+def test_torch_func_transforms_take_the_references(monkeypatch):
+    """The fused ops' registered autograd has no functorch support (torch.func.grad through a kernel
+    raised): under grad, vjp, jacrev or vmap every op takes its PyTorch reference, whatever the backend
+    (FASTBERT_BACKEND=triton on CPU tensors would raise here if it asked for a kernel)."""
+    from fastbert import ops
+
+    monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    x, weight, bias = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
+    assert not backend.transform_active()
+    seen = []
+
+    def loss(w):
+        seen.append((backend.transform_active(), backend.use_triton(w, differentiable=True)))
+        return ops.linear_activation(x, w, bias, "gelu").sum()
+
+    got = torch.func.grad(loss)(weight)
+    with backend.use_backend("torch"):
+        expected = torch.func.grad(lambda w: ops.linear_activation_reference(x, w, bias, "gelu").sum())(weight)
+    assert seen == [(True, False)] and torch.allclose(got, expected)
+    rows = torch.func.vmap(lambda row: ops.bias_activation(row[None], bias[:4].clone(), "gelu")[0])(x[:, :4])
+    assert torch.allclose(rows, ops.bias_activation_reference(x[:, :4], bias[:4], "gelu"))
