@@ -282,9 +282,9 @@ class BertSelfAttention(nn.Module):
         qkv = self.qkv_projection(hidden_states)
         args = (qkv, packing.cu_seqlens, packing.max_seqlen, self.num_attention_heads, self.scaling,
                 _dropout_p(self.dropout))
-        if output_attentions:
-            return ops.varlen_attention_with_probs(*args)
-        return ops.varlen_attention(*args, validate=False), None  # offsets built and checked by the model
+        if output_attentions:  # offsets built and checked by the model
+            return ops.varlen_attention_with_probs(*args, validate=False)
+        return ops.varlen_attention(*args, validate=False), None
 
 
 class BertSelfOutput(nn.Module):

@@ -21,14 +21,27 @@ from .padding import check_offsets, sequence_positions
 
 
 def _check(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int) -> tuple[int, int]:
-    if qkv.dim() != 2 or qkv.shape[1] % (3 * num_heads):
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be at least 1, got {num_heads}")
+    if qkv.dim() != 2 or qkv.shape[1] == 0 or qkv.shape[1] % (3 * num_heads):
         raise ValueError(f"qkv must be [tokens, 3 * hidden] with hidden divisible by {num_heads} heads, "
                          f"got {tuple(qkv.shape)}")
+    if not qkv.is_floating_point():
+        raise TypeError(f"qkv must be a floating-point tensor, got dtype {qkv.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of batch + 1 offsets, got "
                          f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
     hidden = qkv.shape[1] // 3
     return hidden, hidden // num_heads
+
+
+def _checked_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale (default 1 / sqrt(head_dim)), refused unless finite (a NaN one made every
+    output NaN)."""
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if not -math.inf < scale < math.inf:  # NaN too (comparisons: a SymFloat under dynamic shapes)
+        raise ValueError(f"attention scale must be finite, got {scale}")
+    return scale
 
 
 def _check_offsets(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
@@ -93,16 +106,21 @@ def varlen_attention_with_probs(
     num_heads: int,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention that also returns its probabilities, ``[batch, heads, max_seqlen, max_seqlen]``
     (zero at padded keys and padded queries; after dropout, the weights the values were summed with,
-    as transformers returns them); softmax in fp32. Used for ``output_attentions``."""
+    as transformers returns them); softmax in fp32 (fp64 input: fp64). Used for ``output_attentions``.
+    ``validate``: as :func:`varlen_attention`'s."""
     hidden, head_dim = _check(qkv, cu_seqlens, num_heads)
+    backend.check_dropout(dropout_p, "varlen_attention_with_probs")
+    if validate:
+        _check_offsets(qkv, cu_seqlens, max_seqlen)
+    scale = _checked_scale(scale, head_dim)
     batch = cu_seqlens.numel() - 1
     if qkv.shape[0] == 0:
         return qkv.new_zeros(0, hidden), qkv.new_zeros(batch, num_heads, max_seqlen, max_seqlen)
     q, k, v, key_mask, seq_idx, offset = _padded_qkv(qkv, cu_seqlens, max_seqlen, num_heads)
-    scale = head_dim**-0.5 if scale is None else scale
     compute = torch.promote_types(qkv.dtype, torch.float32)  # fp64 stays fp64
     scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
     probs = scores.masked_fill(~key_mask, float("-inf")).softmax(dim=-1)
@@ -199,11 +217,10 @@ def varlen_attention(
     and checked its offsets, passes False.
     """
     hidden, head_dim = _check(qkv, cu_seqlens, num_heads)
+    backend.check_dropout(dropout_p, "varlen_attention")
     if validate:
         _check_offsets(qkv, cu_seqlens, max_seqlen)
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    if not -math.inf < scale < math.inf:  # NaN too (comparisons: a SymFloat under dynamic shapes)
-        raise ValueError(f"attention scale must be finite, got {scale}")
+    scale = _checked_scale(scale, head_dim)
     if (dropout_p > 0 or not _kernel_takes(qkv, cu_seqlens, head_dim, scale)
             or not backend.use_triton(qkv, differentiable=True)):
         return varlen_attention_reference(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p)

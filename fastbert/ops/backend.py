@@ -210,6 +210,13 @@ def check_eps(eps, what: str) -> float:
     return value
 
 
+def check_dropout(dropout_p, what: str) -> None:
+    """Refuse a dropout probability outside [0, 1] (NaN too), on every path alike: the kernels' paths
+    tested only ``> 0`` (a negative or NaN one ran without dropout) where the references raised."""
+    if not 0 <= dropout_p <= 1:  # comparisons: a SymFloat under dynamic shapes
+        raise ValueError(f"{what}: dropout_p must be in [0, 1], got {dropout_p}")
+
+
 def may_read_back(t: torch.Tensor) -> bool:
     """Whether reading ``t`` on the host is allowed here: not while tracing (torch.compile), not on fake
     tensors (FakeTensorMode), not inside CUDA-graph capture."""

@@ -117,6 +117,7 @@ def bias_residual_layer_norm(
         raise ValueError("bias_residual_layer_norm: x must have at least one dimension (the normalized one), "
                          "got a 0-d tensor")
     eps = backend.check_eps(eps, "bias_residual_layer_norm")
+    backend.check_dropout(dropout_p, "bias_residual_layer_norm")
     columns = x.shape[-1:]
     if residual.shape != x.shape or weight.shape != columns:
         raise ValueError(f"x {tuple(x.shape)}, residual {tuple(residual.shape)} and LayerNorm weight "

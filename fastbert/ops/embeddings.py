@@ -134,26 +134,38 @@ def _reference_checked(*args) -> torch.Tensor:
 
 
 def _check_shapes(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
-                  ln_weight, ln_bias) -> None:
-    """The shape rules of the C++ op, checked in Python before either fast path (ValueError naming the tensor)."""
-    if input_ids.dim() != 1:
-        raise ValueError(f"{OP}: input_ids must be a 1-D tensor of packed tokens, got shape {tuple(input_ids.shape)}")
-    if position_ids.shape != input_ids.shape or token_type_ids.shape != input_ids.shape:
-        raise ValueError(f"{OP}: input_ids, position_ids and token_type_ids must have one entry per token, got "
-                         f"shapes {tuple(input_ids.shape)}, {tuple(position_ids.shape)}, {tuple(token_type_ids.shape)}")
-    if word_weight.dim() != 2:
-        raise ValueError(f"{OP}: word_weight must be [vocab, hidden], got shape {tuple(word_weight.shape)}")
-    hidden = word_weight.shape[1]
-    for name, t, dim in (("position_weight", position_weight, 2), ("token_type_weight", token_type_weight, 2),
-                         ("ln_weight", ln_weight, 1), ("ln_bias", ln_bias, 1)):
+                  ln_weight, ln_bias, inputs_embeds=None) -> None:
+    """The shape rules of the C++ op, checked in Python before any path runs (the reference would
+    broadcast some of them into a wrong answer): a ValueError naming the tensor. ``inputs_embeds``
+    (``[tokens, hidden]``) stands in for the ids and the word table."""
+    if inputs_embeds is not None:
+        if inputs_embeds.dim() != 2:
+            raise ValueError(f"{OP}: inputs_embeds must be [tokens, hidden], got shape {tuple(inputs_embeds.shape)}")
+        tokens, what = inputs_embeds.shape[:1], "inputs_embeds' rows"
+    else:
+        if input_ids is None or input_ids.dim() != 1:
+            raise ValueError(f"{OP}: input_ids must be a 1-D tensor of packed tokens, got "
+                             f"{None if input_ids is None else tuple(input_ids.shape)}")
+        tokens, what = input_ids.shape, "input_ids"
+    if position_ids.shape != tokens or token_type_ids.shape != tokens:
+        raise ValueError(f"{OP}: {what}, position_ids and token_type_ids must have one entry per token, got "
+                         f"shapes {tuple(tokens)}, {tuple(position_ids.shape)}, {tuple(token_type_ids.shape)}")
+    sized = [("inputs_embeds", inputs_embeds, 2)] if inputs_embeds is not None else [("word_weight", word_weight, 2)]
+    sized += [("position_weight", position_weight, 2), ("token_type_weight", token_type_weight, 2),
+              ("ln_weight", ln_weight, 1), ("ln_bias", ln_bias, 1)]
+    first, table, _ = sized[0]
+    if table.dim() != 2:
+        raise ValueError(f"{OP}: {first} must be 2-D with the hidden size last, got shape {tuple(table.shape)}")
+    hidden = table.shape[1]
+    for name, t, dim in sized[1:]:
         if t.dim() != dim or t.shape[-1] != hidden:
             raise ValueError(f"{OP}: {name} has shape {tuple(t.shape)} but the hidden size "
-                             f"(word_weight.shape[1]) is {hidden}")
-    if input_ids.numel():  # a table without rows has nothing any index could look up
-        for name, t in (("word_weight", word_weight), ("position_weight", position_weight),
-                        ("token_type_weight", token_type_weight)):
+                             f"({first}.shape[1]) is {hidden}")
+    if tokens[0]:  # a table without rows has nothing any index could look up
+        tables = [("position_weight", position_weight), ("token_type_weight", token_type_weight)]
+        for name, t in tables if inputs_embeds is not None else [("word_weight", word_weight), *tables]:
             if t.shape[0] == 0:
-                raise ValueError(f"{OP}: {name} has no rows, so none of the {input_ids.numel()} tokens can be "
+                raise ValueError(f"{OP}: {name} has no rows, so none of the {tokens[0]} tokens can be "
                                  f"looked up in it")
 
 
@@ -221,6 +233,9 @@ def embeddings(
     ``inputs_embeds`` (``[tokens, hidden]``) replaces the word lookup.
     """
     eps = backend.check_eps(eps, OP)
+    backend.check_dropout(dropout_p, OP)
+    _check_shapes(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
+                  ln_weight, ln_bias, inputs_embeds)
     args = (input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
             ln_weight, ln_bias, eps, dropout_p, inputs_embeds)
     reference = _reference_checked if validate_indices else embeddings_reference
@@ -238,7 +253,6 @@ def embeddings(
         # Bad input raises here, in Python, rather than from the C++ op: on one GPU image (issue 6) an
         # exception thrown by the extension crashed the process. The op checks again only where Python
         # could not read the indices back (torch.compile tracing).
-        _check_shapes(*indices, *floats)
         checked = validate_indices and backend.may_read_back(indices[0])
         if checked:
             check_indices(*indices, *floats[:3])
@@ -246,7 +260,6 @@ def embeddings(
 
     backend.use_triton(*floats)  # raises when the Triton path cannot run here (CPU without the interpreter)
     backend.check_kernel_runs_here(_kernels._embeddings_fwd_kernel, word_weight.device, word_weight.dtype)
-    _check_shapes(*indices, *floats)
     indices = tuple(t.contiguous() for t in indices)
     floats = tuple(t.contiguous() for t in floats)
     out, error_flag = torch.ops.fastbert.embedding_layer_norm_triton(*indices, *floats, float(eps))

@@ -96,7 +96,8 @@ def static_unpad_input(attention_mask: torch.Tensor, batch: int, seqlen: int) ->
     valid, indices = torch.sort(keep.flatten(), descending=True, stable=True)
     seqlens = keep.sum(dim=1, dtype=torch.int32)
     real = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    steps = torch.arange(seqlen, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=keep.device)
+    steps = (torch.arange(seqlen, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=keep.device) if seqlen
+             else torch.zeros(batch, dtype=torch.int32, device=keep.device))  # arange takes no step 0
     padding = torch.clamp(real[-1] + steps, max=batch * seqlen)
     return Packing(indices, torch.cat([real, padding]), seqlen, batch, seqlen, valid)
 

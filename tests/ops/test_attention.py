@@ -290,9 +290,46 @@ def test_offsets_that_leave_the_rows_are_refused(cu, max_seqlen, message):
 
 @pytest.mark.parametrize("scale", [float("inf"), float("nan")])
 def test_a_scale_that_is_not_finite_is_refused(scale):
-    """Every probability would be NaN: a ValueError says why instead."""
-    with pytest.raises(ValueError, match="attention scale must be finite"):
-        A.varlen_attention(make_qkv(7, 2, 16), cu_seqlens_of([3, 4]), 4, 2, scale=scale)
+    """Every probability would be NaN: a ValueError says why instead, with or without probabilities."""
+    for fn in (A.varlen_attention, A.varlen_attention_with_probs):
+        with pytest.raises(ValueError, match="attention scale must be finite"):
+            fn(make_qkv(7, 2, 16), cu_seqlens_of([3, 4]), 4, 2, scale=scale)
+
+
+@pytest.mark.parametrize("what, args, error, message", [
+    ("no heads", lambda: (make_qkv(7, 2, 16), cu_seqlens_of([3, 4]), 4, 0), ValueError,
+     "num_heads must be at least 1, got 0"),
+    ("negative heads", lambda: (make_qkv(7, 2, 16), cu_seqlens_of([3, 4]), 4, -1), ValueError,
+     "num_heads must be at least 1, got -1"),
+    ("no hidden size", lambda: (torch.randn(7, 0), cu_seqlens_of([3, 4]), 4, 2), ValueError,
+     r"qkv must be \[tokens, 3 \* hidden\] .*, got \(7, 0\)"),
+    ("integer qkv", lambda: (make_qkv(7, 2, 16).long(), cu_seqlens_of([3, 4]), 4, 2), TypeError,
+     "qkv must be a floating-point tensor, got dtype torch.int64"),
+    ("negative dropout", lambda: (make_qkv(7, 2, 16), cu_seqlens_of([3, 4]), 4, 2, None, -0.1), ValueError,
+     r"dropout_p must be in \[0, 1\], got -0.1"),
+    ("NaN dropout", lambda: (make_qkv(7, 2, 16), cu_seqlens_of([3, 4]), 4, 2, None, float("nan")), ValueError,
+     r"dropout_p must be in \[0, 1\], got nan"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_heads_dtypes_and_dropout_are_refused_by_name(what, args, error, message):
+    """On both entry points and both backends (were a ZeroDivisionError, a complex scale, an int64
+    overflow message, dropout ignored on the kernels' path but refused by flash attention's name)."""
+    for fn in (A.varlen_attention, A.varlen_attention_with_probs):
+        for name in ("torch", "triton"):
+            if name == "triton" and not backend.triton_available():
+                continue
+            with backend.use_backend(name), pytest.raises(error, match=message):
+                fn(*args())
+
+
+@pytest.mark.parametrize("cu, max_seqlen, message", [
+    ([1, 3, 7], 4, "it goes from 1 to 7"),
+    ([0, 3, 7], 2, r"max_seqlen=2 is shorter than the longest sequence \(4 rows\)"),
+])
+def test_offsets_with_probabilities_are_checked(cu, max_seqlen, message):
+    """varlen_attention_with_probs checks its offsets as varlen_attention does (were a size mismatch
+    and an IndexError from inside); validate=False, the model's own offsets, skips the read-back."""
+    with pytest.raises(ValueError, match=message):
+        A.varlen_attention_with_probs(make_qkv(7, 2, 16), torch.tensor(cu, dtype=torch.int32), max_seqlen, 2)
 
 
 @pytest.mark.parametrize("scale", [-0.5, 0.0, 1e-46, 1e-300, 1e39])

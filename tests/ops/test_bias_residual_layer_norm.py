@@ -253,6 +253,10 @@ def test_a_0d_input_and_a_bad_eps_are_refused():
     for eps in (-1e-5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
             L.bias_residual_layer_norm(*inputs, eps)
+    for dropout_p in (-0.5, 1.5, float("nan")):  # the kernels' path ran them without dropout
+        for name in ("torch", "triton"):
+            with backend.use_backend(name), pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\]"):
+                L.bias_residual_layer_norm(*inputs, 1e-5, dropout_p=dropout_p)
 
 
 def test_dropout_takes_the_reference(monkeypatch):

@@ -298,6 +298,47 @@ def test_a_bad_eps_is_refused(eps):
         E.embeddings(*make_inputs(5, 64), eps)
 
 
+def _shape_case(case):
+    ids, positions, types, word, position, token_type, ln_weight, ln_bias = make_inputs(4, 8)
+    embeds = None
+    if case == "one token type for four ids":
+        types = types[:1]
+    elif case == "2-D ids":
+        ids, positions, types = ids[None], positions[None], types[None]
+    elif case == "0-D ids":
+        ids, positions, types = ids[0], positions[0], types[0]
+    elif case == "inputs_embeds of another width":
+        word, embeds = None, torch.randn(4, 7)
+    elif case == "inputs_embeds of other rows":
+        word, embeds = None, torch.randn(3, 8)
+    return (ids, positions, types, word, position, token_type, ln_weight, ln_bias, EPS), {"inputs_embeds": embeds}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("one token type for four ids", r"input_ids, position_ids and token_type_ids must have one entry per token, "
+                                    r"got shapes \(4,\), \(4,\), \(1,\)"),
+    ("2-D ids", r"input_ids must be a 1-D tensor of packed tokens, got \(1, 4\)"),
+    ("0-D ids", r"input_ids must be a 1-D tensor of packed tokens, got \(\)"),
+    ("inputs_embeds of another width", r"position_weight has shape \(\d+, 8\) but the hidden size "
+                                       r"\(inputs_embeds.shape\[1\]\) is 7"),
+    ("inputs_embeds of other rows", r"inputs_embeds' rows, position_ids and token_type_ids must have one entry"),
+])
+def test_shapes_are_refused_by_name_on_every_path(case, message):
+    """The reference (the CPU's path, and autograd's, dropout's, inputs_embeds') checks the shapes the
+    kernels' paths check: one token type for four ids was broadcast (a wrong answer), 2-D ids gave a
+    batch, 0-D ids one row."""
+    args, kwargs = _shape_case(case)
+    for dropout_p in (0.0, 0.1):
+        with pytest.raises(ValueError, match=message):
+            E.embeddings(*args, dropout_p=dropout_p, **kwargs)
+
+
+@pytest.mark.parametrize("dropout_p", [-0.1, float("nan"), 1.5])
+def test_a_bad_dropout_is_refused(dropout_p):
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\]"):
+        E.embeddings(*make_inputs(5, 64), EPS, dropout_p=dropout_p)
+
+
 # The Triton kernel under the interpreter: the cases below run only in a child pytest process started
 # with TRITON_INTERPRET=1 (test_triton_interpreter_in_subprocess).
 

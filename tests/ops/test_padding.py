@@ -113,7 +113,8 @@ def test_an_empty_batch_with_a_mask_packs_no_tokens(seqlen, mask_dtype):
 
 
 def test_rows_of_no_positions_pack_no_tokens():
-    """Rows of seqlen 0: every offset is 0 (the offsets of full rows step by seqlen)."""
-    packing = unpad_input(None, 3, 0, "cpu")
-    assert packing.num_tokens == 0 and packing.cu_seqlens.tolist() == [0, 0, 0, 0]
-    assert packing.cu_seqlens.dtype == torch.int32
+    """Rows of seqlen 0, exact and static forms: every offset is 0 (the offsets of full rows and of the
+    static form's padding step by seqlen)."""
+    for packing in (unpad_input(None, 3, 0, "cpu"), static_unpad_input(torch.zeros(3, 0), 3, 0)):
+        assert packing.num_tokens == 0 and set(packing.cu_seqlens.tolist()) == {0}
+        assert packing.cu_seqlens.dtype == torch.int32
