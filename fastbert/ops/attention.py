@@ -165,7 +165,13 @@ if backend.triton_available():
     def _varlen_attention_triton(
         qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, scale: float
     ) -> torch.Tensor:
-        """``[tokens, 3 * hidden]`` -> ``[tokens, hidden]``; ``max_seqlen`` bounds every sequence."""
+        """``[tokens, 3 * hidden]`` -> ``[tokens, hidden]``; ``max_seqlen`` bounds every sequence.
+        Called directly it checks shapes and dtypes as the function does; the offsets' values it trusts,
+        as flash attention's varlen functions do (reading them back would stall every call):
+        ``fastbert.ops.varlen_attention`` checks those."""
+        _check(qkv, cu_seqlens, num_heads)
+        if qkv.shape[0] and max_seqlen < 1:
+            raise ValueError(f"max_seqlen must be at least 1 for {qkv.shape[0]} rows of qkv, got {max_seqlen}")
         interpreted = backend.is_interpreted(_attention_fwd_kernel)
         kernel = _attention_fwd_kernel if interpreted else wrap_triton(_attention_fwd_kernel)
         return _launch(qkv, cu_seqlens, max_seqlen, num_heads, scale, kernel)

@@ -60,7 +60,9 @@ if backend.triton_available():
     @torch.library.triton_op(TRITON_OP, mutates_args=())
     def _bias_activation_triton(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
         """``activation(x + bias)`` over the last dimension, any leading shape; the result has the
-        dtype of ``x + bias``."""
+        dtype of ``x + bias``. Called directly (``torch.ops.fastbert.bias_activation``) it checks the
+        shapes as the function does: the kernel would read past a short bias."""
+        _check_args(x, bias, activation)
         interpreted = backend.is_interpreted(_bias_activation_fwd_kernel)
         kernel = _bias_activation_fwd_kernel if interpreted else wrap_triton(_bias_activation_fwd_kernel)
         return _launch(x, bias, activation, kernel)
@@ -90,12 +92,17 @@ def _kernel_takes(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
             and (bias is None or (bias.dtype in _KERNEL_DTYPES and bias.device == x.device)))
 
 
-def bias_activation(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """``activation(x + bias)``; ``activation`` is one of ``gelu`` (erf), ``gelu_tanh``, ``relu``."""
+def _check_args(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> None:
+    """What the function and its registered op both refuse (no host sync)."""
     if bias is not None and bias.shape != x.shape[-1:]:
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not match x of shape {tuple(x.shape)}")
     if activation not in _KINDS:
         raise ValueError(f"unknown activation {activation!r}; expected gelu, gelu_tanh or relu")
+
+
+def bias_activation(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """``activation(x + bias)``; ``activation`` is one of ``gelu`` (erf), ``gelu_tanh``, ``relu``."""
+    _check_args(x, bias, activation)
     if not _kernel_takes(x, bias) or not backend.use_triton(x, bias, differentiable=True):
         return bias_activation_reference(x, bias, activation)
     backend.check_kernel_runs_here(_bias_activation_fwd_kernel, x.device, x.dtype)

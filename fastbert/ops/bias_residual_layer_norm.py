@@ -66,7 +66,9 @@ if backend.triton_available():
         eps: float,
     ) -> torch.Tensor:
         """``LayerNorm(x + bias + residual)`` over the last dimension, any leading shape, statistics in
-        fp32; the result has the dtype of ``x + bias + residual``."""
+        fp32; the result has the dtype of ``x + bias + residual``. Called directly it checks the shapes
+        as the function does: the kernel would read past a short residual."""
+        _check_args(x, bias, residual, weight, ln_bias, eps)
         interpreted = backend.is_interpreted(_bias_residual_layer_norm_fwd_kernel)
         kernel = (_bias_residual_layer_norm_fwd_kernel if interpreted
                   else wrap_triton(_bias_residual_layer_norm_fwd_kernel))
@@ -102,6 +104,22 @@ def _kernel_takes(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or (t.dtype in _KERNEL_DTYPES and t.device == device) for t in tensors)
 
 
+def _check_args(x, bias, residual, weight, ln_bias, eps) -> float:
+    """What the function and its registered op both refuse (no host sync); ``eps`` as a float."""
+    if x.dim() == 0:
+        raise ValueError("bias_residual_layer_norm: x must have at least one dimension (the normalized one), "
+                         "got a 0-d tensor")
+    eps = backend.check_eps(eps, "bias_residual_layer_norm")
+    columns = x.shape[-1:]
+    if residual.shape != x.shape or weight.shape != columns:
+        raise ValueError(f"x {tuple(x.shape)}, residual {tuple(residual.shape)} and LayerNorm weight "
+                         f"{tuple(weight.shape)} do not match")
+    if (bias is not None and bias.shape != columns) or ln_bias.shape != columns:
+        raise ValueError(f"bias {None if bias is None else tuple(bias.shape)} and LayerNorm bias "
+                         f"{tuple(ln_bias.shape)} must be [{x.shape[-1]}]")
+    return eps
+
+
 def bias_residual_layer_norm(
     x: torch.Tensor,
     bias: torch.Tensor | None,
@@ -113,18 +131,8 @@ def bias_residual_layer_norm(
 ) -> torch.Tensor:
     """``LayerNorm(dropout(x + bias) + residual)`` over the last dimension, statistics in fp32.
     Dropout (training) runs the reference; the Triton op has a backward (the reference's gradient)."""
-    if x.dim() == 0:
-        raise ValueError("bias_residual_layer_norm: x must have at least one dimension (the normalized one), "
-                         "got a 0-d tensor")
-    eps = backend.check_eps(eps, "bias_residual_layer_norm")
+    eps = _check_args(x, bias, residual, weight, ln_bias, eps)
     backend.check_dropout(dropout_p, "bias_residual_layer_norm")
-    columns = x.shape[-1:]
-    if residual.shape != x.shape or weight.shape != columns:
-        raise ValueError(f"x {tuple(x.shape)}, residual {tuple(residual.shape)} and LayerNorm weight "
-                         f"{tuple(weight.shape)} do not match")
-    if (bias is not None and bias.shape != columns) or ln_bias.shape != columns:
-        raise ValueError(f"bias {None if bias is None else tuple(bias.shape)} and LayerNorm bias "
-                         f"{tuple(ln_bias.shape)} must be [{x.shape[-1]}]")
     tensors = (x, bias, residual, weight, ln_bias)
     if dropout_p > 0 or not _kernel_takes(*tensors) or not backend.use_triton(*tensors, differentiable=True):
         return bias_residual_layer_norm_reference(x, bias, residual, weight, ln_bias, eps, dropout_p)

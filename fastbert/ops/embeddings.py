@@ -80,7 +80,10 @@ if backend.triton_available():
         eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out [tokens, hidden], error_flag [1] int32)``: inputs as for the C++ op, contiguous;
-        ``error_flag`` is 1 when some index was out of range (those rows of ``out`` are NaN)."""
+        ``error_flag`` is 1 when some index was out of range (those rows of ``out`` are NaN). Shapes
+        are checked as the function checks them (a short token-type row read past its end)."""
+        _check_shapes(input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight,
+                      ln_weight, ln_bias)
         out = word_weight.new_empty((input_ids.shape[0], word_weight.shape[1]))
         error_flag = torch.zeros(1, dtype=torch.int32, device=word_weight.device)
         # An interpreted kernel runs as it is (torch 2.11's wrap_triton refuses one, as the other ops know).

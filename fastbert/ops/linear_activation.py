@@ -77,7 +77,9 @@ if backend.triton_available():
     @torch.library.triton_op(TRITON_OP, mutates_args=())
     def _linear_activation_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                   activation: str) -> torch.Tensor:
-        """``activation(x @ weight.T + bias)``, any leading shape of ``x``."""
+        """``activation(x @ weight.T + bias)``, any leading shape of ``x``. Called directly it checks
+        the shapes as the function does: the kernel would read past a narrow weight."""
+        _check_args(x, weight, bias, activation)
         interpreted = backend.is_interpreted(_linear_activation_fwd_kernel)
         kernel = _linear_activation_fwd_kernel if interpreted else wrap_triton(_linear_activation_fwd_kernel)
         return _launch(x, weight, bias, activation, kernel)
@@ -110,10 +112,8 @@ def _kernel_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             and (bias is None or (bias.dtype == x.dtype and bias.device == x.device)))
 
 
-def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      activation: str) -> torch.Tensor:
-    """``activation(x @ weight.T + bias)`` (``weight`` as ``nn.Linear`` stores it, ``[out, in]``);
-    ``activation`` is one of ``gelu`` (erf), ``gelu_tanh``, ``relu``."""
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> None:
+    """What the function and its registered op both refuse (no host sync)."""
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match a weight of shape {tuple(weight.shape)} "
                          "([out_features, in_features])")
@@ -121,6 +121,13 @@ def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not match a weight of shape {tuple(weight.shape)}")
     if activation not in _KINDS:
         raise ValueError(f"unknown activation {activation!r}; expected gelu, gelu_tanh or relu")
+
+
+def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      activation: str) -> torch.Tensor:
+    """``activation(x @ weight.T + bias)`` (``weight`` as ``nn.Linear`` stores it, ``[out, in]``);
+    ``activation`` is one of ``gelu`` (erf), ``gelu_tanh``, ``relu``."""
+    _check_args(x, weight, bias, activation)
     # Under autocast the matmul's dtype is autocast's business: F.linear takes it (this op would run
     # the fp32 inputs as an fp32 GEMM).
     autocast = torch.is_autocast_enabled(x.device.type)

@@ -83,7 +83,9 @@ if backend.triton_available():
         vocab_size: int, type_vocab_size: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(indices, valid, packed ids, packed token types, positions, cu_seqlens, extremes) of a
-        ``[batch, seqlen]`` batch (kernels/pack_padded_batch.py)."""
+        ``[batch, seqlen]`` batch (kernels/pack_padded_batch.py). Arguments are checked as the function
+        checks them (a mask of one row read past its end)."""
+        _check(input_ids, attention_mask, token_type_ids, vocab_size, type_vocab_size)
         interpreted = backend.is_interpreted(_pack_padded_batch_fwd_kernel)
         return _launch(input_ids, attention_mask, token_type_ids, vocab_size, type_vocab_size,
                        None if interpreted else wrap_triton)

@@ -151,3 +151,42 @@ def test_torch_func_transforms_take_the_references(monkeypatch):
     assert seen == [(True, False)] and torch.allclose(got, expected)
     rows = torch.func.vmap(lambda row: ops.bias_activation(row[None], bias[:4].clone(), "gelu")[0])(x[:, :4])
     assert torch.allclose(rows, ops.bias_activation_reference(x[:, :4], bias[:4], "gelu"))
+
+
+def _long(*shape):
+    return torch.zeros(*shape, dtype=torch.long)
+
+
+REGISTERED_OP_MISUSE = {
+    "bias_activation": (lambda: torch.ops.fastbert.bias_activation(torch.randn(5, 8), torch.randn(3), "gelu"),
+                        r"bias of shape \(3,\) does not match x of shape \(5, 8\)"),
+    "bias_residual_layer_norm": (
+        lambda: torch.ops.fastbert.bias_residual_layer_norm(torch.randn(4096, 64), None, torch.randn(1, 64),
+                                                            torch.randn(64), torch.randn(64), 1e-5),
+        r"x \(4096, 64\), residual \(1, 64\) and LayerNorm weight \(64,\) do not match"),
+    "linear_activation": (lambda: torch.ops.fastbert.linear_activation(torch.randn(64, 512), torch.randn(64, 3), None,
+                                                                       "gelu"),
+                          r"x of shape \(64, 512\) does not match a weight of shape \(64, 3\)"),
+    "embedding_layer_norm_triton": (
+        lambda: torch.ops.fastbert.embedding_layer_norm_triton(_long(4), _long(4), _long(1), torch.randn(10, 8),
+                                                               torch.randn(10, 8), torch.randn(2, 8), torch.randn(8),
+                                                               torch.randn(8), 1e-5),
+        r"must have one entry per token, got shapes \(4,\), \(4,\), \(1,\)"),
+    "pack_padded_batch": (lambda: torch.ops.fastbert.pack_padded_batch(_long(2, 3), _long(1, 3) + 1, _long(2, 3), 10, 2),
+                          r"attention_mask \(1, 3\) does not match input_ids \(2, 3\)"),
+    "varlen_attention": (lambda: torch.ops.fastbert.varlen_attention(torch.randn(5, 25),
+                                                                     torch.tensor([0, 5], dtype=torch.int32), 5, 2, 0.5),
+                         r"qkv must be \[tokens, 3 \* hidden\] with hidden divisible by 2 heads, got \(5, 25\)"),
+}
+
+
+@pytest.mark.parametrize("op", REGISTERED_OP_MISUSE)
+def test_registered_triton_ops_check_their_shapes(op):
+    """``torch.ops.fastbert.*`` called directly, past the Python functions' checks: the shapes are
+    checked in the op too (its kernel read past a short bias, residual, weight, token-type row or mask:
+    values, NaN or garbage; a segfault or an illegal access on a GPU). Here the check comes before any
+    launch, so it runs on the CPU without the interpreter."""
+    pytest.importorskip("triton")
+    call, message = REGISTERED_OP_MISUSE[op]
+    with pytest.raises(ValueError, match=message):
+        call()
