@@ -19,7 +19,7 @@
 # Each step runs under a deadline so the script always ends, and packs its logs, inside BUDGET
 # seconds: $OUT gets session.tgz (every log and results.json) + the two results.json, since only 8
 # files come back from a call. On the CPU machine:
-#   python benchmarks/report.py model/results.json micro/results.json --markdown ... --plot ...
+#   python benchmarks/report.py model-results.json micro-results.json --markdown ... --plot ...
 set -u
 BUDGET=${BUDGET:-560}
 OUT_ROOT=${OUT:-build/gpu}
@@ -37,18 +37,25 @@ TESTS=${TESTS:-tests/ops tests/test_model.py tests/test_encoder_fast_path.py \
 tests/test_compile_and_graphs.py tests/test_optimize.py tests/test_cli.py tests/test_embed_graphs.py tests/test_bad_inputs.py}
 TEST_TIMEOUT=${TEST_TIMEOUT:-200}
 
+# The epoch second by which a step must end to leave the steps after it their usual need ($1: seconds).
+deadline() { echo $(( $(date +%s) + $(left "$1") )); }
+
 step_test() {
+  # The install and the tests end in time for the probe (90 s) and the steps after this one.
   # shellcheck disable=SC2086  # TESTS is a list of paths
-  OUT=$OUT_ROOT/test SANITIZER=0 TEST_TIMEOUT=$TEST_TIMEOUT benchmarks/run_gpu.sh test $TESTS
+  OUT=$OUT_ROOT/test SANITIZER=0 TEST_TIMEOUT=$TEST_TIMEOUT \
+    DEADLINE=$(deadline $(( BUDGET - $(reserve_after test) - 90 ))) benchmarks/run_gpu.sh test $TESTS
   echo "gpu_session.sh: tests exit $? at $((SECONDS - start)) s"
+  local probe; probe=$(left $(( BUDGET - $(reserve_after test) )))
+  probe=$(( probe < 90 ? probe : 90 ))
 
   # On the first H200 run (2026-11-26) any exception thrown by the C++ extension crashed the process.
   # The probe makes it raise once; under cuda-gdb (the image has no gdb) a crash leaves a native backtrace.
   if command -v cuda-gdb >/dev/null; then
-    timeout 90 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 -X faulthandler \
+    timeout "$probe" cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 -X faulthandler \
       tests/extension_raise_probe.py >"$OUT_ROOT/test/probe.log" 2>&1
   else
-    timeout 90 python3 -X faulthandler tests/extension_raise_probe.py >"$OUT_ROOT/test/probe.log" 2>&1
+    timeout "$probe" python3 -X faulthandler tests/extension_raise_probe.py >"$OUT_ROOT/test/probe.log" 2>&1
   fi
   echo "gpu_session.sh: extension raise probe exit $? (test/probe.log):"
   grep -E "raised|SIG|^#[0-9]+ " "$OUT_ROOT/test/probe.log" | head -30
@@ -79,12 +86,14 @@ step_profile() {
 
 step_model() {
   OUT=$OUT_ROOT/model FASTBERT_BENCH_QUICK=1 BENCH_TIMEOUT=$(left $(( BUDGET - $(reserve_after model) ))) \
+    DEADLINE=$(deadline $(( BUDGET - $(reserve_after model) ))) \
     benchmarks/run_gpu.sh bench benchmarks/bench_model.py benchmarks/bench_embed.py -k "($MODEL_K) or test_embed"
   echo "gpu_session.sh: model benchmarks exit $? at $((SECONDS - start)) s"
 }
 
 step_micro() {
-  OUT=$OUT_ROOT/micro BENCH_TIMEOUT=$(left $(( BUDGET - $(reserve_after micro) ))) benchmarks/run_gpu.sh bench \
+  OUT=$OUT_ROOT/micro BENCH_TIMEOUT=$(left $(( BUDGET - $(reserve_after micro) ))) \
+    DEADLINE=$(deadline $(( BUDGET - $(reserve_after micro) ))) benchmarks/run_gpu.sh bench \
     benchmarks/bench_attention.py benchmarks/bench_linear_activation.py benchmarks/bench_bias_activation.py \
     benchmarks/bench_bias_residual_layer_norm.py benchmarks/bench_embeddings.py benchmarks/bench_pack_padded_batch.py \
     -k "$MICRO_K"

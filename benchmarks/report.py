@@ -21,6 +21,12 @@ def _fmt(value, spec):
     return "" if value is None else format(value, spec)
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds to the microsecond, and a kernel's few microseconds to three digits (0.00203)."""
+    ms = seconds * 1e3
+    return format(ms, ".3f" if ms >= 1 else ".3g")
+
+
 def markdown(payload: dict, command: str = COMMAND) -> str:
     env, rows = payload["environment"], payload["results"]
     lines = ["| | |", "| --- | --- |"]
@@ -35,7 +41,7 @@ def markdown(payload: dict, command: str = COMMAND) -> str:
     for row in rows:
         if "speedup" not in row:
             continue
-        cells = [row["case"], row["impl"], _fmt(row["seconds"] * 1e3, ".3f"), _fmt(row.get("tokens_per_s"), ".0f"),
+        cells = [row["case"], row["impl"], _ms(row["seconds"]), _fmt(row.get("tokens_per_s"), ".0f"),
                  _fmt(row.get("tflops"), ".1f"), _fmt(row.get("roofline_fraction") and 100 * row["roofline_fraction"], ".0f")
                  + ("%" if row.get("roofline_fraction") else "")]
         if copy:
@@ -47,7 +53,10 @@ def markdown(payload: dict, command: str = COMMAND) -> str:
 
 
 def plot(payload: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("report.py: --plot needs matplotlib (pip install matplotlib); the table is written") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -84,16 +93,23 @@ def add_ratios(rows: list[dict]) -> None:
 CEILINGS = ("matmul_peak_tflops_bf16", "copy_bandwidth_gbs")
 
 
-def merge(payloads: list[dict]) -> dict:
+def merge(payloads: list[dict], same_machine: bool = False) -> dict:
     """Several runs' results (GPU calls of under 10 minutes each) as one table. A (case, impl) measured
     again replaces the earlier run's row, and fastbert's ratios are recomputed over the merged rows, so
     a peer measured in a later call (max-autotune, say) counts against fastbert measured in an earlier
     one: give it only calls made on one machine, back to back. Runs on different devices (the GPU's
     UUID where recorded: two H200s are two machines), drivers or versions are refused: their numbers
-    do not belong in one table. The ceilings measured in the runs (matmul peak, copy bandwidth) are
-    kept from whichever run measured them (the first, where several did)."""
+    do not belong in one table; so are GPU runs that record no UUID (older ones), unless the caller
+    says they were made on one machine (``same_machine``). The ceilings measured in the runs (matmul
+    peak, copy bandwidth) are kept from whichever run measured them (the first, where several did),
+    with every run's value beside them where they differ: each row's fraction is of its own run's."""
     keys = ("device", "gpu_uuid", "driver", "torch", "triton", "transformers")
     first = payloads[0]["environment"]
+    unknown = [i + 1 for i, p in enumerate(payloads) if not p["environment"].get("gpu_uuid")
+               and not str(p["environment"].get("device", "")).startswith("cpu")]
+    if len(payloads) > 1 and unknown and not same_machine:
+        raise SystemExit(f"report.py: run(s) {', '.join(map(str, unknown))} record no gpu_uuid, so nothing shows "
+                         "the runs were made on one machine; pass --same-machine if they were")
     for other in payloads[1:]:
         env = other["environment"]
         differ = [k for k in keys if env.get(k) != first.get(k)]
@@ -108,10 +124,12 @@ def merge(payloads: list[dict]) -> dict:
     add_ratios(merged)
     dates = sorted({p["environment"].get("date", "") for p in payloads})
     environment = dict(first, date=" .. ".join([dates[0], dates[-1]]) if len(dates) > 1 else dates[0])
-    for payload in payloads[1:]:
-        for key in CEILINGS:
-            if environment.get(key) is None and payload["environment"].get(key) is not None:
-                environment[key] = payload["environment"][key]
+    for key in CEILINGS:
+        measured = [p["environment"][key] for p in payloads if p["environment"].get(key) is not None]
+        if measured and environment.get(key) is None:
+            environment[key] = measured[0]
+        if len(set(measured)) > 1:
+            environment[f"{key}, each run"] = ", ".join(f"{value:.1f}" for value in measured)
     return {"environment": environment, "results": merged}
 
 
@@ -121,8 +139,10 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the table here (stdout if omitted)")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here")
     parser.add_argument("--command", default=COMMAND)
+    parser.add_argument("--same-machine", action="store_true",
+                        help="the runs were made on one machine (for runs that record no gpu_uuid)")
     args = parser.parse_args(argv)
-    payload = merge([json.loads(path.read_text()) for path in args.results])
+    payload = merge([json.loads(path.read_text()) for path in args.results], args.same_machine)
     table = markdown(payload, args.command)
     if args.markdown:
         args.markdown.write_text(table)

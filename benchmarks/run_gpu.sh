@@ -7,7 +7,9 @@
 #   benchmarks/run_gpu.sh test
 #   FASTBERT_BENCH_QUICK=1 benchmarks/run_gpu.sh bench benchmarks/bench_model.py   # the headline cases
 #   benchmarks/run_gpu.sh bench -k "not bert-base-bf16"                             # everything else
-# Environment: TEST_TIMEOUT, BENCH_TIMEOUT (seconds per step), SANITIZER=0 (skip compute-sanitizer).
+# Environment: TEST_TIMEOUT, BENCH_TIMEOUT (seconds per step), SANITIZER=0 (skip compute-sanitizer),
+# DEADLINE (seconds since the epoch: no step runs past it, whatever its own timeout, since the install
+# before the steps takes part of a caller's time; gpu_session.sh sets it).
 # The machine has no network: the project installs from this source tree with the packages its
 # image already has; tests that need a package it lacks (the embedded MiniLM checkpoint, for one) skip.
 # Back on the CPU machine: python benchmarks/report.py <results.json> --markdown ... --plot ...
@@ -41,6 +43,14 @@ elif ! timeout 150 python3 -m pip install --no-deps --no-build-isolation -e . >"
 fi
 python3 -m fastbert.cli info 2>&1 | tee -a "$OUT/environment.txt"
 
+# A step's limit: its own, or what is left until DEADLINE if that is sooner (at least 5 s: `timeout 0`
+# would mean no limit at all).
+limit() {
+  local t=$1 rest
+  if [ -n "${DEADLINE:-}" ]; then rest=$(( DEADLINE - $(date +%s) )); t=$(( rest < t ? rest : t )); fi
+  echo $(( t > 5 ? t : 5 ))
+}
+
 # pytest-xdist (in the GPU image) spreads the tests over the cores; the GPU tests are small.
 PARALLEL=()
 python3 -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
@@ -53,13 +63,20 @@ case "${1:-}" in
     # The Triton-interpreter cases are the CPU machine's proof of the kernels; here the kernels run
     # for real on the same cases, so they are left out (Triton 3.6's interpreter also cannot run
     # with the NumPy 2.5 of the GPU image).
-    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" -k "not interpreter" "$@" \
+    # A caller's own -k is added to "not interpreter" (pytest keeps only the last -k it is given).
+    select="not interpreter"
+    args=()
+    while [ "$#" -gt 0 ]; do
+      if [ "$1" = -k ] && [ "$#" -gt 1 ]; then select="$select and ($2)"; shift 2; else args+=("$1"); shift; fi
+    done
+    timeout "$(limit "${TEST_TIMEOUT:-300}")" python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
+      -k "$select" "${args[@]}" \
       -rs --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/test.log" | tail -40
     status=${PIPESTATUS[0]}
     if [ "${SANITIZER:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
       # memcheck slows every launch many times over: the hand-written CUDA kernel (the embeddings
       # extension, its own indexing) gets it; Triton's masked accesses are generated.
-      timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x \
+      timeout "$(limit 120)" compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x \
         tests/ops/test_embeddings.py -k "cuda_extension" -p no:cacheprovider >"$OUT/sanitizer.log" 2>&1
       sanitizer=$?
       tail -30 "$OUT/sanitizer.log"
@@ -67,7 +84,7 @@ case "${1:-}" in
         # Under some container runtimes the tool refuses the device itself: that is not a finding.
         echo "run_gpu.sh: compute-sanitizer cannot run on this machine (sanitizer.log)"
       elif [ "$sanitizer" -eq 124 ]; then
-        echo "run_gpu.sh: compute-sanitizer did not finish in 120 s: incomplete, not a pass (sanitizer.log)"
+        echo "run_gpu.sh: compute-sanitizer did not finish in its time: incomplete, not a pass (sanitizer.log)"
       else
         status=$(( status || sanitizer ))
       fi
@@ -79,7 +96,7 @@ case "${1:-}" in
     # then the kernel microbenchmarks. results.json is rewritten after every case, so a run stopped
     # at its limit keeps what it measured; report.py merges the results.json of several calls.
     shift
-    asked=$(printf ' %q' "$@")  # for the table: the command as typed
+    asked=$([ "$#" -gt 0 ] && printf ' %q' "$@")  # for the table: the command as typed
     # No benchmark file named (only options such as -k): the whole suite, else pytest would collect
     # its default testpaths (tests/) and benchmark nothing.
     named=0
@@ -88,7 +105,7 @@ case "${1:-}" in
       set -- benchmarks/bench_model.py $(ls benchmarks/bench_*.py | grep -v bench_model.py) "$@"
     fi
     export FASTBERT_BENCH_JSON="$OUT/results.json"
-    timeout "${BENCH_TIMEOUT:-450}" python3 -m pytest --benchmark-only -q -p no:cacheprovider -rs \
+    timeout "$(limit "${BENCH_TIMEOUT:-450}")" python3 -m pytest --benchmark-only -q -p no:cacheprovider -rs \
       --benchmark-json="$OUT/pytest-benchmark.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -30
     status=${PIPESTATUS[0]}
     # Last, so that the call's reply carries it: fastbert's rows with their ratios to each peer.

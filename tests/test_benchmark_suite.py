@@ -104,7 +104,7 @@ def _has_matplotlib() -> bool:
 def test_report_merges_runs_and_refuses_other_devices():
     from benchmarks.report import merge
 
-    env = {"device": "NVIDIA H100", "torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"}
+    env = {"device": "NVIDIA H100", "gpu_uuid": "GPU-1", "torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"}
 
     def run(date, rows, **changes):
         return {"environment": dict(env, date=date, **changes), "results": rows}
@@ -127,6 +127,38 @@ def test_report_merges_runs_and_refuses_other_devices():
     ceilings = merge([run("d1", a, matmul_peak_tflops_bf16=800.0), run("d2", b, copy_bandwidth_gbs=4100.0,
                                                                        matmul_peak_tflops_bf16=790.0)])["environment"]
     assert (ceilings["matmul_peak_tflops_bf16"], ceilings["copy_bandwidth_gbs"]) == (800.0, 4100.0)
+    assert ceilings["matmul_peak_tflops_bf16, each run"] == "800.0, 790.0"  # each row's fraction is its run's
+    assert "copy_bandwidth_gbs, each run" not in ceilings
+    # Runs that record no GPU UUID (older ones): nothing shows one machine made them, unless the caller says so.
+    with pytest.raises(SystemExit, match=r"run\(s\) 2 record no gpu_uuid"):
+        merge([run("d1", a), run("d2", b, gpu_uuid=None)])
+    assert len(merge([run("d1", a, gpu_uuid=None), run("d2", b, gpu_uuid=None)], same_machine=True)["results"]) == 4
+    cpu = dict(device="cpu: x86_64, 2 threads", gpu_uuid=None)
+    assert len(merge([run("d1", a, **cpu), run("d2", b, **cpu)])["results"]) == 4
+
+
+def test_report_times_and_a_missing_matplotlib(tmp_path, monkeypatch):
+    """A kernel's few microseconds keep three digits (0.002 and 0.003 ms told 2.0 from 2.8 us apart
+    no more); --plot without matplotlib says so in one line."""
+    import builtins
+
+    from benchmarks import report
+
+    payload = {"environment": {"device": "cpu"}, "results": [
+        {"case": "k", "impl": "fastbert", "seconds": 2.03e-6, "speedup": {"torch": 1.5}},
+        {"case": "m", "impl": "fastbert", "seconds": 1.9374e-3, "speedup": {"torch": 2.0}}]}
+    table = report.markdown(payload)
+    assert "| k | fastbert | 0.00203 |" in table and "| m | fastbert | 1.937 |" in table
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        report.plot(payload, tmp_path / "p.png")
 
 
 def test_profile_model_smoke(tmp_path):
