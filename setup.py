@@ -71,10 +71,7 @@ def find_cuda_home() -> tuple[str | None, str]:
         if value:
             return value, f"{var}={value}"
     nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        default = "/usr/local/cuda"
-        if os.path.isfile(os.path.join(default, "bin", "nvcc")):
-            return default, f"{default} (no nvcc on PATH)"
+    if nvcc is None:  # no guessed default location: the toolkit is the one nvcc on PATH reports, or none
         return None, "no nvcc on PATH and CUDA_HOME is not set"
     root = cuda_root_from_nvcc(nvcc)
     if root is None:
