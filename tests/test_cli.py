@@ -182,7 +182,8 @@ def _user_error_args(tmp_path, case, monkeypatch):
     if case == "Triton backend on a CPU":
         monkeypatch.setenv("FASTBERT_BACKEND", "triton")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        return [good_in, "-o", out, "--device", "cpu"], "FASTBERT_BACKEND=triton on cpu tensors needs TRITON_INTERPRET=1"
+        return [good_in, "-o", out, "--device", "cpu"], \
+            "FASTBERT_BACKEND=triton on cpu tensors needs TRITON_INTERPRET=1"
     if case == "output's directory is a file":
         return [good_in, "-o", str(SENTENCES / "out.npy")], r"the output's directory '.*sentences\.txt' is a file"
     if case == "output is a directory":

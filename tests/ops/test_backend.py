@@ -172,10 +172,11 @@ REGISTERED_OP_MISUSE = {
                                                                torch.randn(10, 8), torch.randn(2, 8), torch.randn(8),
                                                                torch.randn(8), 1e-5),
         r"must have one entry per token, got shapes \(4,\), \(4,\), \(1,\)"),
-    "pack_padded_batch": (lambda: torch.ops.fastbert.pack_padded_batch(_long(2, 3), _long(1, 3) + 1, _long(2, 3), 10, 2),
+    "pack_padded_batch": (lambda: torch.ops.fastbert.pack_padded_batch(_long(2, 3), _long(1, 3) + 1, _long(2, 3),
+                                                                       10, 2),
                           r"attention_mask \(1, 3\) does not match input_ids \(2, 3\)"),
-    "varlen_attention": (lambda: torch.ops.fastbert.varlen_attention(torch.randn(5, 25),
-                                                                     torch.tensor([0, 5], dtype=torch.int32), 5, 2, 0.5),
+    "varlen_attention": (lambda: torch.ops.fastbert.varlen_attention(torch.randn(5, 25), torch.tensor([0, 5]).int(),
+                                                                     5, 2, 0.5),
                          r"qkv must be \[tokens, 3 \* hidden\] with hidden divisible by 2 heads, got \(5, 25\)"),
 }
 
