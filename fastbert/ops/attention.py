@@ -44,14 +44,18 @@ def _checked_scale(scale: float | None, head_dim: int) -> float:
     return scale
 
 
+def _check_max_seqlen(qkv: torch.Tensor, max_seqlen: int) -> None:
+    if qkv.shape[0] and max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be at least 1 for {qkv.shape[0]} rows of qkv, got {max_seqlen}")
+
+
 def _check_offsets(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
     """Refuse offsets that would have the kernel read or write rows outside ``qkv`` or leave output
     rows unwritten: ``cu_seqlens`` must rise from 0 to the number of rows, and ``max_seqlen`` bound
     every sequence. One host read of four numbers where reading back is allowed (not while tracing or
     capturing a graph, where the caller's offsets are trusted)."""
     tokens = qkv.shape[0]
-    if tokens and max_seqlen < 1:
-        raise ValueError(f"max_seqlen must be at least 1 for {tokens} rows of qkv, got {max_seqlen}")
+    _check_max_seqlen(qkv, max_seqlen)
     if not backend.may_read_back(cu_seqlens):
         return
     if cu_seqlens.numel() == 1:
@@ -170,8 +174,7 @@ if backend.triton_available():
         as flash attention's varlen functions do (reading them back would stall every call):
         ``fastbert.ops.varlen_attention`` checks those."""
         _check(qkv, cu_seqlens, num_heads)
-        if qkv.shape[0] and max_seqlen < 1:
-            raise ValueError(f"max_seqlen must be at least 1 for {qkv.shape[0]} rows of qkv, got {max_seqlen}")
+        _check_max_seqlen(qkv, max_seqlen)
         interpreted = backend.is_interpreted(_attention_fwd_kernel)
         kernel = _attention_fwd_kernel if interpreted else wrap_triton(_attention_fwd_kernel)
         return _launch(qkv, cu_seqlens, max_seqlen, num_heads, scale, kernel)
