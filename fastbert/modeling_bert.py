@@ -157,13 +157,8 @@ class BertEmbeddings(nn.Module):
                              persistent=False)
 
     def forward(self, input_ids, position_ids, token_type_ids, inputs_embeds=None) -> torch.Tensor:
-        table = getattr(self.position_embeddings, "weight", None)
-        if (inputs_embeds is not None and isinstance(table, torch.Tensor)
-                and torch.promote_types(inputs_embeds.dtype, table.dtype) != table.dtype):
-            # Added to the tables, they would promote the sum past the LayerNorm's dtype (a bare
-            # "mixed dtype" error from inside it, in transformers too).
-            raise TypeError(f"inputs_embeds of dtype {inputs_embeds.dtype} are wider than the model's "
-                            f"{table.dtype} embeddings: cast them to {table.dtype}, or the model to theirs")
+        if inputs_embeds is not None:
+            _check_embeds_dtype(inputs_embeds, getattr(self.position_embeddings, "weight", None))
         if inputs_embeds is None and not _fusable_embedding(self.word_embeddings):
             # A wrapped, resized or hooked table, one with lookup options, or a padding row to keep
             # without gradient (training): looked up as a module.
@@ -185,6 +180,14 @@ class BertEmbeddings(nn.Module):
             validate_indices=False,  # the model validated them at its boundary, once per batch
         )
         return out if fused_dropout else self.dropout(out)
+
+
+def _check_embeds_dtype(inputs_embeds: torch.Tensor, table) -> None:
+    """Refuse embeddings wider than the model's tables: added to them, they would promote the sum
+    past the LayerNorm's dtype (a bare "mixed dtype" error from inside it, in transformers too)."""
+    if isinstance(table, torch.Tensor) and torch.promote_types(inputs_embeds.dtype, table.dtype) != table.dtype:
+        raise TypeError(f"inputs_embeds of dtype {inputs_embeds.dtype} are wider than the model's "
+                        f"{table.dtype} embeddings: cast them to {table.dtype}, or the model to theirs")
 
 
 class BertSelfAttention(nn.Module):

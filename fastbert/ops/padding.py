@@ -66,13 +66,19 @@ def unpad_input(attention_mask: torch.Tensor | None, batch: int, seqlen: int, de
     return packing_of(keep, seqlens, longest, total, batch, seqlen, device)
 
 
+def _multiples(seqlen: int, first: int, count: int, device) -> torch.Tensor:
+    """``count`` int32 multiples of ``seqlen`` from ``first * seqlen`` (row offsets), in one launch;
+    zeros for rows of no positions (arange takes no step 0)."""
+    if not seqlen:
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    return torch.arange(first * seqlen, (first + count) * seqlen, seqlen, dtype=torch.int32, device=device)
+
+
 def packing_of(keep, seqlens, max_seqlen: int, total: int, batch: int, seqlen: int, device) -> Packing:
     """The packing of a mask whose statistics the host already has (``max_seqlen`` and ``total`` kept
     tokens): no further sync where ``torch.nonzero_static`` exists."""
     if keep is None or total == batch * seqlen:
-        cu_seqlens = (torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device) if seqlen
-                      else torch.zeros(batch + 1, dtype=torch.int32, device=device))  # arange takes no step 0
-        return Packing(None, cu_seqlens[: batch + 1], seqlen if batch else 0, batch, seqlen)
+        return Packing(None, _multiples(seqlen, 0, batch + 1, device), seqlen if batch else 0, batch, seqlen)
     flat = keep.flatten()
     if hasattr(torch, "nonzero_static"):
         indices = torch.nonzero_static(flat, size=total).flatten()
@@ -96,8 +102,7 @@ def static_unpad_input(attention_mask: torch.Tensor, batch: int, seqlen: int) ->
     valid, indices = torch.sort(keep.flatten(), descending=True, stable=True)
     seqlens = keep.sum(dim=1, dtype=torch.int32)
     real = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    steps = (torch.arange(seqlen, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=keep.device) if seqlen
-             else torch.zeros(batch, dtype=torch.int32, device=keep.device))  # arange takes no step 0
+    steps = _multiples(seqlen, 1, batch, keep.device)
     padding = torch.clamp(real[-1] + steps, max=batch * seqlen)
     return Packing(indices, torch.cat([real, padding]), seqlen, batch, seqlen, valid)
 
